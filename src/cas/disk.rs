@@ -1,0 +1,383 @@
+//! Disk store: one file per blob in a sharded folder, verified atomic writes, LRU eviction.
+//!
+//! Layout under the root: `cas/<first 2 hex>/<hash>` (the size is the file's length),
+//! `ac/<first 2 hex>/<hash>-<size>` (encoded ActionResults), `tmp/` (writes in progress,
+//! emptied at open). A blob becomes visible only by `rename` after its bytes were hashed and
+//! matched, so a killed writer leaves at most a stray temporary file, never a partial blob.
+//! Recency survives restarts through file mtimes, refreshed when a blob is read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use prost::Message;
+
+use super::{ActionCache, ByteStream, Cas, CHUNK};
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, IoContext, Result};
+use crate::proto::reapi;
+
+/// How stale a blob's mtime may get before a read refreshes it (bounds the extra syscalls).
+const TOUCH_AFTER: Duration = Duration::from_secs(600);
+
+#[derive(Default)]
+struct Lru {
+    /// digest -> recency tick
+    ticks: HashMap<Digest, u64>,
+    /// recency tick -> digest, oldest first
+    order: BTreeMap<u64, Digest>,
+    total: u64,
+    next: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, d: &Digest) -> bool {
+        let Some(t) = self.ticks.get_mut(d) else {
+            return false;
+        };
+        self.order.remove(t);
+        *t = self.next;
+        self.order.insert(self.next, *d);
+        self.next += 1;
+        true
+    }
+
+    fn insert(&mut self, d: Digest) {
+        if self.touch(&d) {
+            return;
+        }
+        self.ticks.insert(d, self.next);
+        self.order.insert(self.next, d);
+        self.next += 1;
+        self.total += d.size();
+    }
+
+    fn remove(&mut self, d: &Digest) {
+        if let Some(t) = self.ticks.remove(d) {
+            self.order.remove(&t);
+            self.total -= d.size();
+        }
+    }
+}
+
+/// A persistent blob store and action cache in a local folder.
+pub struct DiskStore {
+    root: PathBuf,
+    max_bytes: u64,
+    lru: Mutex<Lru>,
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) a store under `root`, evicting least recently used blobs
+    /// when the total exceeds `max_bytes` (0 = unbounded). Scans existing blobs.
+    pub fn open(root: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
+        let root = root.into();
+        for sub in ["cas", "ac", "tmp"] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+        }
+        let tmp = root.join("tmp");
+        for e in std::fs::read_dir(&tmp)
+            .ctx(|| format!("reading {}", tmp.display()))?
+            .flatten()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let mut found = Vec::new();
+        let cas = root.join("cas");
+        for shard in std::fs::read_dir(&cas)
+            .ctx(|| format!("reading {}", cas.display()))?
+            .flatten()
+        {
+            let Ok(rd) = std::fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let Ok(meta) = e.metadata() else { continue };
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let Ok(d) = Digest::from_parts(name, meta.len() as i64) else {
+                    continue;
+                };
+                found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), d));
+            }
+        }
+        found.sort();
+        let mut lru = Lru::default();
+        for (_, d) in found {
+            lru.insert(d);
+        }
+        let store = DiskStore {
+            root,
+            max_bytes,
+            lru: Mutex::new(lru),
+        };
+        store.evict(None);
+        Ok(store)
+    }
+
+    /// Where a blob lives (whether or not it is present).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hash_hex();
+        self.root.join("cas").join(&hex[..2]).join(hex)
+    }
+
+    /// Total bytes of blobs held.
+    pub fn total_bytes(&self) -> u64 {
+        self.lru.lock().unwrap().total
+    }
+
+    /// Number of blobs held.
+    pub fn blob_count(&self) -> usize {
+        self.lru.lock().unwrap().ticks.len()
+    }
+
+    /// True when the blob is held (the empty blob always is).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        digest.is_empty_blob() || self.lru.lock().unwrap().ticks.contains_key(digest)
+    }
+
+    fn evict(&self, keep: Option<&Digest>) {
+        if self.max_bytes == 0 {
+            return;
+        }
+        let mut victims = Vec::new();
+        {
+            let mut lru = self.lru.lock().unwrap();
+            while lru.total > self.max_bytes {
+                let Some((_, d)) = lru
+                    .order
+                    .iter()
+                    .find(|(_, d)| Some(*d) != keep)
+                    .map(|(t, d)| (*t, *d))
+                else {
+                    break;
+                };
+                lru.remove(&d);
+                victims.push(d);
+            }
+        }
+        for d in victims {
+            tracing::debug!(digest = %d, "evicting blob");
+            let _ = std::fs::remove_file(self.blob_path(&d));
+        }
+    }
+
+    /// Moves a verified temporary file into place and records it.
+    fn commit(&self, digest: &Digest, tmp: tempfile::TempPath) -> Result<()> {
+        let dest = self.blob_path(digest);
+        let shard = dest.parent().expect("blob path has a shard");
+        std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
+        tmp.persist(&dest)
+            .map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
+        self.lru.lock().unwrap().insert(*digest);
+        self.evict(Some(digest));
+        Ok(())
+    }
+
+    /// Stores a blob by copying a local file, hashing as it copies (blocking).
+    pub fn insert_file(&self, digest: &Digest, src: &Path) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        let mut input = std::fs::File::open(src).ctx(|| format!("opening {}", src.display()))?;
+        let (mut out, tmp) = self.temp()?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = input
+                .read(&mut buf)
+                .ctx(|| format!("reading {}", src.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .ctx(|| format!("writing blob {digest}"))?;
+        }
+        check(digest, hasher)?;
+        self.commit(digest, tmp)
+    }
+
+    fn temp(&self) -> Result<(std::fs::File, tempfile::TempPath)> {
+        let tmp = tempfile::Builder::new()
+            .tempfile_in(self.root.join("tmp"))
+            .ctx(|| format!("creating a temporary file in {}", self.root.display()))?;
+        Ok(tmp.into_parts())
+    }
+
+    fn open_blob(&self, digest: &Digest) -> Result<std::fs::File> {
+        let path = self.blob_path(digest);
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                self.lru.lock().unwrap().touch(digest);
+                if let Ok(meta) = f.metadata() {
+                    let stale = meta.modified().ok().and_then(|m| m.elapsed().ok());
+                    if stale.is_some_and(|age| age > TOUCH_AFTER) {
+                        let _ = f.set_modified(SystemTime::now());
+                    }
+                }
+                Ok(f)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.lru.lock().unwrap().remove(digest);
+                Err(Error::MissingBlob(*digest))
+            }
+            Err(e) => Err(Error::io(format!("opening blob {digest}"), e)),
+        }
+    }
+
+    fn ac_path(&self, action: &Digest) -> PathBuf {
+        let hex = action.hash_hex();
+        self.root
+            .join("ac")
+            .join(&hex[..2])
+            .join(action.to_path_form())
+    }
+}
+
+fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(Error::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Cas for DiskStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let lru = self.lru.lock().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && !lru.ticks.contains_key(d) && seen.insert(**d))
+            .copied()
+            .collect())
+    }
+
+    async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream> {
+        if offset > digest.size() {
+            return Err(Error::InvalidArgument(format!(
+                "read offset {offset} is past the end of {digest}"
+            )));
+        }
+        if digest.is_empty_blob() {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let mut file = self.open_blob(digest)?;
+        let end = if limit == 0 {
+            digest.size()
+        } else {
+            digest.size().min(offset.saturating_add(limit))
+        };
+        let digest = *digest;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+                let _ = tx.blocking_send(Err(Error::io(format!("seeking in blob {digest}"), e)));
+                return;
+            }
+            let mut pos = offset;
+            while pos < end {
+                let want = ((end - pos) as usize).min(CHUNK);
+                let mut buf = vec![0u8; want];
+                match file.read_exact(&mut buf) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        let _ =
+                            tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
+                        return;
+                    }
+                }
+                pos += want as u64;
+                if tx.blocking_send(Ok(buf.into())).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+
+    async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        let (file, tmp) = self.temp()?;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = Hasher::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            if hasher.len() > digest.size() {
+                return Err(Error::InvalidArgument(format!(
+                    "more than {} bytes sent for {digest}",
+                    digest.size()
+                )));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .ctx(|| format!("writing blob {digest}"))?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .ctx(|| format!("writing blob {digest}"))?;
+        drop(file);
+        check(digest, hasher)?;
+        self.commit(digest, tmp)
+    }
+
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        super::verify(digest, &data)?;
+        let (mut file, tmp) = self.temp()?;
+        file.write_all(&data)
+            .ctx(|| format!("writing blob {digest}"))?;
+        drop(file);
+        self.commit(digest, tmp)
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for DiskStore {
+    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
+        match std::fs::read(self.ac_path(action)) {
+            Ok(bytes) => match reapi::ActionResult::decode(bytes.as_slice()) {
+                Ok(r) => Ok(Some(r)),
+                Err(e) => {
+                    tracing::warn!(action = %action, error = %e, "dropping undecodable action cache entry");
+                    let _ = std::fs::remove_file(self.ac_path(action));
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading action result {action}"), e)),
+        }
+    }
+
+    async fn update_action_result(
+        &self,
+        action: &Digest,
+        result: &reapi::ActionResult,
+    ) -> Result<()> {
+        let dest = self.ac_path(action);
+        let shard = dest.parent().expect("ac path has a shard");
+        std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
+        let (mut file, tmp) = self.temp()?;
+        file.write_all(&result.encode_to_vec())
+            .ctx(|| format!("writing action result {action}"))?;
+        drop(file);
+        tmp.persist(&dest)
+            .map_err(|e| Error::io(format!("storing action result {action}"), e.error))?;
+        Ok(())
+    }
+}

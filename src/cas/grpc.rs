@@ -1,0 +1,691 @@
+//! gRPC client store: the `Cas` and `ActionCache` contracts over any REAPI server.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::OnceCell;
+
+pub use super::channel::RemoteConfig;
+use super::channel::{connect, Conn, Retry};
+use super::{verify, ActionCache, ByteStream, Cas, CHUNK};
+use crate::digest::{Digest, DigestFunction};
+use crate::error::{Error, Result};
+use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
+use crate::proto::bytestream::{ReadRequest, WriteRequest};
+use crate::proto::reapi::capabilities_client::CapabilitiesClient;
+use crate::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use crate::proto::reapi::{self, action_cache_client::ActionCacheClient};
+use crate::tree::Directory;
+
+/// The gRPC limit most servers enforce on one message.
+pub const GRPC_MESSAGE_LIMIT: u64 = 4 << 20;
+/// Room left in a batch for framing and digests.
+const BATCH_MARGIN: u64 = 64 << 10;
+/// Estimated bytes a blob's digest and framing add to a batch.
+const PER_BLOB_OVERHEAD: u64 = 100;
+/// Digests per FindMissingBlobs request.
+const FIND_MISSING_CHUNK: usize = 8192;
+/// Batch requests in flight at once.
+const PARALLEL_BATCHES: usize = 4;
+
+/// A `Cas` + `ActionCache` backed by a remote REAPI server.
+pub struct GrpcStore {
+    conn: Conn,
+    instance: String,
+    retry: Retry,
+    max_batch: OnceCell<u64>,
+}
+
+impl GrpcStore {
+    /// Prepares a client; nothing is sent until the first call.
+    pub fn new(cfg: &RemoteConfig) -> Result<Self> {
+        Ok(GrpcStore {
+            conn: connect(cfg)?,
+            instance: cfg.instance_name.clone(),
+            retry: Retry {
+                retries: cfg.retries,
+                timeout: cfg.rpc_timeout,
+            },
+            max_batch: OnceCell::new(),
+        })
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Conn> {
+        ContentAddressableStorageClient::new(self.conn.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Conn> {
+        ByteStreamClient::new(self.conn.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    fn prefix(&self) -> String {
+        if self.instance.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.instance)
+        }
+    }
+
+    /// ByteStream resource name for reading a blob.
+    pub fn read_resource(&self, d: &Digest) -> String {
+        format!("{}blobs/{}/{}", self.prefix(), d.hash_hex(), d.size())
+    }
+
+    /// ByteStream resource name for uploading a blob (fresh uuid each time).
+    pub fn write_resource(&self, d: &Digest) -> String {
+        format!(
+            "{}uploads/{}/blobs/{}/{}",
+            self.prefix(),
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        )
+    }
+
+    /// The server's capabilities.
+    pub async fn capabilities(&self) -> Result<reapi::ServerCapabilities> {
+        let req = reapi::GetCapabilitiesRequest {
+            instance_name: self.instance.clone(),
+        };
+        let client = CapabilitiesClient::new(self.conn.clone());
+        self.retry
+            .run("GetCapabilities", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.get_capabilities(r).await.map(|r| r.into_inner()) }
+            })
+            .await
+    }
+
+    /// The batch budget: the server's `max_batch_total_size_bytes`, capped below the 4 MiB
+    /// gRPC limit (asked once; servers without Capabilities get the cap).
+    pub async fn max_batch_bytes(&self) -> u64 {
+        *self
+            .max_batch
+            .get_or_init(|| async {
+                let cap = GRPC_MESSAGE_LIMIT - BATCH_MARGIN;
+                match self.capabilities().await {
+                    Ok(c) => {
+                        let server = c.cache_capabilities.map(|c| c.max_batch_total_size_bytes).unwrap_or(0);
+                        if server > 0 {
+                            (server as u64).saturating_sub(BATCH_MARGIN.min(server as u64 / 16)).min(cap)
+                        } else {
+                            cap
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "GetCapabilities failed; using default batch size");
+                        cap
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Splits digests into batches within the budget; blobs too big for any batch go apart.
+    fn plan(digests: &[Digest], budget: u64) -> (Vec<Vec<Digest>>, Vec<Digest>) {
+        let mut batches = Vec::new();
+        let mut large = Vec::new();
+        let mut cur = Vec::new();
+        let mut cur_size = 0;
+        for d in digests {
+            let cost = d.size() + PER_BLOB_OVERHEAD;
+            if cost > budget {
+                large.push(*d);
+                continue;
+            }
+            if cur_size + cost > budget {
+                batches.push(std::mem::take(&mut cur));
+                cur_size = 0;
+            }
+            cur.push(*d);
+            cur_size += cost;
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+        (batches, large)
+    }
+
+    async fn batch_read(&self, batch: Vec<Digest>) -> Result<Vec<(Digest, Result<Bytes>)>> {
+        let req = reapi::BatchReadBlobsRequest {
+            instance_name: self.instance.clone(),
+            digests: batch.iter().map(|d| d.to_proto()).collect(),
+            acceptable_compressors: vec![],
+            digest_function: DigestFunction::Sha256.proto_value(),
+        };
+        let client = self.cas();
+        let resp = self
+            .retry
+            .run("BatchReadBlobs", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.batch_read_blobs(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let mut got: HashMap<Digest, Result<Bytes>> = HashMap::new();
+        for r in resp.responses {
+            let Some(Ok(d)) = r.digest.as_ref().map(Digest::try_from) else {
+                continue;
+            };
+            let code = r.status.as_ref().map(|s| s.code).unwrap_or(0);
+            let res = if code == tonic::Code::Ok as i32 {
+                let data = Bytes::from(r.data);
+                verify(&d, &data).map(|_| data)
+            } else if code == tonic::Code::NotFound as i32 {
+                Err(Error::MissingBlob(d))
+            } else {
+                let msg = r.status.map(|s| s.message).unwrap_or_default();
+                Err(Error::Remote {
+                    context: format!("BatchReadBlobs {d}"),
+                    code: code.into(),
+                    message: msg,
+                })
+            };
+            got.insert(d, res);
+        }
+        Ok(batch
+            .into_iter()
+            .map(|d| {
+                let res = got.remove(&d).unwrap_or_else(|| {
+                    Err(Error::Remote {
+                        context: format!("BatchReadBlobs {d}"),
+                        code: tonic::Code::Internal,
+                        message: "server sent no response for this digest".into(),
+                    })
+                });
+                (d, res)
+            })
+            .collect())
+    }
+
+    async fn batch_write(&self, batch: Vec<(Digest, Bytes)>) -> Result<Vec<(Digest, Result<()>)>> {
+        let req = reapi::BatchUpdateBlobsRequest {
+            instance_name: self.instance.clone(),
+            requests: batch
+                .iter()
+                .map(|(d, data)| reapi::batch_update_blobs_request::Request {
+                    digest: Some(d.to_proto()),
+                    data: data.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: DigestFunction::Sha256.proto_value(),
+        };
+        let client = self.cas();
+        let resp = self
+            .retry
+            .run("BatchUpdateBlobs", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.batch_update_blobs(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let mut failed: HashMap<Digest, Error> = HashMap::new();
+        for r in resp.responses {
+            let Some(Ok(d)) = r.digest.as_ref().map(Digest::try_from) else {
+                continue;
+            };
+            if let Some(s) = r.status.filter(|s| s.code != 0) {
+                failed.insert(
+                    d,
+                    Error::Remote {
+                        context: format!("BatchUpdateBlobs {d}"),
+                        code: s.code.into(),
+                        message: s.message,
+                    },
+                );
+            }
+        }
+        Ok(batch
+            .into_iter()
+            .map(|(d, _)| (d, failed.remove(&d).map_or(Ok(()), Err)))
+            .collect())
+    }
+
+    /// One ByteStream Write of a blob (a `'static` future: it owns its client).
+    fn bytestream_write(
+        &self,
+        digest: Digest,
+        data: ByteStream,
+    ) -> BoxFuture<'static, std::result::Result<(), tonic::Status>> {
+        let resource = self.write_resource(&digest);
+        let mut client = self.bytestream();
+        let size = digest.size();
+        // The request stream is fed from a task through a channel: a concrete stream type
+        // keeps the client future provably Send (a boxed stream trips a rustc HRTB limit).
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        let mut reqs = write_requests(resource, size, data);
+        tokio::spawn(async move {
+            while let Some(r) = reqs.next().await {
+                if tx.send(r).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Box::pin(async move {
+            let resp = client.write(requests).await?.into_inner();
+            if resp.committed_size != size as i64 && resp.committed_size != -1 {
+                return Err(tonic::Status::data_loss(format!(
+                    "server committed {} of {size} bytes of {digest}",
+                    resp.committed_size
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    async fn read_stream_once(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: u64,
+    ) -> std::result::Result<ByteStream, tonic::Status> {
+        let req = ReadRequest {
+            resource_name: self.read_resource(digest),
+            read_offset: offset as i64,
+            read_limit: limit as i64,
+        };
+        let stream = self.bytestream().read(req).await?.into_inner();
+        let digest = *digest;
+        let timeout = self.retry.timeout;
+        let s = futures::stream::unfold(stream, move |mut s| async move {
+            match tokio::time::timeout(timeout, s.message()).await {
+                Ok(Ok(Some(m))) => Some((Ok(m.data), s)),
+                Ok(Ok(None)) => None,
+                Ok(Err(st)) => Some((Err(status_for(&digest, st)), s)),
+                Err(_) => Some((
+                    Err(Error::DeadlineExceeded(format!(
+                        "reading {digest}: stalled"
+                    ))),
+                    s,
+                )),
+            }
+        });
+        Ok(s.boxed())
+    }
+}
+
+fn status_for(digest: &Digest, st: tonic::Status) -> Error {
+    if st.code() == tonic::Code::NotFound {
+        Error::MissingBlob(*digest)
+    } else {
+        Error::remote(format!("ByteStream.Read {digest}"), st)
+    }
+}
+
+fn missing_or(digest: &Digest, e: Error) -> Error {
+    match e {
+        Error::Remote {
+            code: tonic::Code::NotFound,
+            ..
+        } => Error::MissingBlob(*digest),
+        e => e,
+    }
+}
+
+#[async_trait::async_trait]
+impl Cas for GrpcStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut seen = HashSet::new();
+        let wanted: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && seen.insert(**d))
+            .copied()
+            .collect();
+        let mut missing = HashSet::new();
+        for chunk in wanted.chunks(FIND_MISSING_CHUNK) {
+            let req = reapi::FindMissingBlobsRequest {
+                instance_name: self.instance.clone(),
+                blob_digests: chunk.iter().map(|d| d.to_proto()).collect(),
+                digest_function: DigestFunction::Sha256.proto_value(),
+            };
+            let client = self.cas();
+            let resp = self
+                .retry
+                .run("FindMissingBlobs", || {
+                    let mut c = client.clone();
+                    let r = req.clone();
+                    async move { c.find_missing_blobs(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            for d in &resp.missing_blob_digests {
+                missing.insert(Digest::try_from(d)?);
+            }
+        }
+        Ok(wanted.into_iter().filter(|d| missing.contains(d)).collect())
+    }
+
+    async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream> {
+        if digest.is_empty_blob() && offset == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        self.retry
+            .run(&format!("ByteStream.Read {digest}"), || {
+                self.read_stream_once(digest, offset, limit)
+            })
+            .await
+            .map_err(|e| missing_or(digest, e))
+    }
+
+    async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        // A consumed stream cannot be replayed, so this path is not retried; `write` and
+        // `write_file` retry with a fresh source.
+        self.bytestream_write(*digest, data)
+            .await
+            .map_err(|e| Error::remote(format!("ByteStream.Write {digest}"), e))
+    }
+
+    async fn read(&self, digest: &Digest) -> Result<Bytes> {
+        if digest.is_empty_blob() {
+            return Ok(Bytes::new());
+        }
+        if digest.size() + PER_BLOB_OVERHEAD <= self.max_batch_bytes().await {
+            let mut out = self.batch_read(vec![*digest]).await?;
+            return out
+                .pop()
+                .map(|(_, r)| r)
+                .unwrap_or(Err(Error::MissingBlob(*digest)));
+        }
+        let mut attempt = 0;
+        loop {
+            let res: Result<Vec<u8>> = async {
+                let s = self.read_stream(digest, 0, 0).await?;
+                let chunks: Vec<Bytes> = s.try_collect().await?;
+                Ok(chunks.concat())
+            }
+            .await;
+            match res {
+                Ok(buf) => {
+                    verify(digest, &buf)?;
+                    return Ok(buf.into());
+                }
+                Err(e) if e.is_transient() && attempt < self.retry.retries => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if digest.is_empty_blob() {
+            return verify(digest, &data);
+        }
+        if digest.size() + PER_BLOB_OVERHEAD <= self.max_batch_bytes().await {
+            let mut out = self.batch_write(vec![(*digest, data)]).await?;
+            return out.pop().map(|(_, r)| r).unwrap_or(Ok(()));
+        }
+        self.retry
+            .run(&format!("ByteStream.Write {digest}"), || {
+                let d = data.clone();
+                self.bytestream_write(*digest, futures::stream::once(async move { Ok(d) }).boxed())
+            })
+            .await
+    }
+
+    async fn read_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes>)>> {
+        let budget = self.max_batch_bytes().await;
+        let (batches, large) = Self::plan(digests, budget);
+        let mut out: Vec<(Digest, Result<Bytes>)> = futures::stream::iter(batches)
+            .map(|b| self.batch_read(b))
+            .buffer_unordered(PARALLEL_BATCHES)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        for d in large {
+            out.push((d, self.read(&d).await));
+        }
+        Ok(out)
+    }
+
+    async fn write_many(&self, blobs: Vec<(Digest, Bytes)>) -> Result<Vec<(Digest, Result<()>)>> {
+        let budget = self.max_batch_bytes().await;
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        let mut by_digest: HashMap<Digest, Bytes> = blobs.into_iter().collect();
+        let (batches, large) = Self::plan(&digests, budget);
+        let batches: Vec<Vec<(Digest, Bytes)>> = batches
+            .into_iter()
+            .map(|b| {
+                b.into_iter()
+                    .filter_map(|d| by_digest.remove(&d).map(|x| (d, x)))
+                    .collect()
+            })
+            .collect();
+        let mut out: Vec<(Digest, Result<()>)> = futures::stream::iter(batches)
+            .map(|b| self.batch_write(b))
+            .buffer_unordered(PARALLEL_BATCHES)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        for d in large {
+            if let Some(data) = by_digest.remove(&d) {
+                out.push((d, self.write(&d, data).await));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let path = path.to_path_buf();
+        self.retry
+            .run(
+                &format!("ByteStream.Write {digest} from {}", path.display()),
+                || {
+                    let path = path.clone();
+                    async move {
+                        let stream = super::file_stream(path)
+                            .await
+                            .map_err(tonic::Status::from)?;
+                        self.bytestream_write(*digest, stream).await
+                    }
+                },
+            )
+            .await
+    }
+
+    async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            let res = async {
+                let s = self.read_stream(digest, 0, 0).await?;
+                super::stream_to_file(digest, s, path).await
+            }
+            .await;
+            match res {
+                Err(e) if e.is_transient() && attempt < self.retry.retries => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_tree(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
+        match self.get_tree_rpc(root).await {
+            Ok(t) => Ok(t),
+            Err(e @ Error::InvalidDirectory { .. }) | Err(e @ Error::MissingBlob(_)) => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "GetTree unusable; walking the tree with batch reads");
+                super::walk_tree(self, root).await
+            }
+        }
+    }
+}
+
+impl GrpcStore {
+    /// GetTree with paging. Digests are recomputed from each message's canonical encoding and
+    /// the result is accepted only if every referenced child is present, so a server that
+    /// re-encodes Directories differently falls back to the verified walk.
+    async fn get_tree_rpc(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
+        let mut token = String::new();
+        let mut dirs: HashMap<Digest, Directory> = HashMap::new();
+        loop {
+            let req = reapi::GetTreeRequest {
+                instance_name: self.instance.clone(),
+                root_digest: Some(root.to_proto()),
+                page_size: 0,
+                page_token: token.clone(),
+                digest_function: DigestFunction::Sha256.proto_value(),
+            };
+            let mut stream = self
+                .cas()
+                .get_tree(req)
+                .await
+                .map_err(|s| missing_or(root, Error::remote("GetTree", s)))?
+                .into_inner();
+            let mut next = String::new();
+            while let Some(page) = stream
+                .message()
+                .await
+                .map_err(|s| Error::remote("GetTree", s))?
+            {
+                for msg in page.directories {
+                    let (d, _) = Digest::of_message(&msg);
+                    dirs.insert(d, Directory::validate(&msg, &d.to_string())?);
+                }
+                next = page.next_page_token;
+            }
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let mut queue = std::collections::VecDeque::from([*root]);
+        seen.insert(*root);
+        while let Some(d) = queue.pop_front() {
+            let dir = dirs
+                .remove(&d)
+                .ok_or_else(|| Error::Internal(format!("GetTree lacked {d}")))?;
+            for c in &dir.dirs {
+                if seen.insert(c.digest) {
+                    queue.push_back(c.digest);
+                }
+            }
+            out.push((d, dir));
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl ActionCache for GrpcStore {
+    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
+        let req = reapi::GetActionResultRequest {
+            instance_name: self.instance.clone(),
+            action_digest: Some(action.to_proto()),
+            inline_stdout: false,
+            inline_stderr: false,
+            inline_output_files: vec![],
+            digest_function: DigestFunction::Sha256.proto_value(),
+        };
+        let client = ActionCacheClient::new(self.conn.clone());
+        match self
+            .retry
+            .run("GetActionResult", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.get_action_result(r).await.map(|r| r.into_inner()) }
+            })
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(Error::Remote {
+                code: tonic::Code::NotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn update_action_result(
+        &self,
+        action: &Digest,
+        result: &reapi::ActionResult,
+    ) -> Result<()> {
+        let req = reapi::UpdateActionResultRequest {
+            instance_name: self.instance.clone(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result.clone()),
+            results_cache_policy: None,
+            digest_function: DigestFunction::Sha256.proto_value(),
+        };
+        let client = ActionCacheClient::new(self.conn.clone());
+        self.retry
+            .run("UpdateActionResult", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.update_action_result(r).await.map(|_| ()) }
+            })
+            .await
+    }
+}
+
+struct WriteState {
+    data: ByteStream,
+    pending: Bytes,
+    resource: String,
+    size: u64,
+    offset: u64,
+    first: bool,
+    done: bool,
+}
+
+/// Turns a chunk stream into ByteStream WriteRequests of at most `CHUNK` bytes, the first
+/// naming the resource and the last finishing the write.
+fn write_requests(
+    resource: String,
+    size: u64,
+    data: ByteStream,
+) -> BoxStream<'static, WriteRequest> {
+    let st = WriteState {
+        data,
+        pending: Bytes::new(),
+        resource,
+        size,
+        offset: 0,
+        first: true,
+        done: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        while st.pending.is_empty() {
+            match st.data.next().await {
+                Some(Ok(chunk)) => st.pending = chunk,
+                // A failed source ends the upload short; the server refuses the partial blob.
+                Some(Err(_)) | None => break,
+            }
+        }
+        let piece = st.pending.split_to(st.pending.len().min(CHUNK));
+        let len = piece.len() as u64;
+        if len == 0 && !st.first && st.offset < st.size {
+            // Source ended early: finish so the server can judge (and refuse).
+            st.done = true;
+        }
+        let finish = st.offset + len == st.size || len == 0;
+        let req = WriteRequest {
+            resource_name: if st.first {
+                st.resource.clone()
+            } else {
+                String::new()
+            },
+            write_offset: st.offset as i64,
+            finish_write: finish,
+            data: piece,
+        };
+        st.first = false;
+        st.offset += len;
+        st.done |= finish;
+        Some((req, st))
+    })
+    .boxed()
+}

@@ -1,0 +1,240 @@
+//! The store contracts (`Cas`, `ActionCache`) and their backends: memory, disk, gRPC client.
+//!
+//! Every backend honours the same rules, checked by one conformance suite
+//! (`tests/store_conformance.rs`) run against each of them:
+//! - the empty blob is always present: never reported missing, always readable;
+//! - `write` hashes the bytes and refuses (`DigestMismatch`, nothing stored) when they do not
+//!   match the digest; a write of a blob already present succeeds and changes nothing;
+//! - `read` of an absent blob is `Error::MissingBlob(digest)`, never an empty buffer;
+//! - whole reads are verified against the digest before they are returned; ranged reads return
+//!   the bytes the backend has (already verified on the way in for local stores);
+//! - `find_missing` returns the absent subset, each absent digest once, in request order.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, IoContext, Result};
+use crate::proto::reapi;
+use crate::tree::Directory;
+
+pub mod channel;
+pub mod disk;
+pub mod grpc;
+pub mod memory;
+
+pub use disk::DiskStore;
+pub use grpc::{GrpcStore, RemoteConfig};
+pub use memory::MemoryStore;
+
+/// A stream of blob chunks.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// Chunk size used when streaming blobs between files and stores.
+pub const CHUNK: usize = 1 << 20;
+
+/// A content-addressable blob store.
+#[async_trait::async_trait]
+pub trait Cas: Send + Sync + 'static {
+    /// The subset of `digests` that the store does not hold, in request order, without repeats.
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
+
+    /// Streams `limit` bytes (0 = to the end) from `offset`. An offset past the end is
+    /// `InvalidArgument`; an absent blob is `MissingBlob`.
+    async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream>;
+
+    /// Stores a blob from a stream of chunks, verifying the whole against `digest`.
+    async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()>;
+
+    /// Reads a whole blob, verified.
+    async fn read(&self, digest: &Digest) -> Result<Bytes> {
+        if digest.is_empty_blob() {
+            return Ok(Bytes::new());
+        }
+        let mut stream = self.read_stream(digest, 0, 0).await?;
+        let mut buf = Vec::with_capacity(digest.size() as usize);
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
+        verify(digest, &buf)?;
+        Ok(buf.into())
+    }
+
+    /// Reads part of a blob (`limit` 0 = to the end).
+    async fn read_range(&self, digest: &Digest, offset: u64, limit: u64) -> Result<Bytes> {
+        let mut stream = self.read_stream(digest, offset, limit).await?;
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
+        Ok(buf.into())
+    }
+
+    /// Stores one in-memory blob.
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        self.write_stream(digest, futures::stream::once(async { Ok(data) }).boxed())
+            .await
+    }
+
+    /// Reads many blobs; each gets its own result (one missing blob fails only itself).
+    /// Backends batch this into as few round trips as their limits allow.
+    async fn read_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes>)>> {
+        let mut out = Vec::with_capacity(digests.len());
+        for d in digests {
+            out.push((*d, self.read(d).await));
+        }
+        Ok(out)
+    }
+
+    /// Stores many in-memory blobs; each gets its own result.
+    async fn write_many(&self, blobs: Vec<(Digest, Bytes)>) -> Result<Vec<(Digest, Result<()>)>> {
+        let mut out = Vec::with_capacity(blobs.len());
+        for (d, data) in blobs {
+            out.push((d, self.write(&d, data).await));
+        }
+        Ok(out)
+    }
+
+    /// Stores a blob from a local file, streaming it in chunks.
+    async fn write_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let stream = file_stream(path.to_path_buf()).await?;
+        self.write_stream(digest, stream).await
+    }
+
+    /// Writes a verified blob to a new local file (via a temporary file and rename, so a
+    /// failed or corrupt download leaves nothing at `path`).
+    async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        let stream = self.read_stream(digest, 0, 0).await?;
+        stream_to_file(digest, stream, path).await
+    }
+
+    /// Every Directory reachable from `root`, root first, each validated and returned once.
+    async fn get_tree(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
+        walk_tree(self, root).await
+    }
+}
+
+/// A map from action digest to ActionResult.
+#[async_trait::async_trait]
+pub trait ActionCache: Send + Sync + 'static {
+    /// The cached result, or `None` when there is none.
+    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>>;
+    /// Stores (or replaces) the result of an action.
+    async fn update_action_result(
+        &self,
+        action: &Digest,
+        result: &reapi::ActionResult,
+    ) -> Result<()>;
+}
+
+/// Shared handles used throughout the crate.
+pub type SharedCas = Arc<dyn Cas>;
+/// Shared action-cache handle.
+pub type SharedActionCache = Arc<dyn ActionCache>;
+
+/// Checks that `data` hashes to `digest`.
+pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
+    let actual = Digest::of_bytes(data);
+    if actual != *digest {
+        return Err(Error::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Breadth-first walk of a tree with batched reads; validates every Directory.
+pub async fn walk_tree<C: Cas + ?Sized>(
+    cas: &C,
+    root: &Digest,
+) -> Result<Vec<(Digest, Directory)>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut level = vec![*root];
+    seen.insert(*root);
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for (digest, data) in cas.read_many(&level).await? {
+            let dir = Directory::decode(&digest, &data?)?;
+            for child in &dir.dirs {
+                if seen.insert(child.digest) {
+                    next.push(child.digest);
+                }
+            }
+            out.push((digest, dir));
+        }
+        level = next;
+    }
+    Ok(out)
+}
+
+/// Streams a local file in `CHUNK`-sized pieces, read on a blocking thread.
+pub async fn file_stream(path: std::path::PathBuf) -> Result<ByteStream> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ =
+                        tx.blocking_send(Err(Error::io(format!("reading {}", path.display()), e)));
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            return;
+        }
+        buf.truncate(filled);
+        if tx.blocking_send(Ok(buf.into())).is_err() {
+            return;
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+}
+
+/// Writes a stream to `path` through a temporary file in the same folder, verifying the digest
+/// before the rename.
+pub async fn stream_to_file(digest: &Digest, mut stream: ByteStream, path: &Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".casfs-tmp-")
+        .tempfile_in(dir)
+        .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
+    let (file, tmp_path) = tmp.into_parts();
+    let mut file = tokio::fs::File::from_std(file);
+    let mut hasher = Hasher::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .ctx(|| format!("writing {}", path.display()))?;
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(Error::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    file.flush()
+        .await
+        .ctx(|| format!("writing {}", path.display()))?;
+    tmp_path
+        .persist(path)
+        .map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;
+    Ok(())
+}

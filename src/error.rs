@@ -1,0 +1,146 @@
+//! The crate's error type, with the one map to `tonic::Code` and the one map to errno.
+
+use std::io;
+
+use crate::digest::{Digest, DigestError};
+
+/// Result alias used across casfs.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every failure casfs reports. Each variant carries the context needed to act on it (which
+/// digest, which path); `code()` and `errno()` are the only translations to other worlds.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A digest in a request or on the command line is malformed.
+    #[error("invalid digest: {0}")]
+    Digest(#[from] DigestError),
+    /// A request is malformed in some other way.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A blob is not in the store.
+    #[error("blob {0} not found")]
+    MissingBlob(Digest),
+    /// Something other than a blob (an action result, an operation) is not there.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Bytes did not hash to the digest they were stored or fetched under.
+    #[error("digest mismatch: expected {expected}, bytes hash to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    /// A Directory (or Tree) message breaks the canonical-form rules.
+    #[error("invalid Directory {digest}: {reason}")]
+    InvalidDirectory { digest: String, reason: String },
+    /// The request is well formed but the state of the world forbids it.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A remote server could not be reached or went away.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A deadline passed before the work completed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// A request exceeded a size or count limit.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The operation is not implemented here.
+    #[error("unimplemented: {0}")]
+    Unimplemented(String),
+    /// A local I/O failure, with what we were doing.
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    /// A status returned by a remote gRPC server, with what we asked it.
+    #[error("{context}: {code:?}: {message}")]
+    Remote {
+        context: String,
+        code: tonic::Code,
+        message: String,
+    },
+    /// A bug or an impossible state; never caused by input.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what we were doing.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a remote status with the request that produced it.
+    pub fn remote(context: impl Into<String>, status: tonic::Status) -> Self {
+        Error::Remote {
+            context: context.into(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// The gRPC code this error is reported with.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::Digest(_) | Error::InvalidArgument(_) | Error::DigestMismatch { .. } => {
+                Code::InvalidArgument
+            }
+            Error::InvalidDirectory { .. } => Code::InvalidArgument,
+            Error::MissingBlob(_) | Error::NotFound(_) => Code::NotFound,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NotFound,
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Code::ResourceExhausted
+            }
+            Error::Io { .. } | Error::Internal(_) => Code::Internal,
+            Error::Remote { code, .. } => *code,
+        }
+    }
+
+    /// The errno a filesystem operation reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::NotFound(_) => libc::ENOENT,
+            Error::Unimplemented(_) => libc::ENOSYS,
+            // A missing or corrupt blob below a visible name is an I/O error, not ENOENT:
+            // the name exists, its content could not be produced.
+            _ => libc::EIO,
+        }
+    }
+
+    /// True when retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.code(),
+            tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+        )
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<prost::DecodeError> for Error {
+    fn from(e: prost::DecodeError) -> Self {
+        Error::InvalidArgument(format!("protobuf decode: {e}"))
+    }
+}
+
+/// Adds context to I/O results: `fs::read(p).ctx(|| format!("reading {p:?}"))`.
+pub trait IoContext<T> {
+    /// Converts an `io::Error` into `Error::Io` with the given context.
+    fn ctx<F: FnOnce() -> String>(self, f: F) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, io::Error> {
+    fn ctx<F: FnOnce() -> String>(self, f: F) -> Result<T> {
+        self.map_err(|e| Error::io(f(), e))
+    }
+}

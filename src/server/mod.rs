@@ -1,0 +1,172 @@
+//! The embedded REAPI server: tonic services over any store.
+//!
+//! One namespace serves every instance name: blobs are content-addressed, so instances share
+//! storage (as in Buildbarn's default configuration); the name is still parsed and checked.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::cas::{SharedActionCache, SharedCas};
+use crate::error::{Error, IoContext, Result};
+use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
+use crate::proto::reapi::action_cache_server::ActionCacheServer;
+use crate::proto::reapi::capabilities_server::CapabilitiesServer;
+use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+
+mod ac;
+mod bytestream;
+mod capabilities;
+mod cas;
+pub mod resource;
+
+/// Largest total of blob bytes one batch request may carry; advertised in Capabilities and
+/// enforced. Below the 4 MiB gRPC message limit so a full batch still fits one message.
+pub const MAX_BATCH_BYTES: u64 = (4 << 20) - (64 << 10);
+/// Largest message the services decode (a full batch plus its framing fits easily).
+const MAX_MESSAGE: usize = 8 << 20;
+/// Bytes per ByteStream Read response.
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// The stores a server exposes.
+#[derive(Clone)]
+pub struct Backend {
+    /// Blob storage.
+    pub cas: SharedCas,
+    /// Action results.
+    pub ac: SharedActionCache,
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A TCP address (`127.0.0.1:8980`; port 0 picks a free one).
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        let s = s.strip_prefix("grpc://").unwrap_or(s);
+        s.parse().map(Listen::Tcp).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "listen address {s:?} is not HOST:PORT or unix:PATH"
+            ))
+        })
+    }
+}
+
+fn router(backend: Backend) -> tonic::transport::server::Router {
+    let cas = ContentAddressableStorageServer::new(cas::CasService::new(backend.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let bs = ByteStreamServer::new(bytestream::ByteStreamService::new(backend.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let ac = ActionCacheServer::new(ac::AcService::new(backend.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(cas)
+        .add_service(bs)
+        .add_service(ac)
+        .add_service(caps)
+}
+
+/// A bound, not yet serving, listener; lets callers learn the port before serving.
+pub enum Bound {
+    /// Bound TCP socket.
+    Tcp(tokio::net::TcpListener),
+    /// Bound unix socket.
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Bound {
+    /// Binds the address (removing a stale unix socket file first).
+    pub async fn bind(listen: &Listen) -> Result<Self> {
+        match listen {
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("binding {addr}"))?;
+                Ok(Bound::Tcp(l))
+            }
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path)
+                    .ctx(|| format!("binding {}", path.display()))?;
+                Ok(Bound::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// The address clients use: `grpc://IP:PORT` or `unix:PATH`.
+    pub fn url(&self) -> String {
+        match self {
+            Bound::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("grpc://{a}"),
+                Err(_) => "grpc://?".into(),
+            },
+            Bound::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    pub async fn serve(
+        self,
+        backend: Backend,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let r = router(backend);
+        let res = match self {
+            Bound::Tcp(l) => {
+                let incoming = TcpListenerStream::new(l).map_ok_nodelay();
+                r.serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+            Bound::Unix(l, path) => {
+                let res = r
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                    .await;
+                let _ = std::fs::remove_file(path);
+                res
+            }
+        };
+        res.map_err(|e| Error::Unavailable(format!("server: {e}")))
+    }
+}
+
+/// Sets TCP_NODELAY on accepted connections (small RPCs must not wait for Nagle).
+trait NoDelay {
+    fn map_ok_nodelay(self) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>>;
+}
+
+impl NoDelay for TcpListenerStream {
+    fn map_ok_nodelay(self) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        use futures::StreamExt;
+        self.map(|s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        })
+    }
+}
+
+/// Maps a crate error to the status a client sees, logging server-side faults.
+pub(crate) fn status(e: Error) -> tonic::Status {
+    let st: tonic::Status = e.into();
+    if matches!(st.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+        tracing::error!(error = %st.message(), "internal error");
+    }
+    st
+}

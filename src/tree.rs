@@ -1,0 +1,456 @@
+//! Validated `Directory` messages and canonical Directory trees built from local folders.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use prost::Message;
+
+use crate::digest::{hash_file, Digest};
+use crate::error::{Error, IoContext, Result};
+use crate::proto::reapi;
+
+/// A file entry of a validated Directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Entry name (one path component).
+    pub name: String,
+    /// Digest of the file's contents.
+    pub digest: Digest,
+    /// Whether the file is executable.
+    pub executable: bool,
+}
+
+/// A subdirectory entry of a validated Directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Entry name (one path component).
+    pub name: String,
+    /// Digest of the child's `Directory` message.
+    pub digest: Digest,
+}
+
+/// A symlink entry of a validated Directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymlinkEntry {
+    /// Entry name (one path component).
+    pub name: String,
+    /// Link target, as stored (never resolved by casfs).
+    pub target: String,
+}
+
+/// One entry of any kind, as returned by [`Directory::lookup`].
+#[derive(Clone, Copy, Debug)]
+pub enum Entry<'a> {
+    /// A regular file.
+    File(&'a FileEntry),
+    /// A subdirectory.
+    Dir(&'a DirEntry),
+    /// A symbolic link.
+    Symlink(&'a SymlinkEntry),
+}
+
+/// A REAPI `Directory` that passed validation: every name is a single non-empty component
+/// (no `/`, NUL, `.` or `..`), each list is strictly sorted, names are unique across the three
+/// lists, and every digest is well formed. Only [`Directory::validate`] builds one, so code
+/// holding a `Directory` never sees a hostile message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directory {
+    /// Files, sorted by name.
+    pub files: Vec<FileEntry>,
+    /// Subdirectories, sorted by name.
+    pub dirs: Vec<DirEntry>,
+    /// Symlinks, sorted by name.
+    pub symlinks: Vec<SymlinkEntry>,
+}
+
+/// Checks one path component; returns why it is not acceptable.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("name {name:?} is not allowed"));
+    }
+    if name.contains('/') {
+        return Err(format!("name {name:?} contains '/'"));
+    }
+    if name.contains('\0') {
+        return Err(format!("name {name:?} contains NUL"));
+    }
+    Ok(())
+}
+
+fn check_sorted<'a>(
+    kind: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> std::result::Result<(), String> {
+    let mut prev: Option<&str> = None;
+    for name in names {
+        check_name(name)?;
+        if let Some(p) = prev {
+            if p == name {
+                return Err(format!("duplicate {kind} name {name:?}"));
+            }
+            if p > name {
+                return Err(format!("{kind} names not sorted: {p:?} before {name:?}"));
+            }
+        }
+        prev = Some(name);
+    }
+    Ok(())
+}
+
+impl Directory {
+    /// Validates a decoded message. `label` names it in errors (usually its digest).
+    pub fn validate(msg: &reapi::Directory, label: &str) -> Result<Self> {
+        let bad = |reason: String| Error::InvalidDirectory {
+            digest: label.to_string(),
+            reason,
+        };
+        check_sorted("file", msg.files.iter().map(|f| f.name.as_str())).map_err(bad)?;
+        check_sorted("directory", msg.directories.iter().map(|d| d.name.as_str())).map_err(bad)?;
+        check_sorted("symlink", msg.symlinks.iter().map(|s| s.name.as_str())).map_err(bad)?;
+        let digest_of = |name: &str, d: &Option<reapi::Digest>| -> Result<Digest> {
+            let d = d
+                .as_ref()
+                .ok_or_else(|| bad(format!("entry {name:?} has no digest")))?;
+            Digest::try_from(d).map_err(|e| bad(format!("entry {name:?}: {e}")))
+        };
+        let mut files = Vec::with_capacity(msg.files.len());
+        for f in &msg.files {
+            let digest = digest_of(&f.name, &f.digest)?;
+            files.push(FileEntry {
+                name: f.name.clone(),
+                digest,
+                executable: f.is_executable,
+            });
+        }
+        let mut dirs = Vec::with_capacity(msg.directories.len());
+        for d in &msg.directories {
+            dirs.push(DirEntry {
+                name: d.name.clone(),
+                digest: digest_of(&d.name, &d.digest)?,
+            });
+        }
+        let mut symlinks = Vec::with_capacity(msg.symlinks.len());
+        for s in &msg.symlinks {
+            if s.target.is_empty() || s.target.contains('\0') {
+                return Err(bad(format!(
+                    "symlink {:?} has an empty or NUL target",
+                    s.name
+                )));
+            }
+            symlinks.push(SymlinkEntry {
+                name: s.name.clone(),
+                target: s.target.clone(),
+            });
+        }
+        let dir = Directory {
+            files,
+            dirs,
+            symlinks,
+        };
+        let mut all: Vec<&str> = dir.names().collect();
+        all.sort_unstable();
+        if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!(
+                "name {:?} used by two entries of different kinds",
+                w[0]
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// Decodes and validates the bytes of a Directory blob stored under `digest`.
+    pub fn decode(digest: &Digest, bytes: &[u8]) -> Result<Self> {
+        let msg = reapi::Directory::decode(bytes).map_err(|e| Error::InvalidDirectory {
+            digest: digest.to_string(),
+            reason: format!("not a Directory message: {e}"),
+        })?;
+        Directory::validate(&msg, &digest.to_string())
+    }
+
+    /// All entry names, files first, then directories, then symlinks.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let f = self.files.iter().map(|e| e.name.as_str());
+        let d = self.dirs.iter().map(|e| e.name.as_str());
+        let s = self.symlinks.iter().map(|e| e.name.as_str());
+        f.chain(d).chain(s)
+    }
+
+    /// Number of entries of all kinds.
+    pub fn len(&self) -> usize {
+        self.files.len() + self.dirs.len() + self.symlinks.len()
+    }
+
+    /// True when the directory has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Finds an entry by name (binary search in each sorted list).
+    pub fn lookup(&self, name: &str) -> Option<Entry<'_>> {
+        if let Ok(i) = self.files.binary_search_by(|e| e.name.as_str().cmp(name)) {
+            return Some(Entry::File(&self.files[i]));
+        }
+        if let Ok(i) = self.dirs.binary_search_by(|e| e.name.as_str().cmp(name)) {
+            return Some(Entry::Dir(&self.dirs[i]));
+        }
+        if let Ok(i) = self
+            .symlinks
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+        {
+            return Some(Entry::Symlink(&self.symlinks[i]));
+        }
+        None
+    }
+
+    /// The wire message (canonical: sorted lists, no node properties).
+    pub fn to_proto(&self) -> reapi::Directory {
+        reapi::Directory {
+            files: self
+                .files
+                .iter()
+                .map(|f| reapi::FileNode {
+                    name: f.name.clone(),
+                    digest: Some(f.digest.into()),
+                    is_executable: f.executable,
+                    node_properties: None,
+                })
+                .collect(),
+            directories: self
+                .dirs
+                .iter()
+                .map(|d| reapi::DirectoryNode {
+                    name: d.name.clone(),
+                    digest: Some(d.digest.into()),
+                })
+                .collect(),
+            symlinks: self
+                .symlinks
+                .iter()
+                .map(|s| reapi::SymlinkNode {
+                    name: s.name.clone(),
+                    target: s.target.clone(),
+                    node_properties: None,
+                })
+                .collect(),
+            node_properties: None,
+        }
+    }
+
+    /// Canonical encoding and its digest.
+    pub fn encode(&self) -> (Digest, Vec<u8>) {
+        Digest::of_message(&self.to_proto())
+    }
+}
+
+/// A local file that a tree references, to be uploaded from disk.
+#[derive(Clone, Debug)]
+pub struct LocalFile {
+    /// Digest of its contents.
+    pub digest: Digest,
+    /// Where to read it.
+    pub path: PathBuf,
+}
+
+/// Counts gathered while building a tree.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TreeStats {
+    /// Regular files (with repeats).
+    pub files: u64,
+    /// Directories, root included.
+    pub dirs: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+    /// Bytes of file content (with repeats).
+    pub bytes: u64,
+}
+
+/// The canonical Directory tree of a local folder: the root digest, every distinct Directory
+/// message (encoded) and one local path for every distinct file digest.
+#[derive(Debug)]
+pub struct LocalTree {
+    /// Digest of the root Directory.
+    pub root: Digest,
+    /// Every distinct Directory, keyed by digest, with its canonical bytes.
+    pub directories: BTreeMap<Digest, Vec<u8>>,
+    /// One local source per distinct file digest.
+    pub files: HashMap<Digest, PathBuf>,
+    /// What was walked.
+    pub stats: TreeStats,
+}
+
+/// Scan of one folder before hashing.
+#[derive(Default)]
+struct Scan {
+    files: Vec<(String, usize, bool)>,
+    dirs: Vec<(String, Scan)>,
+    symlinks: Vec<(String, String)>,
+}
+
+fn utf8_name(path: &Path, name: std::ffi::OsString) -> Result<String> {
+    name.into_string()
+        .map_err(|n| Error::InvalidArgument(format!("{}: name {n:?} is not UTF-8", path.display())))
+}
+
+fn scan(dir: &Path, paths: &mut Vec<(PathBuf, u64)>, stats: &mut TreeStats) -> Result<Scan> {
+    let mut out = Scan::default();
+    stats.dirs += 1;
+    let rd = std::fs::read_dir(dir).ctx(|| format!("reading directory {}", dir.display()))?;
+    for ent in rd {
+        let ent = ent.ctx(|| format!("reading directory {}", dir.display()))?;
+        let path = ent.path();
+        let name = utf8_name(dir, ent.file_name())?;
+        let meta = std::fs::symlink_metadata(&path).ctx(|| format!("stat {}", path.display()))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let target =
+                std::fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
+            let target = target.into_os_string().into_string().map_err(|t| {
+                Error::InvalidArgument(format!("{}: target {t:?} is not UTF-8", path.display()))
+            })?;
+            stats.symlinks += 1;
+            out.symlinks.push((name, target));
+        } else if ft.is_dir() {
+            let sub = scan(&path, paths, stats)?;
+            out.dirs.push((name, sub));
+        } else if ft.is_file() {
+            let exec = meta.permissions().mode() & 0o111 != 0;
+            stats.files += 1;
+            stats.bytes += meta.len();
+            out.files.push((name, paths.len(), exec));
+            paths.push((path, meta.len()));
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: not a regular file, directory or symlink",
+                path.display()
+            )));
+        }
+    }
+    out.files.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dirs.sort_by(|a, b| a.0.cmp(&b.0));
+    out.symlinks.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Hashes every file with one thread per core; `progress` is called with bytes hashed.
+fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<Digest>> {
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; paths.len()]);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= paths.len() || first_err.lock().unwrap().is_some() {
+                    break;
+                }
+                let (path, _) = &paths[i];
+                match hash_file(path) {
+                    Ok(d) => {
+                        progress(d.size());
+                        out.lock().unwrap()[i] = Some(d);
+                    }
+                    Err(e) => {
+                        *first_err.lock().unwrap() =
+                            Some(Error::io(format!("hashing {}", path.display()), e));
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap() {
+        return Err(e);
+    }
+    Ok(out
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.expect("every file hashed"))
+        .collect())
+}
+
+fn assemble(
+    scan: &Scan,
+    digests: &[Digest],
+    paths: &[(PathBuf, u64)],
+    tree: &mut LocalTree,
+) -> Digest {
+    let mut dir = Directory::default();
+    for (name, idx, exec) in &scan.files {
+        let digest = digests[*idx];
+        tree.files
+            .entry(digest)
+            .or_insert_with(|| paths[*idx].0.clone());
+        dir.files.push(FileEntry {
+            name: name.clone(),
+            digest,
+            executable: *exec,
+        });
+    }
+    for (name, sub) in &scan.dirs {
+        let digest = assemble(sub, digests, paths, tree);
+        dir.dirs.push(DirEntry {
+            name: name.clone(),
+            digest,
+        });
+    }
+    for (name, target) in &scan.symlinks {
+        dir.symlinks.push(SymlinkEntry {
+            name: name.clone(),
+            target: target.clone(),
+        });
+    }
+    let (digest, bytes) = dir.encode();
+    tree.directories.entry(digest).or_insert(bytes);
+    digest
+}
+
+/// Builds the canonical Directory tree of a local folder. Files are hashed in parallel;
+/// `progress` receives the bytes of each file as it is hashed.
+pub fn build_local_tree(root: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<LocalTree> {
+    let meta = std::fs::metadata(root).ctx(|| format!("stat {}", root.display()))?;
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a directory",
+            root.display()
+        )));
+    }
+    let mut stats = TreeStats::default();
+    let mut paths = Vec::new();
+    let scanned = scan(root, &mut paths, &mut stats)?;
+    let digests = hash_all(&paths, progress)?;
+    let mut tree = LocalTree {
+        root: crate::digest::EMPTY,
+        directories: BTreeMap::new(),
+        files: HashMap::new(),
+        stats,
+    };
+    tree.root = assemble(&scanned, &digests, &paths, &mut tree);
+    Ok(tree)
+}
+
+/// Total bytes a scan would hash, for sizing a progress bar before the walk (cheap `du`).
+pub fn count_bytes(root: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => 0,
+            })
+            .sum()
+    }
+    walk(root)
+}
