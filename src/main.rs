@@ -76,6 +76,12 @@ struct ServeArgs {
     /// server behind TLS client auth or a proxy before exposing it.
     #[arg(long, env = "CASFS_ALLOW_REMOTE_CLIENTS")]
     allow_remote_clients: bool,
+    /// Serve over TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "CASFS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "CASFS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// How to reach the REAPI server.
@@ -292,14 +298,29 @@ async fn serve(args: ServeArgs) -> Result<std::result::Result<(), Usage>> {
     }
     let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
+            cert_pem: std::fs::read(c)
+                .map_err(|e| Error::io(format!("reading {}", c.display()), e))?,
+            key_pem: std::fs::read(k)
+                .map_err(|e| Error::io(format!("reading {}", k.display()), e))?,
+        }),
+        _ => None,
+    };
     let bound = Bound::bind(&listen).await?;
-    println!("casfs: serving on {}", bound.url());
+    let url = bound.url();
+    let url = if tls.is_some() {
+        url.replacen("grpc://", "grpcs://", 1)
+    } else {
+        url
+    };
+    println!("casfs: serving on {url}");
     let _ = std::io::stdout().flush();
     let backend = Backend {
         cas: store.clone(),
         ac: store,
     };
-    bound.serve(backend, shutdown_signal()).await?;
+    bound.serve_with(backend, tls, shutdown_signal()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))
 }

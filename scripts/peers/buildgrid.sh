@@ -10,11 +10,22 @@
 #
 # Environment knobs:
 #   CASFS_PEER_CACHE   cache for the venv (default: $HOME/.cache/casfs-peers)
-#   BUILDGRID_VERSION  default 0.9.1 (needs Python >= 3.13)
-#   BUILDGRID_PYTHON   interpreter for the venv (default: pyenv 3.13.0)
+#   BUILDGRID_VERSION  default 0.9.1 with Python >= 3.13, else 0.4.4
+#   BUILDGRID_PYTHON   interpreter for the venv (default: pyenv 3.13.x, else /usr/bin/python3)
 
-BUILDGRID_VERSION="${BUILDGRID_VERSION:-0.9.1}"
-BUILDGRID_PYTHON="${BUILDGRID_PYTHON:-/root/.pyenv/versions/3.13.0/bin/python3}"
+# BuildGrid 0.9.x needs Python >= 3.13 (the image's pyenv has it); a plain Debian 12 has
+# 3.11, where pip resolves 0.4.4, which serves the same cache-only config.
+if [ -z "${BUILDGRID_PYTHON:-}" ]; then
+    for _py in "$HOME"/.pyenv/versions/3.13*/bin/python3; do
+        [ -x "$_py" ] && BUILDGRID_PYTHON="$_py"
+    done
+fi
+if [ -n "${BUILDGRID_PYTHON:-}" ]; then
+    BUILDGRID_VERSION="${BUILDGRID_VERSION:-0.9.1}"
+else
+    BUILDGRID_PYTHON=/usr/bin/python3
+    BUILDGRID_VERSION="${BUILDGRID_VERSION:-0.4.4}"
+fi
 _BUILDGRID_SH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BUILDGRID_CONFIG_TEMPLATE="${BUILDGRID_CONFIG_TEMPLATE:-$_BUILDGRID_SH_DIR/../../tests/peers/buildgrid-cas.yml}"
 

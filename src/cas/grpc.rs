@@ -174,7 +174,7 @@ impl GrpcStore {
             };
             let code = r.status.as_ref().map(|s| s.code).unwrap_or(0);
             let res = if code == tonic::Code::Ok as i32 {
-                let data = Bytes::from(r.data);
+                let data = r.data;
                 verify(&d, &data).map(|_| data)
             } else if code == tonic::Code::NotFound as i32 {
                 Err(Error::MissingBlob(d))

@@ -113,7 +113,7 @@ impl ContentAddressableStorage for CasService {
                     r.compressor
                 )))
             } else {
-                self.backend.cas.write(&digest, Bytes::from(r.data)).await
+                self.backend.cas.write(&digest, r.data).await
             };
             if let Err(e) = &result {
                 tracing::info!(digest = %digest, error = %e, "batch write refused");

@@ -65,7 +65,16 @@ impl std::str::FromStr for Listen {
     }
 }
 
-fn router(backend: Backend) -> tonic::transport::server::Router {
+/// PEM certificate chain and key for serving over TLS.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Private key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::server::Router> {
     let cas = ContentAddressableStorageServer::new(cas::CasService::new(backend.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -75,13 +84,20 @@ fn router(backend: Backend) -> tonic::transport::server::Router {
     let ac = ActionCacheServer::new(ac::AcService::new(backend.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
     let caps = CapabilitiesServer::new(capabilities::CapabilitiesService);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
+    }
+    Ok(builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .add_service(cas)
         .add_service(bs)
         .add_service(ac)
-        .add_service(caps)
+        .add_service(caps))
 }
 
 /// A bound, not yet serving, listener; lets callers learn the port before serving.
@@ -128,7 +144,17 @@ impl Bound {
         backend: Backend,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let r = router(backend);
+        self.serve_with(backend, None, shutdown).await
+    }
+
+    /// Like [`Bound::serve`], over TLS when `tls` is given.
+    pub async fn serve_with(
+        self,
+        backend: Backend,
+        tls: Option<TlsFiles>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let r = router(backend, tls)?;
         let res = match self {
             Bound::Tcp(l) => {
                 let incoming = TcpListenerStream::new(l).map_ok_nodelay();

@@ -1,0 +1,271 @@
+//! Shared fixtures: a real `casfs serve` process, in-process servers, tree generators.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use casfs::cas::{DiskStore, MemoryStore};
+use casfs::server::{Backend, Bound, Listen};
+
+/// Test result type: any error fails the test with its message.
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The casfs binary built for these tests.
+pub fn casfs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_casfs")
+}
+
+/// A `casfs serve` child process on 127.0.0.1 with an ephemeral port; killed on drop.
+pub struct ServeProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ServeProcess {
+    /// Starts a server on `storage` and waits for its "serving on" line.
+    pub fn start(storage: &Path) -> TestResult<Self> {
+        Self::start_on(storage, "127.0.0.1:0")
+    }
+
+    /// Starts a server listening on `listen`.
+    pub fn start_on(storage: &Path, listen: &str) -> TestResult<Self> {
+        let mut child = Command::new(casfs_bin())
+            .args(["serve", "--listen", listen, "--storage"])
+            .arg(storage)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("CASFS_LOG", "warn")
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let url = line
+            .trim()
+            .strip_prefix("casfs: serving on ")
+            .ok_or_else(|| format!("unexpected first line from casfs serve: {line:?}"))?
+            .to_string();
+        Ok(ServeProcess { child, url })
+    }
+
+    /// SIGKILLs the server and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the casfs CLI; returns (status code, stdout, stderr).
+pub fn casfs(args: &[&str]) -> TestResult<(i32, String, String)> {
+    let out = Command::new(casfs_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// An in-process server over a store, on an ephemeral loopback port; stops on drop.
+pub struct InProcessServer {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Serves `backend` on 127.0.0.1:0 inside the current runtime.
+pub async fn serve_in_process(backend: Backend) -> TestResult<InProcessServer> {
+    let bound = Bound::bind(&Listen::Tcp("127.0.0.1:0".parse()?)).await?;
+    let url = bound.url();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(bound.serve(backend, async {
+        let _ = rx.await;
+    }));
+    Ok(InProcessServer {
+        url,
+        stop: Some(tx),
+    })
+}
+
+/// A backend over a fresh memory store.
+pub fn memory_backend() -> (Arc<MemoryStore>, Backend) {
+    let m = Arc::new(MemoryStore::new());
+    (
+        m.clone(),
+        Backend {
+            cas: m.clone(),
+            ac: m,
+        },
+    )
+}
+
+/// A backend over a disk store in `dir`.
+pub fn disk_backend(dir: &Path) -> TestResult<(Arc<DiskStore>, Backend)> {
+    let d = Arc::new(DiskStore::open(dir, 0)?);
+    Ok((
+        d.clone(),
+        Backend {
+            cas: d.clone(),
+            ac: d,
+        },
+    ))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// What a generated tree holds.
+pub struct TreeSpec {
+    pub files: usize,
+    pub dirs: usize,
+    /// Sizes of a few large files added on top of the small ones.
+    pub large: Vec<usize>,
+}
+
+/// Generates a tree: `files` small files (0 B to 64 KiB, some empty, some executable, some
+/// duplicated) spread over `dirs` nested folders with unicode names, symlinks (relative,
+/// absolute, dangling, to folders), empty folders, and the `large` files.
+pub fn generate_tree(root: &Path, spec: &TreeSpec) -> TestResult {
+    std::fs::create_dir_all(root)?;
+    let names = [
+        "src",
+        "lib",
+        "données",
+        "日本語",
+        "emoji-🦀",
+        "a b c",
+        "x.y",
+        "deep",
+    ];
+    let mut dirs = vec![root.to_path_buf()];
+    for i in 1..spec.dirs {
+        let parent = dirs[(i * 7919) % dirs.len()].clone();
+        let d = parent.join(format!("{}-{i}", names[i % names.len()]));
+        std::fs::create_dir_all(&d)?;
+        dirs.push(d);
+    }
+    for i in 0..spec.files {
+        let dir = &dirs[i % dirs.len()];
+        let name = match i % 5 {
+            0 => format!("file-{i}.txt"),
+            1 => format!("ünïcödé-{i}.rs"),
+            2 => format!("名前-{i}"),
+            3 => format!(".hidden-{i}"),
+            _ => format!("plain{i}"),
+        };
+        let size = match i % 10 {
+            0 => 0,
+            1..=6 => (i * 37) % 2048,
+            7 | 8 => 4096 + (i * 131) % 30_000,
+            _ => 65_536,
+        };
+        // Every 50th file repeats an earlier content, so dedup paths are exercised.
+        let seed = if i % 50 == 49 {
+            (i - 1) as u64
+        } else {
+            i as u64
+        };
+        let path = dir.join(name);
+        std::fs::File::create(&path)?.write_all(&pseudo_random(seed, size))?;
+        let mode = if i % 7 == 0 { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    }
+    for (n, size) in spec.large.iter().enumerate() {
+        let path = dirs[n % dirs.len()].join(format!("large-{n}.bin"));
+        std::fs::File::create(&path)?.write_all(&pseudo_random(1_000_000 + n as u64, *size))?;
+    }
+    for (i, d) in dirs.iter().enumerate().step_by(17) {
+        std::os::unix::fs::symlink("../some/where", d.join(format!("rel-link-{i}")))?;
+        std::os::unix::fs::symlink("/etc/passwd", d.join(format!("abs-link-{i}")))?;
+        std::os::unix::fs::symlink("dangling-ünï", d.join(format!("dangling-{i}")))?;
+        std::fs::create_dir_all(d.join(format!("empty-dir-{i}")))?;
+    }
+    std::os::unix::fs::symlink(".", root.join("self-link"))?;
+    Ok(())
+}
+
+/// One line per entry: path, kind, permission bits (files only), size, link target.
+/// Directory modes are left out: they follow the umask on download.
+pub fn listing(root: &Path) -> TestResult<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> TestResult {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            let rel = p.strip_prefix(root)?.to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p)?;
+            if m.file_type().is_symlink() {
+                out.push(format!("{rel} l {}", std::fs::read_link(&p)?.display()));
+            } else if m.is_dir() {
+                out.push(format!("{rel} d"));
+                walk(root, &p, out)?;
+            } else {
+                out.push(format!("{rel} f {:o} {}", m.mode() & 0o777, m.size()));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Normalises file modes the way REAPI carries them: executable or not.
+pub fn reapi_modes(lines: Vec<String>) -> Vec<String> {
+    lines
+        .into_iter()
+        .map(|l| {
+            let parts: Vec<&str> = l.rsplitn(3, ' ').collect();
+            if parts.len() == 3 && parts[2].ends_with(" f") {
+                let mode = u32::from_str_radix(parts[1], 8).unwrap_or(0);
+                let m = if mode & 0o111 != 0 { "755" } else { "644" };
+                format!("{} {m} {}", parts[2], parts[0])
+            } else {
+                l
+            }
+        })
+        .collect()
+}
+
+/// `diff -r` of two trees; Ok when identical.
+pub fn diff_r(a: &Path, b: &Path) -> TestResult {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(a)
+        .arg(b)
+        .output()?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let head: String = text.lines().take(20).collect::<Vec<_>>().join("\n");
+        return Err(format!("diff -r {} {} differs:\n{head}", a.display(), b.display()).into());
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Integration tests: one binary, real servers on loopback, real processes.
+
+mod common;
+mod conformance;
+mod golden;
+mod remote;
+mod roundtrip;
