@@ -16,6 +16,8 @@
 pub mod cas;
 pub mod digest;
 pub mod error;
+pub mod fs;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod transfer;

@@ -120,6 +120,11 @@ impl DiskStore {
         Ok(store)
     }
 
+    /// The folder the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where a blob lives (whether or not it is present).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();

@@ -1,0 +1,121 @@
+//! Command-line plumbing shared by the subcommands: remote options, parsers, usage errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use casfs::cas::{GrpcStore, RemoteConfig};
+use casfs::digest::Digest;
+use casfs::error::Result;
+
+pub mod mount;
+pub mod serve;
+pub mod transfer;
+
+/// How to reach the REAPI server.
+#[derive(Args, Clone)]
+pub struct RemoteArgs {
+    /// Server URL: grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or unix:PATH.
+    #[arg(long, env = "CASFS_REMOTE", default_value = "grpc://127.0.0.1:8980")]
+    pub remote: String,
+    /// REAPI instance name.
+    #[arg(long, env = "CASFS_INSTANCE_NAME", default_value = "")]
+    pub instance_name: String,
+    /// Extra request header KEY=VALUE (repeatable), e.g. authorization=Bearer…
+    #[arg(
+        long = "remote-header",
+        env = "CASFS_REMOTE_HEADERS",
+        value_delimiter = ','
+    )]
+    pub remote_headers: Vec<String>,
+    /// PEM CA bundle for grpcs:// (system roots when unset).
+    #[arg(long, env = "CASFS_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Retries of a call that failed with UNAVAILABLE (exponential backoff).
+    #[arg(long, env = "CASFS_RETRIES", default_value_t = 5)]
+    pub retries: u32,
+    /// Deadline for one call attempt, e.g. 60s, 500ms, 2m.
+    #[arg(long, env = "CASFS_RPC_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub rpc_timeout: Duration,
+}
+
+pub fn default_storage() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("casfs").join("storage")
+}
+
+/// Parses `10G`, `512M`, `4096` (bytes; K/M/G/T are powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size"))?;
+    if n < 0.0 {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// Parses `60s`, `500ms`, `2m`, `1h` or a number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let n: f64 = s[..split]
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let secs = match &s[split..] {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("unknown unit {u:?} in {s:?}")),
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl RemoteArgs {
+    /// A gRPC store client for these options.
+    pub fn store(&self) -> Result<GrpcStore> {
+        let mut cfg = RemoteConfig::new(&self.remote);
+        cfg.instance_name = self.instance_name.clone();
+        cfg.tls_ca_file = self.tls_ca_file.clone();
+        cfg.retries = self.retries;
+        cfg.rpc_timeout = self.rpc_timeout;
+        for h in &self.remote_headers {
+            cfg.headers.push(casfs::cas::channel::parse_header(h)?);
+        }
+        GrpcStore::new(&cfg)
+    }
+}
+
+/// A usage error: reported on one line with exit status 2.
+pub struct Usage(pub String);
+
+pub fn digest_arg(text: &str) -> std::result::Result<Digest, Usage> {
+    Digest::parse(text).map_err(|e| Usage(format!("invalid digest {text:?}: {e}")))
+}
+
+/// What a subcommand returns: an error (exit 1), a usage error (exit 2) or success.
+pub type CmdResult = Result<std::result::Result<(), Usage>>;

@@ -1,0 +1,209 @@
+//! `casfs mount`: mount a Directory digest, as a daemon (default) or in the foreground.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use casfs::cas::DiskStore;
+use casfs::error::{Error, Result};
+use casfs::fs::{FetchConfig, FsConfig, MountConfig, OpenMode};
+use casfs::metrics::Metrics;
+
+use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs, Usage};
+
+/// Options of `casfs mount`.
+#[derive(Args)]
+pub struct MountArgs {
+    /// Root Directory digest, HASH/SIZE or HASH-SIZE.
+    pub digest: String,
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Local blob cache, shared by every mount that names it; survives restarts.
+    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = default_cache())]
+    pub cache_dir: PathBuf,
+    /// Bound of the local blob cache (least recently used evicted first).
+    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Longest a fetch may take before the reader gets EIO.
+    #[arg(long, env = "CASFS_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// How files are opened: auto, no-open, passthrough, open.
+    #[arg(long, env = "CASFS_OPEN_MODE", value_enum, default_value = "auto")]
+    pub open_mode: OpenMode,
+    /// FUSE worker threads.
+    #[arg(long, env = "CASFS_FUSE_THREADS", default_value_t = 4)]
+    pub threads: usize,
+    /// Modification time of every node, in seconds since the epoch (2000-01-01 by default).
+    #[arg(long, env = "CASFS_MTIME", default_value_t = 946_684_800)]
+    pub mtime: u64,
+    /// Name of the raw SHA-256 xattr (Bazel: --unix_digest_hash_attribute_name).
+    #[arg(long, env = "CASFS_HASH_XATTR", default_value = "user.sha256")]
+    pub hash_xattr: String,
+    /// Fetch each file alone, never its small siblings with it.
+    #[arg(long, env = "CASFS_NO_BATCH_SIBLINGS")]
+    pub no_batch_siblings: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    #[arg(long, env = "CASFS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Stay in the foreground instead of detaching once mounted.
+    #[arg(long, env = "CASFS_FOREGROUND")]
+    pub foreground: bool,
+    /// With --foreground: write "ready" to this file descriptor once mounted, then close it.
+    #[arg(long)]
+    pub ready_fd: Option<i32>,
+    /// Write the daemon's pid here once mounted (removed at exit).
+    #[arg(long, env = "CASFS_PIDFILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Where a detached daemon writes its log (default: discarded).
+    #[arg(long, env = "CASFS_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+fn default_cache() -> PathBuf {
+    super::default_storage().with_file_name("blobs")
+}
+
+/// How the daemon tells whoever started it that the mount is up.
+pub enum Ready {
+    /// Nobody is waiting.
+    Nobody,
+    /// A pipe or descriptor to write "ready" (or an error) to.
+    Fd(OwnedFd),
+}
+
+impl Ready {
+    fn send(&mut self, msg: &str) {
+        if let Ready::Fd(fd) = std::mem::replace(self, Ready::Nobody) {
+            let mut f = std::fs::File::from(fd);
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Detaches unless `--foreground`: forks before any thread exists; the parent waits until the
+/// child reports the mount up (exit 0) or failed (exit 1). Returns the child's `Ready`, or the
+/// exit code for the parent.
+pub fn prepare(args: &MountArgs) -> std::result::Result<Ready, u8> {
+    if args.foreground {
+        return Ok(match args.ready_fd {
+            Some(fd) if fd > 2 => Ready::Fd(unsafe { OwnedFd::from_raw_fd(fd) }),
+            _ => Ready::Nobody,
+        });
+    }
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("casfs: pipe: {}", std::io::Error::last_os_error());
+        return Err(1);
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    match unsafe { libc::fork() } {
+        -1 => {
+            eprintln!("casfs: fork: {}", std::io::Error::last_os_error());
+            Err(1)
+        }
+        0 => {
+            drop(r);
+            unsafe { libc::setsid() };
+            redirect_stdio(args.log_file.as_deref());
+            Ok(Ready::Fd(w))
+        }
+        _ => {
+            drop(w);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            if msg.trim() == "ready" {
+                Err(0)
+            } else {
+                let msg = if msg.trim().is_empty() {
+                    "the mount daemon exited before mounting".into()
+                } else {
+                    msg
+                };
+                eprintln!("casfs: {}", msg.trim());
+                Err(1)
+            }
+        }
+    }
+}
+
+fn redirect_stdio(log: Option<&std::path::Path>) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let out = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    };
+    use std::os::fd::AsRawFd;
+    if let Ok(n) = &null {
+        unsafe { libc::dup2(n.as_raw_fd(), 0) };
+    }
+    if let Ok(o) = &out {
+        unsafe {
+            libc::dup2(o.as_raw_fd(), 1);
+            libc::dup2(o.as_raw_fd(), 2);
+        }
+    }
+}
+
+/// Mounts, reports readiness, waits for SIGINT/SIGTERM, unmounts.
+pub async fn run(args: MountArgs, mut ready: Ready) -> CmdResult {
+    let res = mount_and_wait(args, &mut ready).await;
+    match &res {
+        Ok(Err(Usage(msg))) => ready.send(msg),
+        Err(e) => ready.send(&e.to_string()),
+        Ok(Ok(())) => {}
+    }
+    res
+}
+
+async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
+    let root = match digest_arg(&args.digest) {
+        Ok(d) => d,
+        Err(u) => return Ok(Err(u)),
+    };
+    let remote = Arc::new(args.remote.store()?);
+    let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
+    let metrics = Metrics::new();
+    if let Some(addr) = &args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("binding {addr}"), e))?;
+        tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
+    }
+    let mut cfg = MountConfig::new(&args.mountpoint);
+    cfg.open_mode = args.open_mode;
+    cfg.threads = args.threads;
+    cfg.fs = FsConfig {
+        mtime: std::time::UNIX_EPOCH + Duration::from_secs(args.mtime),
+        hash_xattr: args.hash_xattr.clone(),
+        ..FsConfig::default()
+    };
+    cfg.fetch = FetchConfig {
+        deadline: args.fetch_timeout,
+        batch_siblings: !args.no_batch_siblings,
+        ..FetchConfig::default()
+    };
+    let guard = casfs::fs::mount(root, remote, cache, cfg, metrics)?;
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+    }
+    ready.send("ready\n");
+    super::serve::shutdown_signal().await;
+    let res: Result<()> = guard.unmount();
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    res.map(Ok)
+}

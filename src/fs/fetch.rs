@@ -1,0 +1,319 @@
+//! Lazy, verified fetching for the filesystem: a bounded cache of validated Directories, the
+//! persistent local blob cache, one fetch per digest however many readers wait, and batched
+//! fetching of small sibling files.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+
+use crate::cas::{Cas, DiskStore, SharedCas};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::tree::Directory;
+
+/// Files up to this size are fetched in batches with their small siblings.
+pub const SMALL_BLOB: u64 = 256 << 10;
+/// Most bytes one sibling batch brings in.
+const SIBLING_BATCH_BYTES: u64 = 3 << 20;
+/// Most files one sibling batch brings in.
+const SIBLING_BATCH_FILES: usize = 2048;
+
+/// How the fetcher behaves.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Longest a fetch may take before the reader gets EIO.
+    pub deadline: Duration,
+    /// Weight bound of the Directory cache, in bytes of encoded Directories.
+    pub dir_cache_bytes: u64,
+    /// Fetch the small files of a directory together once a second one is read.
+    pub batch_siblings: bool,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            deadline: Duration::from_secs(30),
+            dir_cache_bytes: 256 << 20,
+            batch_siblings: true,
+        }
+    }
+}
+
+type Flight<V> = Shared<BoxFuture<'static, std::result::Result<V, Arc<Error>>>>;
+
+/// Runs at most one future per key at a time; later callers share its result.
+struct SingleFlight<V: Clone> {
+    map: Mutex<HashMap<Digest, Flight<V>>>,
+}
+
+impl<V: Clone + Send + Sync + 'static> SingleFlight<V> {
+    fn new() -> Self {
+        SingleFlight {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn run<F>(&self, key: Digest, make: F) -> std::result::Result<V, Arc<Error>>
+    where
+        F: FnOnce() -> BoxFuture<'static, Result<V>>,
+    {
+        let fut = {
+            let mut map = self.map.lock().unwrap();
+            match map.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = make().map(|r| r.map_err(Arc::new)).boxed().shared();
+                    map.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        let out = fut.await;
+        self.map.lock().unwrap().remove(&key);
+        out
+    }
+}
+
+/// Fetches Directories and file contents on demand, verified, through the local caches.
+pub struct Fetcher {
+    remote: SharedCas,
+    local: Arc<DiskStore>,
+    dirs: moka::sync::Cache<Digest, Arc<Directory>>,
+    dir_flight: SingleFlight<Arc<Directory>>,
+    blob_flight: SingleFlight<()>,
+    reads_per_dir: moka::sync::Cache<Digest, ()>,
+    empty_file: PathBuf,
+    cfg: FetchConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Fetcher {
+    /// A fetcher reading from `remote` through the local blob cache `local`.
+    pub fn new(
+        remote: SharedCas,
+        local: Arc<DiskStore>,
+        cfg: FetchConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>> {
+        let dirs = moka::sync::Cache::builder()
+            .max_capacity(cfg.dir_cache_bytes)
+            .weigher(|_, d: &Arc<Directory>| (64 + 96 * d.len()).min(u32::MAX as usize) as u32)
+            .build();
+        let empty_file = local.root().join("empty");
+        std::fs::write(&empty_file, b"")
+            .map_err(|e| Error::io("creating the empty backing file", e))?;
+        Ok(Arc::new(Fetcher {
+            remote,
+            local,
+            dirs,
+            dir_flight: SingleFlight::new(),
+            blob_flight: SingleFlight::new(),
+            reads_per_dir: moka::sync::Cache::new(100_000),
+            empty_file,
+            cfg,
+            metrics,
+        }))
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A Directory already in memory (no fetch, no wait).
+    pub fn cached_dir(&self, digest: &Digest) -> Option<Arc<Directory>> {
+        let hit = self.dirs.get(digest);
+        if hit.is_some() {
+            self.metrics.add("casfs_dir_cache_hits_total", 1);
+        }
+        hit
+    }
+
+    /// A validated Directory, fetched (once, however many callers wait) if needed.
+    pub async fn dir(
+        self: &Arc<Self>,
+        digest: Digest,
+    ) -> std::result::Result<Arc<Directory>, Arc<Error>> {
+        if let Some(d) = self.cached_dir(&digest) {
+            return Ok(d);
+        }
+        self.metrics.add("casfs_dir_cache_misses_total", 1);
+        let this = self.clone();
+        self.dir_flight
+            .run(digest, move || {
+                async move {
+                    let dir = this.with_deadline(digest, this.fetch_dir(digest)).await?;
+                    this.dirs.insert(digest, dir.clone());
+                    Ok(dir)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    async fn fetch_dir(&self, digest: Digest) -> Result<Arc<Directory>> {
+        let bytes = if self.local.contains(&digest) {
+            self.local.read(&digest).await?
+        } else {
+            let started = Instant::now();
+            let bytes = self.remote.read(&digest).await?;
+            self.metrics.add("casfs_fetch_dirs_total", 1);
+            self.metrics
+                .add("casfs_fetch_bytes_total", bytes.len() as u64);
+            self.metrics
+                .histogram("casfs_fetch_seconds{kind=\"dir\"}")
+                .observe(started.elapsed());
+            self.local.write(&digest, bytes.clone()).await?;
+            bytes
+        };
+        Ok(Arc::new(Directory::decode(&digest, &bytes)?))
+    }
+
+    async fn with_deadline<T>(
+        &self,
+        digest: Digest,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.cfg.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "fetching {digest} took longer than {:?}",
+                self.cfg.deadline
+            ))),
+        }
+    }
+
+    /// Path of a blob in the local cache, if it is there now (no fetch).
+    pub fn local_path(&self, digest: &Digest) -> Option<PathBuf> {
+        if digest.is_empty_blob() {
+            return Some(self.empty_file.clone());
+        }
+        if self.local.contains(digest) {
+            self.metrics.add("casfs_blob_cache_hits_total", 1);
+            return Some(self.local.blob_path(digest));
+        }
+        None
+    }
+
+    /// Makes a blob local (fetched once, verified) and returns its path. `parent` is the
+    /// Directory it was found in: once two files of one directory are read, the directory's
+    /// other small files come along in one batch.
+    pub async fn blob(
+        self: &Arc<Self>,
+        digest: Digest,
+        parent: Option<Digest>,
+    ) -> std::result::Result<PathBuf, Arc<Error>> {
+        if let Some(p) = self.local_path(&digest) {
+            return Ok(p);
+        }
+        self.metrics.add("casfs_blob_cache_misses_total", 1);
+        let this = self.clone();
+        self.blob_flight
+            .run(digest, move || {
+                async move {
+                    this.with_deadline(digest, this.fetch_blob(digest, parent))
+                        .await
+                }
+                .boxed()
+            })
+            .await?;
+        Ok(self.local.blob_path(&digest))
+    }
+
+    async fn fetch_blob(&self, digest: Digest, parent: Option<Digest>) -> Result<()> {
+        let started = Instant::now();
+        if digest.size() <= SMALL_BLOB {
+            let mut wanted = vec![digest];
+            if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
+                wanted.extend(self.siblings_to_batch(&p, &digest));
+            }
+            let results = self.remote.read_many(&wanted).await?;
+            let mut mine = Err(Error::MissingBlob(digest));
+            for (d, r) in results {
+                let r = match r {
+                    Ok(bytes) => {
+                        self.metrics.add("casfs_fetch_blobs_total", 1);
+                        self.metrics
+                            .add("casfs_fetch_bytes_total", bytes.len() as u64);
+                        self.local.write(&d, bytes).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if d == digest {
+                    mine = r;
+                } else if let Err(e) = r {
+                    tracing::debug!(digest = %d, error = %e, "sibling prefetch failed");
+                }
+            }
+            self.metrics
+                .histogram("casfs_fetch_seconds{kind=\"small\"}")
+                .observe(started.elapsed());
+            return mine;
+        }
+        let mut attempt = 0;
+        loop {
+            let res = async {
+                let stream = self.remote.read_stream(&digest, 0, 0).await?;
+                let bytes = self.metrics.counter("casfs_fetch_bytes_total");
+                let counted = stream.inspect(move |c| {
+                    if let Ok(b) = c {
+                        bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                self.local.write_stream(&digest, counted.boxed()).await
+            }
+            .await;
+            match res {
+                Err(e) if e.is_transient() && attempt < 3 => attempt += 1,
+                other => {
+                    if other.is_ok() {
+                        self.metrics.add("casfs_fetch_blobs_total", 1);
+                        self.metrics
+                            .histogram("casfs_fetch_seconds{kind=\"large\"}")
+                            .observe(started.elapsed());
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// The other small, not yet local files of `parent`, if this is at least the second file
+    /// read from it.
+    fn siblings_to_batch(&self, parent: &Digest, me: &Digest) -> Vec<Digest> {
+        if self.reads_per_dir.get(parent).is_none() {
+            self.reads_per_dir.insert(*parent, ());
+            return Vec::new();
+        }
+        let Some(dir) = self.dirs.get(parent) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut seen = std::collections::HashSet::from([*me]);
+        for f in &dir.files {
+            let d = f.digest;
+            if d.size() > SMALL_BLOB
+                || d.is_empty_blob()
+                || !seen.insert(d)
+                || self.local.contains(&d)
+            {
+                continue;
+            }
+            if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {
+                break;
+            }
+            bytes += d.size();
+            out.push(d);
+        }
+        if !out.is_empty() {
+            self.metrics.add("casfs_sibling_batches_total", 1);
+        }
+        out
+    }
+}

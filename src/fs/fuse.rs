@@ -1,0 +1,548 @@
+//! The only fuser adapter: converts kernel requests to `CasFs` calls and replies, handing
+//! anything that may wait on a fetch to the tokio runtime so no FUSE thread ever blocks on it.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use super::core::{Attr, CasFs, Kind};
+use crate::error::Error;
+
+/// Content never changes under a digest, so the kernel may cache names and attributes for
+/// as long as it likes.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How the kernel opens files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OpenMode {
+    /// Best available: `no-open` when the kernel offers it, else `open`.
+    Auto,
+    /// Open is answered once with ENOSYS; the kernel then never asks again and keeps the page
+    /// cache: the fastest small-file and warm reads.
+    NoOpen,
+    /// Every open is answered with FUSE passthrough to the cached file: native-speed first
+    /// reads of large files, at one round trip per open.
+    Passthrough,
+    /// Plain opens with FOPEN_KEEP_CACHE; reads go through the daemon.
+    Open,
+}
+
+/// The fuser `Filesystem` over a `CasFs`.
+pub struct FuseAdapter {
+    fs: Arc<CasFs>,
+    rt: tokio::runtime::Handle,
+    mode: OpenMode,
+    backing: Arc<Mutex<Backing>>,
+}
+
+#[derive(Default)]
+struct Backing {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, Arc<BackingId>>,
+    next_fh: u64,
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl FuseAdapter {
+    /// An adapter that runs fetches on `rt`.
+    pub fn new(fs: Arc<CasFs>, rt: tokio::runtime::Handle, mode: OpenMode) -> Self {
+        FuseAdapter {
+            fs,
+            rt,
+            mode,
+            backing: Arc::default(),
+        }
+    }
+
+    fn timed(&self, op: &str) -> OpTimer {
+        let m = self.fs.fetcher().metrics();
+        m.add(&format!("casfs_fuse_ops_total{{op=\"{op}\"}}"), 1);
+        OpTimer {
+            hist: m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}")),
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Observes an operation's latency when dropped (after its reply).
+struct OpTimer {
+    hist: Arc<crate::metrics::Histogram>,
+    start: Instant,
+}
+
+impl Drop for OpTimer {
+    fn drop(&mut self) {
+        self.hist.observe(self.start.elapsed());
+    }
+}
+
+fn name_str(name: &OsStr) -> Option<&str> {
+    name.to_str()
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut granted = Vec::new();
+        let mut refused = Vec::new();
+        let mut want = |config: &mut KernelConfig, flags: InitFlags, name: &'static str| -> bool {
+            let ok = config.add_capabilities(flags).is_ok();
+            if ok {
+                granted.push(name)
+            } else {
+                refused.push(name)
+            }
+            ok
+        };
+        want(
+            config,
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            "readdirplus_auto",
+        );
+        want(config, InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks");
+        want(config, InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops");
+        if matches!(self.mode, OpenMode::Auto | OpenMode::NoOpen) {
+            self.mode = if want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "no_open") {
+                OpenMode::NoOpen
+            } else {
+                OpenMode::Open
+            };
+        }
+        if self.mode == OpenMode::Passthrough {
+            // Depth 1 lets overlayfs stack on this mount while files pass through.
+            if !(want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough")
+                && config.set_max_stack_depth(1).is_ok())
+            {
+                self.mode = OpenMode::Open;
+            }
+        }
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        tracing::info!(mode = ?self.mode, granted = ?granted, refused = ?refused, "FUSE connection initialised");
+        let m = self.fs.fetcher().metrics();
+        m.add(
+            &format!("casfs_fuse_open_mode{{mode=\"{:?}\"}}", self.mode),
+            1,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let t = self.timed("lookup");
+        let Some(name) = name_str(name).map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.fs.dir_now(parent.0) {
+            Ok(Some(dir)) => match self.fs.lookup_in(parent.0, &dir, &name) {
+                Ok(a) => reply.entry(&TTL, &file_attr_static(&self.fs, &a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            },
+            Ok(None) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let _t = t;
+                    match fs.lookup(parent.0, &name).await {
+                        Ok(a) => reply.entry(&TTL, &file_attr_static(&fs, &a), Generation(0)),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = self.timed("getattr");
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr_static(&self.fs, &a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.timed("readlink");
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let t = self.timed("open");
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.mode {
+            OpenMode::NoOpen | OpenMode::Auto => reply.error(Errno::ENOSYS),
+            OpenMode::Open => match self.fs.file_digest(ino.0) {
+                Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(&e)),
+            },
+            OpenMode::Passthrough => {
+                let fs = self.fs.clone();
+                let backing = self.backing.clone();
+                match self.fs.local_now(ino.0) {
+                    Ok(Some(path)) => passthrough_reply(&backing, ino.0, &path, reply),
+                    Ok(None) => {
+                        self.rt.spawn(async move {
+                            let _t = t;
+                            match fs.fetch_file(ino.0).await {
+                                Ok(path) => passthrough_reply(&backing, ino.0, &path, reply),
+                                Err(e) => reply.error(errno(&e)),
+                            }
+                        });
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let t = self.timed("read");
+        let digest = match self.fs.file_digest(ino.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match self.fs.local_now(ino.0) {
+            Ok(Some(path)) => match self.fs.read_local(&digest, &path, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            },
+            Ok(None) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let _t = t;
+                    let res = match fs.fetch_file(ino.0).await {
+                        Ok(path) => tokio::task::spawn_blocking(move || {
+                            fs.read_local(&digest, &path, offset, size)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Internal(format!("read task: {e}")))),
+                        Err(e) => Err(e),
+                    };
+                    match res {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 != 0 {
+            self.backing.lock().unwrap().by_fh.remove(&fh.0);
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.timed("opendir");
+        match self.fs.dir_digest(ino.0) {
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let t = self.timed("readdir");
+        let fill = move |fs: &CasFs,
+                         dir: &crate::tree::Directory,
+                         reply: &mut ReplyDirectory|
+              -> Result<(), Error> {
+            for (next, name, a) in fs.list(ino.0, dir, offset)? {
+                let kind = match a.kind {
+                    Kind::Dir => FileType::Directory,
+                    Kind::File => FileType::RegularFile,
+                    Kind::Symlink => FileType::Symlink,
+                };
+                if reply.add(INodeNo(a.ino), next, kind, &name) {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        match self.fs.dir_now(ino.0) {
+            Ok(Some(dir)) => match fill(&self.fs, &dir, &mut reply) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+            Ok(None) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let _t = t;
+                    match fs
+                        .dir(ino.0)
+                        .await
+                        .and_then(|dir| fill(&fs, &dir, &mut reply))
+                    {
+                        Ok(()) => reply.ok(),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let t = self.timed("readdirplus");
+        let fill = move |fs: &CasFs,
+                         dir: &crate::tree::Directory,
+                         reply: &mut ReplyDirectoryPlus| {
+            let mut i = offset;
+            loop {
+                let added_full = if i < 2 {
+                    let x = if i == 0 { ino.0 } else { fs.parent_of(ino.0) };
+                    let a = Attr {
+                        ino: x,
+                        kind: Kind::Dir,
+                        size: 0,
+                        perm: 0o555,
+                    };
+                    reply.add(
+                        INodeNo(x),
+                        i + 1,
+                        if i == 0 { "." } else { ".." },
+                        &TTL,
+                        &file_attr_static(fs, &a),
+                        Generation(0),
+                    )
+                } else {
+                    // Each entry handed to the kernel counts as a lookup; undo it if it did not fit.
+                    let Some((name, a)) = fs.list_plus_entry(ino.0, dir, (i - 2) as usize) else {
+                        break;
+                    };
+                    let full = reply.add(
+                        INodeNo(a.ino),
+                        i + 1,
+                        &name,
+                        &TTL,
+                        &file_attr_static(fs, &a),
+                        Generation(0),
+                    );
+                    if full {
+                        fs.forget(a.ino, 1);
+                    }
+                    full
+                };
+                if added_full {
+                    break;
+                }
+                i += 1;
+            }
+        };
+        match self.fs.dir_now(ino.0) {
+            Ok(Some(dir)) => {
+                fill(&self.fs, &dir, &mut reply);
+                reply.ok();
+            }
+            Ok(None) => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move {
+                    let _t = t;
+                    match fs.dir(ino.0).await {
+                        Ok(dir) => {
+                            fill(&fs, &dir, &mut reply);
+                            reply.ok();
+                        }
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(
+            0,
+            0,
+            0,
+            self.fs.inode_count() as u64,
+            0,
+            64 * 1024,
+            255,
+            64 * 1024,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.timed("getxattr");
+        let value = match name_str(name).map(|n| self.fs.getxattr(ino.0, n)) {
+            Some(Ok(Some(v))) => v,
+            Some(Ok(None)) | None => return reply.error(Errno::NO_XATTR),
+            Some(Err(e)) => return reply.error(errno(&e)),
+        };
+        xattr_reply(&value, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.bits() & libc::W_OK != 0 {
+            reply.error(Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Opens with passthrough to the cached file, one backing id per inode shared by its opens.
+fn passthrough_reply(backing: &Mutex<Backing>, ino: u64, path: &std::path::Path, reply: ReplyOpen) {
+    let mut b = backing.lock().unwrap();
+    let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
+        Some(id) => id,
+        None => {
+            let file = match std::fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) => return reply.error(Errno::from(e)),
+            };
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    id
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving through the daemon");
+                    return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+                }
+            }
+        }
+    };
+    b.next_fh += 1;
+    let fh = b.next_fh;
+    b.by_fh.insert(fh, id.clone());
+    b.by_ino.retain(|_, w| w.strong_count() > 0);
+    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+}
+
+fn file_attr_static(fs: &CasFs, a: &Attr) -> FileAttr {
+    let cfg = fs.config();
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: cfg.mtime,
+        mtime: cfg.mtime,
+        ctime: cfg.mtime,
+        crtime: cfg.mtime,
+        kind: match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+            Kind::Symlink => FileType::Symlink,
+        },
+        perm: a.perm,
+        nlink: 1,
+        uid: cfg.uid,
+        gid: cfg.gid,
+        rdev: 0,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,15 @@
+//! The lazy, verified, read-only filesystem over a Directory digest, and its FUSE mount.
+//!
+//! `core` is protocol-neutral (no fuser types) and testable without a kernel; `fuse` is the
+//! only adapter; `fetch` holds the caches; `mount` the lifecycle.
+
+pub mod core;
+pub mod fetch;
+pub mod fuse;
+pub mod inode;
+pub mod mount;
+
+pub use self::core::{CasFs, FsConfig};
+pub use fetch::{FetchConfig, Fetcher};
+pub use fuse::OpenMode;
+pub use mount::{mount, MountConfig, MountGuard};

@@ -1,0 +1,237 @@
+//! Mount lifecycle: preflight checks, stale-mount cleanup, mounting, and unmount on drop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::core::{CasFs, FsConfig};
+use super::fetch::{FetchConfig, Fetcher};
+use super::fuse::{FuseAdapter, OpenMode};
+use crate::cas::{DiskStore, SharedCas};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Where to mount (an existing directory).
+    pub mountpoint: PathBuf,
+    /// How the kernel opens files.
+    pub open_mode: OpenMode,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Let users other than the mounting one in (`allow_other`).
+    pub allow_other: bool,
+    /// Attribute and xattr choices.
+    pub fs: FsConfig,
+    /// Fetch deadline and cache bounds.
+    pub fetch: FetchConfig,
+}
+
+impl MountConfig {
+    /// Defaults for everything but the mountpoint.
+    pub fn new(mountpoint: impl Into<PathBuf>) -> Self {
+        MountConfig {
+            mountpoint: mountpoint.into(),
+            open_mode: OpenMode::Auto,
+            threads: 4,
+            allow_other: unsafe { libc::geteuid() } == 0,
+            fs: FsConfig::default(),
+            fetch: FetchConfig::default(),
+        }
+    }
+}
+
+/// A live mount; unmounts when dropped (lazily if something still uses it).
+pub struct MountGuard {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    fs: Arc<CasFs>,
+}
+
+impl MountGuard {
+    /// The mounted filesystem (inode counts, fetcher, metrics).
+    pub fn fs(&self) -> &Arc<CasFs> {
+        &self.fs
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts now, reporting failure (a busy mount is detached lazily instead).
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        if let Err(e) = session.umount_and_join() {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching lazily");
+            detach(&self.mountpoint)?;
+        }
+        // A busy unmount can leave the entry behind; make sure nothing stays mounted.
+        if is_mounted(&self.mountpoint) {
+            detach(&self.mountpoint)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::error!(mountpoint = %self.mountpoint.display(), error = %e, "could not unmount");
+        }
+    }
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True when something is mounted exactly at `path` (read from /proc/self/mountinfo, which
+/// also sees dead FUSE mounts that `stat` cannot).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(abs) = std::path::absolute(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| Path::new(&unescape_mountinfo(mp)) == abs)
+}
+
+/// Lazily detaches whatever is mounted at `path`.
+pub fn detach(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("{} contains NUL", path.display())))?;
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(Error::io(format!("unmounting {}", path.display()), e));
+        }
+    }
+    Ok(())
+}
+
+/// Checks /dev/fuse and the mountpoint, and clears a stale mount left by a killed daemon.
+pub fn preflight(mountpoint: &Path) -> Result<()> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        let why = match e.raw_os_error() {
+            Some(libc::ENOENT) => "no /dev/fuse: load the fuse module (modprobe fuse), or pass the device into the container",
+            Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/fuse: run as root, or install fuse3 (fusermount3) and use an allowed user",
+            _ => "cannot open /dev/fuse",
+        };
+        return Err(Error::FailedPrecondition(format!("{why} ({e})")));
+    }
+    if is_mounted(mountpoint) {
+        tracing::warn!(mountpoint = %mountpoint.display(), "clearing a stale mount");
+        detach(mountpoint)?;
+    }
+    let meta = std::fs::metadata(mountpoint)
+        .map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "mountpoint {} is not a directory",
+            mountpoint.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts the tree of the Directory `root`, read lazily from `remote` through the local blob
+/// cache `cache`. Must be called inside a tokio runtime, which runs the fetches.
+///
+/// ```no_run
+/// # async fn demo(root: casfs::Digest) -> casfs::Result<()> {
+/// use std::sync::Arc;
+/// use casfs::cas::{DiskStore, GrpcStore, RemoteConfig};
+/// use casfs::fs::{mount, MountConfig};
+/// let remote = Arc::new(GrpcStore::new(&RemoteConfig::new("grpc://127.0.0.1:8980"))?);
+/// let cache = Arc::new(DiskStore::open("/var/cache/casfs", 10 << 30)?);
+/// let guard = mount(root, remote, cache, MountConfig::new("/mnt/input"), casfs::metrics::Metrics::new())?;
+/// // ... run something that reads /mnt/input ...
+/// drop(guard); // unmounts
+/// # Ok(()) }
+/// ```
+pub fn mount(
+    root: Digest,
+    remote: SharedCas,
+    cache: Arc<DiskStore>,
+    cfg: MountConfig,
+    metrics: Arc<Metrics>,
+) -> Result<MountGuard> {
+    preflight(&cfg.mountpoint)?;
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::Internal("casfs::fs::mount needs a tokio runtime".into()))?;
+    let fetcher = Fetcher::new(remote, cache, cfg.fetch.clone(), metrics)?;
+    let fs = CasFs::new(root, fetcher, cfg.fs.clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt, cfg.open_mode);
+    let mut fc = fuser::Config::default();
+    fc.mount_options = vec![
+        fuser::MountOption::FSName(format!("casfs:{}", root.to_path_form())),
+        fuser::MountOption::Subtype("casfs".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if cfg.allow_other {
+        fc.acl = fuser::SessionACL::All;
+    }
+    fc.n_threads = Some(cfg.threads.max(1));
+    fc.clone_fd = cfg.threads > 1;
+    let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
+        .map_err(|e| Error::io(format!("mounting at {}", cfg.mountpoint.display()), e))?;
+    let guard = MountGuard {
+        session: Some(session),
+        mountpoint: cfg.mountpoint.clone(),
+        fs,
+    };
+    raise_readahead(&cfg.mountpoint);
+    tracing::info!(root = %root, mountpoint = %cfg.mountpoint.display(), "mounted");
+    Ok(guard)
+}
+
+/// The kernel caps FUSE readahead at 128 KiB unless the mount's bdi is told otherwise;
+/// 1 MiB reads make large sequential reads cheaper. Best effort.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!(path, error = %e, "could not raise readahead");
+    }
+}
