@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// server behind TLS client auth or a proxy before exposing it.
     #[arg(long, env = "CASFS_ALLOW_REMOTE_CLIENTS")]
     allow_remote_clients: bool,
+    /// Append one line per blob read or written (`read HASH/SIZE`) to this file.
+    #[arg(long, env = "CASFS_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
     /// Serve over TLS with this PEM certificate chain (needs --tls-key).
     #[arg(long, env = "CASFS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -71,10 +74,14 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     };
     println!("casfs: serving on {url}");
     let _ = std::io::stdout().flush();
-    let backend = Backend {
-        cas: store.clone(),
-        ac: store,
+    let cas: casfs::cas::SharedCas = match &args.access_log {
+        Some(p) => Arc::new(casfs::server::access_log::AccessLog::open(
+            store.clone(),
+            p,
+        )?),
+        None => store.clone(),
     };
+    let backend = Backend { cas, ac: store };
     bound.serve_with(backend, tls, shutdown_signal()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))

@@ -16,6 +16,7 @@ use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 
 mod ac;
+pub mod access_log;
 mod bytestream;
 mod capabilities;
 mod cas;

@@ -3,5 +3,6 @@
 mod common;
 mod conformance;
 mod golden;
+mod mount;
 mod remote;
 mod roundtrip;
