@@ -76,8 +76,14 @@ pub async fn upload_dir<C: Cas + ?Sized>(
         .map_err(|e| Error::Internal(format!("hashing task: {e}")))??;
     hash_bar.finish_and_clear();
 
+    // A Directory and a file can share a digest (the empty one): count each blob once.
     let mut all: Vec<Digest> = tree.directories.keys().copied().collect();
-    all.extend(tree.files.keys().copied());
+    all.extend(
+        tree.files
+            .keys()
+            .filter(|d| !tree.directories.contains_key(d))
+            .copied(),
+    );
     let missing = cas.find_missing(&all).await?;
     let mut blobs = Vec::new();
     let mut small = Vec::new();

@@ -2,6 +2,7 @@
 
 mod common;
 mod conformance;
+mod fs_core;
 mod golden;
 mod mount;
 mod remote;

@@ -173,9 +173,40 @@ fn a_100k_file_tree_mounts_and_diffs_clean() -> TestResult {
     )?;
     diff_r(&src, &mnt)?;
     assert_eq!(as_mounted(listing(&src)?), listing(&mnt)?);
+    // The daemon reports its live inode count as statfs "files". After the walk the kernel
+    // holds ~100k inodes; dropping the kernel's caches sends FORGETs that free them.
+    let held = inodes_held(&mnt)?;
+    assert!(held > 50_000, "only {held} inodes after a full walk");
+    std::fs::write("/proc/sys/vm/drop_caches", "2")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = inodes_held(&mnt)?;
+    eprintln!("inodes held: {held} after the walk, {after} after drop_caches");
+    assert!(
+        after < held / 10,
+        "FORGET did not shrink the inode table: {held} -> {after}"
+    );
     drop(m);
     assert!(!casfs::fs::mount::is_mounted(&mnt));
     Ok(())
+}
+
+fn http_get(addr: &str, path: &str) -> TestResult<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn inodes_held(mnt: &Path) -> TestResult<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mnt.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st.f_files)
 }
 
 fn access_lines(log: &Path) -> Vec<String> {
@@ -232,12 +263,13 @@ fn fetches_only_what_is_touched() -> TestResult {
         .trim_start_matches("casfs: serving on ")
         .to_string();
     let mnt = tmp.path().join("mnt");
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let m = MountProcess::start(
         &tree.root.to_string(),
         &mnt,
         &url,
         &tmp.path().join("cache"),
-        &[],
+        &["--metrics-listen", &metrics_addr],
     )?;
     assert!(
         access_lines(&log).is_empty(),
@@ -271,6 +303,14 @@ fn fetches_only_what_is_touched() -> TestResult {
         access_lines(&log),
         want,
         "reading one file fetched more than its path"
+    );
+    // The daemon's own counters agree.
+    let metrics = http_get(&metrics_addr, "/metrics")?;
+    assert!(metrics.contains("casfs_fetch_dirs_total 3"), "{metrics}");
+    assert!(metrics.contains("casfs_fetch_blobs_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("casfs_fuse_op_seconds_count{op=\"lookup\"}"),
+        "{metrics}"
     );
     drop(m);
     let _ = child.kill();
