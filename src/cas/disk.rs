@@ -141,6 +141,12 @@ impl DiskStore {
         self.lru.lock().unwrap().ticks.len()
     }
 
+    /// True when the blob is held, marking it recently used (for readers that open the blob
+    /// file themselves, like the mount).
+    pub fn touch(&self, digest: &Digest) -> bool {
+        digest.is_empty_blob() || self.lru.lock().unwrap().touch(digest)
+    }
+
     /// True when the blob is held (the empty blob always is).
     pub fn contains(&self, digest: &Digest) -> bool {
         digest.is_empty_blob() || self.lru.lock().unwrap().ticks.contains_key(digest)

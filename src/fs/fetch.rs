@@ -193,7 +193,7 @@ impl Fetcher {
         if digest.is_empty_blob() {
             return Some(self.empty_file.clone());
         }
-        if self.local.contains(digest) {
+        if self.local.touch(digest) {
             self.metrics.add("casfs_blob_cache_hits_total", 1);
             return Some(self.local.blob_path(digest));
         }
