@@ -96,9 +96,8 @@ pub struct Digest {
 /// The digest of the empty blob, which every store holds implicitly.
 pub const EMPTY: Digest = Digest {
     hash: [
-        0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9,
-        0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52,
-        0xb8, 0x55,
+        0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae,
+        0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
     ],
     size: 0,
 };
@@ -132,27 +131,18 @@ impl Digest {
             return Err(DigestError::BadHex(truncate(hash_hex)));
         }
         if hash_hex.len() != want {
-            return Err(DigestError::WrongLength {
-                got: hash_hex.len(),
-                want,
-            });
+            return Err(DigestError::WrongLength { got: hash_hex.len(), want });
         }
         let mut hash = [0u8; SHA256_LEN];
-        hex::decode_to_slice(hash_hex, &mut hash)
-            .map_err(|_| DigestError::BadHex(truncate(hash_hex)))?;
-        Ok(Digest {
-            hash,
-            size: size as u64,
-        })
+        hex::decode_to_slice(hash_hex, &mut hash).map_err(|_| DigestError::BadHex(truncate(hash_hex)))?;
+        Ok(Digest { hash, size: size as u64 })
     }
 
     /// Parses `hash/size` (Bazel's form) or `hash-size` (path form).
     pub fn parse(text: &str) -> Result<Self, DigestError> {
         let text = text.trim();
-        let (hash, size) = text
-            .rsplit_once('/')
-            .or_else(|| text.rsplit_once('-'))
-            .ok_or_else(|| DigestError::Form(truncate(text)))?;
+        let (hash, size) =
+            text.rsplit_once('/').or_else(|| text.rsplit_once('-')).ok_or_else(|| DigestError::Form(truncate(text)))?;
         let size: i64 = match size.parse() {
             Ok(n) => n,
             Err(_) => return Err(DigestError::BadSize(truncate(size))),
@@ -187,10 +177,7 @@ impl Digest {
 
     /// The REAPI wire message.
     pub fn to_proto(&self) -> reapi::Digest {
-        reapi::Digest {
-            hash: self.hash_hex(),
-            size_bytes: self.size as i64,
-        }
+        reapi::Digest { hash: self.hash_hex(), size_bytes: self.size as i64 }
     }
 }
 
@@ -262,10 +249,7 @@ impl Hasher {
 
     /// The digest of everything fed.
     pub fn finish(self) -> Digest {
-        Digest {
-            hash: self.inner.finalize().into(),
-            size: self.len,
-        }
+        Digest { hash: self.inner.finalize().into(), size: self.len }
     }
 }
 
@@ -294,10 +278,7 @@ mod tests {
     #[test]
     fn empty_blob_constant_matches_sha256_of_nothing() {
         assert_eq!(Digest::of_bytes(b""), EMPTY);
-        assert_eq!(
-            EMPTY.hash_hex(),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(EMPTY.hash_hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]
@@ -308,36 +289,18 @@ mod tests {
         assert_eq!(Digest::parse(&format!("{HELLO}-6")).unwrap(), d);
         assert_eq!(d.to_string(), format!("{HELLO}/6"));
         assert_eq!(d.to_path_form(), format!("{HELLO}-6"));
-        assert_eq!(
-            Digest::parse(&format!("{}/6", HELLO.to_uppercase())).unwrap(),
-            d
-        );
+        assert_eq!(Digest::parse(&format!("{}/6", HELLO.to_uppercase())).unwrap(), d);
     }
 
     #[test]
     fn bad_input_gives_specific_errors() {
         assert!(matches!(Digest::parse("nohash"), Err(DigestError::Form(_))));
         assert!(matches!(Digest::parse("zz/1"), Err(DigestError::BadHex(_))));
-        assert!(matches!(
-            Digest::parse("abcd/1"),
-            Err(DigestError::WrongLength { got: 4, .. })
-        ));
-        assert!(matches!(
-            Digest::parse(&format!("{HELLO}/-1")),
-            Err(DigestError::NegativeSize(-1))
-        ));
-        assert!(matches!(
-            Digest::parse(&format!("{HELLO}/x")),
-            Err(DigestError::BadSize(_))
-        ));
-        assert!(matches!(
-            Digest::parse(&format!("{HELLO}/99999999999999999999")),
-            Err(DigestError::BadSize(_))
-        ));
+        assert!(matches!(Digest::parse("abcd/1"), Err(DigestError::WrongLength { got: 4, .. })));
+        assert!(matches!(Digest::parse(&format!("{HELLO}/-1")), Err(DigestError::NegativeSize(-1))));
+        assert!(matches!(Digest::parse(&format!("{HELLO}/x")), Err(DigestError::BadSize(_))));
+        assert!(matches!(Digest::parse(&format!("{HELLO}/99999999999999999999")), Err(DigestError::BadSize(_))));
         assert!(DigestFunction::from_proto(2).is_err());
-        assert_eq!(
-            DigestFunction::from_proto(0).unwrap(),
-            DigestFunction::Sha256
-        );
+        assert_eq!(DigestFunction::from_proto(0).unwrap(), DigestFunction::Sha256);
     }
 }

@@ -49,11 +49,7 @@ pub enum Error {
     Io { context: String, source: io::Error },
     /// A status returned by a remote gRPC server, with what we asked it.
     #[error("{context}: {code:?}: {message}")]
-    Remote {
-        context: String,
-        code: tonic::Code,
-        message: String,
-    },
+    Remote { context: String, code: tonic::Code, message: String },
     /// A bug or an impossible state; never caused by input.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,28 +58,19 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with what we were doing.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     /// Wraps a remote status with the request that produced it.
     pub fn remote(context: impl Into<String>, status: tonic::Status) -> Self {
-        Error::Remote {
-            context: context.into(),
-            code: status.code(),
-            message: status.message().to_string(),
-        }
+        Error::Remote { context: context.into(), code: status.code(), message: status.message().to_string() }
     }
 
     /// The gRPC code this error is reported with.
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::Digest(_) | Error::InvalidArgument(_) | Error::DigestMismatch { .. } => {
-                Code::InvalidArgument
-            }
+            Error::Digest(_) | Error::InvalidArgument(_) | Error::DigestMismatch { .. } => Code::InvalidArgument,
             Error::InvalidDirectory { .. } => Code::InvalidArgument,
             Error::MissingBlob(_) | Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -92,9 +79,7 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Code::NotFound,
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Code::ResourceExhausted
-            }
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Code::ResourceExhausted,
             Error::Io { .. } | Error::Internal(_) => Code::Internal,
             Error::Remote { code, .. } => *code,
         }
@@ -114,10 +99,7 @@ impl Error {
 
     /// True when retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self.code(),
-            tonic::Code::Unavailable | tonic::Code::ResourceExhausted
-        )
+        matches!(self.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
     }
 }
 

@@ -68,21 +68,11 @@ fn main() -> ExitCode {
             Err(code) => return ExitCode::from(code),
         }
     }
-    let default_level = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CASFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("casfs: cannot start the runtime: {e}");
@@ -112,21 +102,12 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
             let r = casfs::transfer::upload_dir(&store, &dir, progress).await?;
             eprintln!(
                 "uploaded {} of {} blobs ({} bytes); {} files, {} dirs, {} symlinks",
-                r.uploaded_blobs,
-                r.blobs,
-                r.uploaded_bytes,
-                r.stats.files,
-                r.stats.dirs,
-                r.stats.symlinks
+                r.uploaded_blobs, r.blobs, r.uploaded_bytes, r.stats.files, r.stats.dirs, r.stats.symlinks
             );
             println!("{}", r.root);
             Ok(Ok(()))
         }
-        Cmd::Download {
-            digest,
-            dir,
-            remote,
-        } => {
+        Cmd::Download { digest, dir, remote } => {
             let digest = match digest_arg(&digest) {
                 Ok(d) => d,
                 Err(u) => return Ok(Err(u)),
@@ -134,24 +115,15 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let s = casfs::transfer::download_dir(&store, &digest, &dir, progress).await?;
-            eprintln!(
-                "downloaded {} files, {} dirs, {} symlinks ({} bytes)",
-                s.files, s.dirs, s.symlinks, s.bytes
-            );
+            eprintln!("downloaded {} files, {} dirs, {} symlinks ({} bytes)", s.files, s.dirs, s.symlinks, s.bytes);
             Ok(Ok(()))
         }
-        Cmd::Ls {
-            digest,
-            recursive,
-            remote,
-        } => {
+        Cmd::Ls { digest, recursive, remote } => {
             let digest = match digest_arg(&digest) {
                 Ok(d) => d,
                 Err(u) => return Ok(Err(u)),
             };
-            cli::transfer::ls(&remote.store()?, &digest, recursive)
-                .await
-                .map(Ok)
+            cli::transfer::ls(&remote.store()?, &digest, recursive).await.map(Ok)
         }
         Cmd::Cat { digest, remote } => {
             let digest = match digest_arg(&digest) {

@@ -10,9 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-];
+const BUCKETS: [f64; 12] = [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// A latency histogram with fixed buckets.
 #[derive(Default)]
@@ -25,13 +23,9 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(BUCKETS.len());
+        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Number of observations.
@@ -55,12 +49,7 @@ impl Metrics {
 
     /// The counter called `name` (e.g. `casfs_fetch_blobs_total`), created at zero.
     pub fn counter(&self, name: &str) -> Arc<AtomicU64> {
-        self.counters
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.counters.lock().unwrap().entry(name.to_string()).or_default().clone()
     }
 
     /// Adds `n` to a counter.
@@ -70,22 +59,12 @@ impl Metrics {
 
     /// Current value of a counter (0 if never touched).
     pub fn get(&self, name: &str) -> u64 {
-        self.counters
-            .lock()
-            .unwrap()
-            .get(name)
-            .map(|c| c.load(Ordering::Relaxed))
-            .unwrap_or(0)
+        self.counters.lock().unwrap().get(name).map(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     /// The histogram called `name`.
     pub fn histogram(&self, name: &str) -> Arc<Histogram> {
-        self.histograms
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.histograms.lock().unwrap().entry(name.to_string()).or_default().clone()
     }
 
     /// Everything in the Prometheus text exposition format.
@@ -106,16 +85,9 @@ impl Metrics {
                 let _ = writeln!(out, "{base}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
             }
             cumulative += h.counts[BUCKETS.len()].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{base}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-            );
+            let _ = writeln!(out, "{base}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
             let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-            let lbl = if labels.is_empty() {
-                String::new()
-            } else {
-                format!("{{{labels}}}")
-            };
+            let lbl = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
             let _ = writeln!(out, "{base}_sum{lbl} {sum}");
             let _ = writeln!(out, "{base}_count{lbl} {cumulative}");
         }
@@ -159,17 +131,10 @@ mod tests {
     fn renders_counters_and_histograms() {
         let m = Metrics::new();
         m.add("casfs_x_total", 2);
-        m.histogram("casfs_op_seconds{op=\"read\"}")
-            .observe(Duration::from_micros(70));
+        m.histogram("casfs_op_seconds{op=\"read\"}").observe(Duration::from_micros(70));
         let text = m.render();
         assert!(text.contains("casfs_x_total 2"), "{text}");
-        assert!(
-            text.contains("casfs_op_seconds_bucket{op=\"read\",le=\"0.0001\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("casfs_op_seconds_count{op=\"read\"} 1"),
-            "{text}"
-        );
+        assert!(text.contains("casfs_op_seconds_bucket{op=\"read\",le=\"0.0001\"} 1"), "{text}");
+        assert!(text.contains("casfs_op_seconds_count{op=\"read\"} 1"), "{text}");
     }
 }

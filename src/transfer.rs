@@ -42,11 +42,9 @@ fn bar(show: bool, total: u64, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -62,11 +60,7 @@ fn check_all<T>(results: Vec<(Digest, Result<T>)>) -> Result<()> {
 /// Uploads a local folder: hashes it into canonical Directories, asks the store which blobs it
 /// lacks, and sends only those (small files in batches, large ones streamed). `progress` shows
 /// bars on stderr when it is a terminal.
-pub async fn upload_dir<C: Cas + ?Sized>(
-    cas: &C,
-    dir: &Path,
-    progress: bool,
-) -> Result<UploadReport> {
+pub async fn upload_dir<C: Cas + ?Sized>(cas: &C, dir: &Path, progress: bool) -> Result<UploadReport> {
     let dir = dir.to_path_buf();
     let total = if progress { count_bytes(&dir) } else { 0 };
     let hash_bar = bar(progress, total, "hashing");
@@ -78,12 +72,7 @@ pub async fn upload_dir<C: Cas + ?Sized>(
 
     // A Directory and a file can share a digest (the empty one): count each blob once.
     let mut all: Vec<Digest> = tree.directories.keys().copied().collect();
-    all.extend(
-        tree.files
-            .keys()
-            .filter(|d| !tree.directories.contains_key(d))
-            .copied(),
-    );
+    all.extend(tree.files.keys().filter(|d| !tree.directories.contains_key(d)).copied());
     let missing = cas.find_missing(&all).await?;
     let mut blobs = Vec::new();
     let mut small = Vec::new();
@@ -122,29 +111,20 @@ pub async fn upload_dir<C: Cas + ?Sized>(
             let up_bar = up_bar.clone();
             async move {
                 let n: u64 = group.iter().map(|(d, _)| d.size()).sum();
-                let loaded =
-                    tokio::task::spawn_blocking(move || -> Result<Vec<(Digest, Bytes)>> {
-                        group
-                            .into_iter()
-                            .map(|(d, p)| {
-                                Ok((
-                                    d,
-                                    Bytes::from(
-                                        std::fs::read(&p)
-                                            .ctx(|| format!("reading {}", p.display()))?,
-                                    ),
-                                ))
-                            })
-                            .collect()
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(format!("reading task: {e}")))??;
+                let loaded = tokio::task::spawn_blocking(move || -> Result<Vec<(Digest, Bytes)>> {
+                    group
+                        .into_iter()
+                        .map(|(d, p)| {
+                            Ok((d, Bytes::from(std::fs::read(&p).ctx(|| format!("reading {}", p.display()))?)))
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("reading task: {e}")))??;
                 // A file changed since it was hashed would be refused by the server; say so.
                 for (d, data) in &loaded {
                     crate::cas::verify(d, data).map_err(|_| {
-                        Error::FailedPrecondition(format!(
-                            "a file with digest {d} changed during upload"
-                        ))
+                        Error::FailedPrecondition(format!("a file with digest {d} changed during upload"))
                     })?;
                 }
                 check_all(cas.write_many(loaded).await?)?;
@@ -193,18 +173,12 @@ fn lay_out(
     depth: usize,
 ) -> Result<()> {
     if depth > 4096 {
-        return Err(Error::InvalidArgument(format!(
-            "tree deeper than 4096 levels at {}",
-            path.display()
-        )));
+        return Err(Error::InvalidArgument(format!("tree deeper than 4096 levels at {}", path.display())));
     }
     let dir = dirs.get(digest).ok_or(Error::MissingBlob(*digest))?;
     out.dirs.push(path.clone());
     for f in &dir.files {
-        out.files
-            .entry(f.digest)
-            .or_default()
-            .push((path.join(&f.name), f.executable));
+        out.files.entry(f.digest).or_default().push((path.join(&f.name), f.executable));
     }
     for s in &dir.symlinks {
         out.symlinks.push((path.join(&s.name), s.target.clone()));
@@ -222,30 +196,16 @@ fn place_copies(first: &Path, rest: &[(PathBuf, bool)], exec: bool) -> Result<()
     for (p, exec) in rest {
         std::fs::copy(first, p).ctx(|| format!("copying to {}", p.display()))?;
         let mode = if *exec { 0o755 } else { 0o644 };
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .ctx(|| format!("chmod {}", p.display()))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).ctx(|| format!("chmod {}", p.display()))?;
     }
     Ok(())
 }
 
 /// Downloads the tree of a Directory digest into `dest` (which must not exist or be empty).
 /// Returns the counts of what was written.
-pub async fn download_dir<C: Cas + ?Sized>(
-    cas: &C,
-    root: &Digest,
-    dest: &Path,
-    progress: bool,
-) -> Result<TreeStats> {
-    if dest.exists()
-        && std::fs::read_dir(dest)
-            .ctx(|| format!("reading {}", dest.display()))?
-            .next()
-            .is_some()
-    {
-        return Err(Error::InvalidArgument(format!(
-            "{} exists and is not empty",
-            dest.display()
-        )));
+pub async fn download_dir<C: Cas + ?Sized>(cas: &C, root: &Digest, dest: &Path, progress: bool) -> Result<TreeStats> {
+    if dest.exists() && std::fs::read_dir(dest).ctx(|| format!("reading {}", dest.display()))?.next().is_some() {
+        return Err(Error::InvalidArgument(format!("{} exists and is not empty", dest.display())));
     }
     let dirs: HashMap<Digest, Directory> = cas.get_tree(root).await?.into_iter().collect();
     let mut layout = Layout::default();
@@ -253,34 +213,17 @@ pub async fn download_dir<C: Cas + ?Sized>(
     for d in &layout.dirs {
         std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
     }
-    let mut stats = TreeStats {
-        dirs: layout.dirs.len() as u64,
-        symlinks: layout.symlinks.len() as u64,
-        ..Default::default()
-    };
+    let mut stats =
+        TreeStats { dirs: layout.dirs.len() as u64, symlinks: layout.symlinks.len() as u64, ..Default::default() };
     for paths in layout.files.values() {
         stats.files += paths.len() as u64;
     }
     let total: u64 = layout.files.keys().map(|d| d.size()).sum();
-    stats.bytes = layout
-        .files
-        .iter()
-        .map(|(d, p)| d.size() * p.len() as u64)
-        .sum();
+    stats.bytes = layout.files.iter().map(|(d, p)| d.size() * p.len() as u64).sum();
     let pb = Arc::new(bar(progress, total, "fetching"));
-    let mut small: Vec<Digest> = layout
-        .files
-        .keys()
-        .filter(|d| d.size() <= SMALL_FILE)
-        .copied()
-        .collect();
+    let mut small: Vec<Digest> = layout.files.keys().filter(|d| d.size() <= SMALL_FILE).copied().collect();
     small.sort();
-    let large: Vec<Digest> = layout
-        .files
-        .keys()
-        .filter(|d| d.size() > SMALL_FILE)
-        .copied()
-        .collect();
+    let large: Vec<Digest> = layout.files.keys().filter(|d| d.size() > SMALL_FILE).copied().collect();
     let mut groups: Vec<Vec<Digest>> = Vec::new();
     let mut cur = 0;
     for d in small {
@@ -302,8 +245,7 @@ pub async fn download_dir<C: Cas + ?Sized>(
                         let data = data?;
                         let paths = &layout.files[&d];
                         let (first, exec) = &paths[0];
-                        std::fs::write(first, &data)
-                            .ctx(|| format!("writing {}", first.display()))?;
+                        std::fs::write(first, &data).ctx(|| format!("writing {}", first.display()))?;
                         place_copies(first, &paths[1..], *exec)?;
                         pb.inc(d.size());
                     }

@@ -83,10 +83,7 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn check_sorted<'a>(
-    kind: &str,
-    names: impl Iterator<Item = &'a str>,
-) -> std::result::Result<(), String> {
+fn check_sorted<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
     let mut prev: Option<&str> = None;
     for name in names {
         check_name(name)?;
@@ -106,60 +103,35 @@ fn check_sorted<'a>(
 impl Directory {
     /// Validates a decoded message. `label` names it in errors (usually its digest).
     pub fn validate(msg: &reapi::Directory, label: &str) -> Result<Self> {
-        let bad = |reason: String| Error::InvalidDirectory {
-            digest: label.to_string(),
-            reason,
-        };
+        let bad = |reason: String| Error::InvalidDirectory { digest: label.to_string(), reason };
         check_sorted("file", msg.files.iter().map(|f| f.name.as_str())).map_err(bad)?;
         check_sorted("directory", msg.directories.iter().map(|d| d.name.as_str())).map_err(bad)?;
         check_sorted("symlink", msg.symlinks.iter().map(|s| s.name.as_str())).map_err(bad)?;
         let digest_of = |name: &str, d: &Option<reapi::Digest>| -> Result<Digest> {
-            let d = d
-                .as_ref()
-                .ok_or_else(|| bad(format!("entry {name:?} has no digest")))?;
+            let d = d.as_ref().ok_or_else(|| bad(format!("entry {name:?} has no digest")))?;
             Digest::try_from(d).map_err(|e| bad(format!("entry {name:?}: {e}")))
         };
         let mut files = Vec::with_capacity(msg.files.len());
         for f in &msg.files {
             let digest = digest_of(&f.name, &f.digest)?;
-            files.push(FileEntry {
-                name: f.name.clone(),
-                digest,
-                executable: f.is_executable,
-            });
+            files.push(FileEntry { name: f.name.clone(), digest, executable: f.is_executable });
         }
         let mut dirs = Vec::with_capacity(msg.directories.len());
         for d in &msg.directories {
-            dirs.push(DirEntry {
-                name: d.name.clone(),
-                digest: digest_of(&d.name, &d.digest)?,
-            });
+            dirs.push(DirEntry { name: d.name.clone(), digest: digest_of(&d.name, &d.digest)? });
         }
         let mut symlinks = Vec::with_capacity(msg.symlinks.len());
         for s in &msg.symlinks {
             if s.target.is_empty() || s.target.contains('\0') {
-                return Err(bad(format!(
-                    "symlink {:?} has an empty or NUL target",
-                    s.name
-                )));
+                return Err(bad(format!("symlink {:?} has an empty or NUL target", s.name)));
             }
-            symlinks.push(SymlinkEntry {
-                name: s.name.clone(),
-                target: s.target.clone(),
-            });
+            symlinks.push(SymlinkEntry { name: s.name.clone(), target: s.target.clone() });
         }
-        let dir = Directory {
-            files,
-            dirs,
-            symlinks,
-        };
+        let dir = Directory { files, dirs, symlinks };
         let mut all: Vec<&str> = dir.names().collect();
         all.sort_unstable();
         if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
-            return Err(bad(format!(
-                "name {:?} used by two entries of different kinds",
-                w[0]
-            )));
+            return Err(bad(format!("name {:?} used by two entries of different kinds", w[0])));
         }
         Ok(dir)
     }
@@ -199,10 +171,7 @@ impl Directory {
         if let Ok(i) = self.dirs.binary_search_by(|e| e.name.as_str().cmp(name)) {
             return Some(Entry::Dir(&self.dirs[i]));
         }
-        if let Ok(i) = self
-            .symlinks
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-        {
+        if let Ok(i) = self.symlinks.binary_search_by(|e| e.name.as_str().cmp(name)) {
             return Some(Entry::Symlink(&self.symlinks[i]));
         }
         None
@@ -224,19 +193,12 @@ impl Directory {
             directories: self
                 .dirs
                 .iter()
-                .map(|d| reapi::DirectoryNode {
-                    name: d.name.clone(),
-                    digest: Some(d.digest.into()),
-                })
+                .map(|d| reapi::DirectoryNode { name: d.name.clone(), digest: Some(d.digest.into()) })
                 .collect(),
             symlinks: self
                 .symlinks
                 .iter()
-                .map(|s| reapi::SymlinkNode {
-                    name: s.name.clone(),
-                    target: s.target.clone(),
-                    node_properties: None,
-                })
+                .map(|s| reapi::SymlinkNode { name: s.name.clone(), target: s.target.clone(), node_properties: None })
                 .collect(),
             node_properties: None,
         }
@@ -293,8 +255,7 @@ struct Scan {
 }
 
 fn utf8_name(path: &Path, name: std::ffi::OsString) -> Result<String> {
-    name.into_string()
-        .map_err(|n| Error::InvalidArgument(format!("{}: name {n:?} is not UTF-8", path.display())))
+    name.into_string().map_err(|n| Error::InvalidArgument(format!("{}: name {n:?} is not UTF-8", path.display())))
 }
 
 fn scan(dir: &Path, paths: &mut Vec<(PathBuf, u64)>, stats: &mut TreeStats) -> Result<Scan> {
@@ -308,11 +269,11 @@ fn scan(dir: &Path, paths: &mut Vec<(PathBuf, u64)>, stats: &mut TreeStats) -> R
         let meta = std::fs::symlink_metadata(&path).ctx(|| format!("stat {}", path.display()))?;
         let ft = meta.file_type();
         if ft.is_symlink() {
-            let target =
-                std::fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
-            let target = target.into_os_string().into_string().map_err(|t| {
-                Error::InvalidArgument(format!("{}: target {t:?} is not UTF-8", path.display()))
-            })?;
+            let target = std::fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
+            let target = target
+                .into_os_string()
+                .into_string()
+                .map_err(|t| Error::InvalidArgument(format!("{}: target {t:?} is not UTF-8", path.display())))?;
             stats.symlinks += 1;
             out.symlinks.push((name, target));
         } else if ft.is_dir() {
@@ -342,10 +303,7 @@ fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result
     let next = AtomicUsize::new(0);
     let out: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; paths.len()]);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .min(8);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(8);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
@@ -360,8 +318,7 @@ fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result
                         out.lock().unwrap()[i] = Some(d);
                     }
                     Err(e) => {
-                        *first_err.lock().unwrap() =
-                            Some(Error::io(format!("hashing {}", path.display()), e));
+                        *first_err.lock().unwrap() = Some(Error::io(format!("hashing {}", path.display()), e));
                     }
                 }
             });
@@ -370,44 +327,22 @@ fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result
     if let Some(e) = first_err.into_inner().unwrap() {
         return Err(e);
     }
-    Ok(out
-        .into_inner()
-        .unwrap()
-        .into_iter()
-        .map(|d| d.expect("every file hashed"))
-        .collect())
+    Ok(out.into_inner().unwrap().into_iter().map(|d| d.expect("every file hashed")).collect())
 }
 
-fn assemble(
-    scan: &Scan,
-    digests: &[Digest],
-    paths: &[(PathBuf, u64)],
-    tree: &mut LocalTree,
-) -> Digest {
+fn assemble(scan: &Scan, digests: &[Digest], paths: &[(PathBuf, u64)], tree: &mut LocalTree) -> Digest {
     let mut dir = Directory::default();
     for (name, idx, exec) in &scan.files {
         let digest = digests[*idx];
-        tree.files
-            .entry(digest)
-            .or_insert_with(|| paths[*idx].0.clone());
-        dir.files.push(FileEntry {
-            name: name.clone(),
-            digest,
-            executable: *exec,
-        });
+        tree.files.entry(digest).or_insert_with(|| paths[*idx].0.clone());
+        dir.files.push(FileEntry { name: name.clone(), digest, executable: *exec });
     }
     for (name, sub) in &scan.dirs {
         let digest = assemble(sub, digests, paths, tree);
-        dir.dirs.push(DirEntry {
-            name: name.clone(),
-            digest,
-        });
+        dir.dirs.push(DirEntry { name: name.clone(), digest });
     }
     for (name, target) in &scan.symlinks {
-        dir.symlinks.push(SymlinkEntry {
-            name: name.clone(),
-            target: target.clone(),
-        });
+        dir.symlinks.push(SymlinkEntry { name: name.clone(), target: target.clone() });
     }
     let (digest, bytes) = dir.encode();
     tree.directories.entry(digest).or_insert(bytes);
@@ -419,21 +354,13 @@ fn assemble(
 pub fn build_local_tree(root: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<LocalTree> {
     let meta = std::fs::metadata(root).ctx(|| format!("stat {}", root.display()))?;
     if !meta.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a directory",
-            root.display()
-        )));
+        return Err(Error::InvalidArgument(format!("{} is not a directory", root.display())));
     }
     let mut stats = TreeStats::default();
     let mut paths = Vec::new();
     let scanned = scan(root, &mut paths, &mut stats)?;
     let digests = hash_all(&paths, progress)?;
-    let mut tree = LocalTree {
-        root: crate::digest::EMPTY,
-        directories: BTreeMap::new(),
-        files: HashMap::new(),
-        stats,
-    };
+    let mut tree = LocalTree { root: crate::digest::EMPTY, directories: BTreeMap::new(), files: HashMap::new(), stats };
     tree.root = assemble(&scanned, &digests, &paths, &mut tree);
     Ok(tree)
 }

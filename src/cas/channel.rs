@@ -46,10 +46,7 @@ impl RemoteConfig {
 pub struct Headers(std::sync::Arc<Vec<(AsciiMetadataKey, AsciiMetadataValue)>>);
 
 impl tonic::service::Interceptor for Headers {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut req: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
         for (k, v) in self.0.iter() {
             req.metadata_mut().append(k.clone(), v.clone());
         }
@@ -91,33 +88,23 @@ pub fn connect(cfg: &RemoteConfig) -> Result<Conn> {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
     };
-    if let Some(path) = url
-        .strip_prefix("unix://")
-        .or_else(|| url.strip_prefix("unix:"))
-    {
+    if let Some(path) = url.strip_prefix("unix://").or_else(|| url.strip_prefix("unix:")) {
         let path = PathBuf::from(path);
         let ep = tune(Endpoint::from_static("http://localhost"));
-        let channel =
-            ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }));
+        let channel = ep.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }));
         return Ok(InterceptedService::new(channel, headers));
     }
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| bad("expected SCHEME://HOST:PORT".into()))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected SCHEME://HOST:PORT".into()))?;
     let tls = match scheme {
         "grpc" | "http" => false,
         "grpcs" | "https" => true,
-        other => {
-            return Err(bad(format!(
-                "unknown scheme {other:?} (grpc, grpcs, http, https, unix)"
-            )))
-        }
+        other => return Err(bad(format!("unknown scheme {other:?} (grpc, grpcs, http, https, unix)"))),
     };
     let host_port = rest.trim_end_matches('/');
     let http_url = format!("{}://{host_port}", if tls { "https" } else { "http" });
@@ -160,22 +147,17 @@ impl Retry {
             let status = match tokio::time::timeout(self.timeout, call()).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(status)) => status,
-                Err(_) => {
-                    tonic::Status::deadline_exceeded(format!("no answer within {:?}", self.timeout))
-                }
+                Err(_) => tonic::Status::deadline_exceeded(format!("no answer within {:?}", self.timeout)),
             };
             let transient = matches!(
                 status.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::ResourceExhausted
-                    | tonic::Code::DeadlineExceeded
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::DeadlineExceeded
             );
             if !transient || attempt >= self.retries {
                 return Err(Error::remote(what, status));
             }
             attempt += 1;
-            let jitter =
-                Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1));
+            let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1));
             tracing::debug!(what, attempt, code = ?status.code(), "retrying after {:?}", delay + jitter);
             tokio::time::sleep(delay + jitter).await;
             delay = (delay * 2).min(Duration::from_secs(5));

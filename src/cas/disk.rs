@@ -81,18 +81,12 @@ impl DiskStore {
             std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
         }
         let tmp = root.join("tmp");
-        for e in std::fs::read_dir(&tmp)
-            .ctx(|| format!("reading {}", tmp.display()))?
-            .flatten()
-        {
+        for e in std::fs::read_dir(&tmp).ctx(|| format!("reading {}", tmp.display()))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
         let mut found = Vec::new();
         let cas = root.join("cas");
-        for shard in std::fs::read_dir(&cas)
-            .ctx(|| format!("reading {}", cas.display()))?
-            .flatten()
-        {
+        for shard in std::fs::read_dir(&cas).ctx(|| format!("reading {}", cas.display()))?.flatten() {
             let Ok(rd) = std::fs::read_dir(shard.path()) else {
                 continue;
             };
@@ -111,11 +105,7 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore {
-            root,
-            max_bytes,
-            lru: Mutex::new(lru),
-        };
+        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru) };
         store.evict(None);
         Ok(store)
     }
@@ -160,12 +150,7 @@ impl DiskStore {
         {
             let mut lru = self.lru.lock().unwrap();
             while lru.total > self.max_bytes {
-                let Some((_, d)) = lru
-                    .order
-                    .iter()
-                    .find(|(_, d)| Some(*d) != keep)
-                    .map(|(t, d)| (*t, *d))
-                else {
+                let Some((_, d)) = lru.order.iter().find(|(_, d)| Some(*d) != keep).map(|(t, d)| (*t, *d)) else {
                     break;
                 };
                 lru.remove(&d);
@@ -183,8 +168,7 @@ impl DiskStore {
         let dest = self.blob_path(digest);
         let shard = dest.parent().expect("blob path has a shard");
         std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
-        tmp.persist(&dest)
-            .map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
+        tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
         self.lru.lock().unwrap().insert(*digest);
         self.evict(Some(digest));
         Ok(())
@@ -200,15 +184,12 @@ impl DiskStore {
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = input
-                .read(&mut buf)
-                .ctx(|| format!("reading {}", src.display()))?;
+            let n = input.read(&mut buf).ctx(|| format!("reading {}", src.display()))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .ctx(|| format!("writing blob {digest}"))?;
+            out.write_all(&buf[..n]).ctx(|| format!("writing blob {digest}"))?;
         }
         check(digest, hasher)?;
         self.commit(digest, tmp)
@@ -244,20 +225,14 @@ impl DiskStore {
 
     fn ac_path(&self, action: &Digest) -> PathBuf {
         let hex = action.hash_hex();
-        self.root
-            .join("ac")
-            .join(&hex[..2])
-            .join(action.to_path_form())
+        self.root.join("ac").join(&hex[..2]).join(action.to_path_form())
     }
 }
 
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
+        return Err(Error::DigestMismatch { expected: *digest, actual });
     }
     Ok(())
 }
@@ -276,19 +251,13 @@ impl Cas for DiskStore {
 
     async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream> {
         if offset > digest.size() {
-            return Err(Error::InvalidArgument(format!(
-                "read offset {offset} is past the end of {digest}"
-            )));
+            return Err(Error::InvalidArgument(format!("read offset {offset} is past the end of {digest}")));
         }
         if digest.is_empty_blob() {
             return Ok(futures::stream::empty().boxed());
         }
         let mut file = self.open_blob(digest)?;
-        let end = if limit == 0 {
-            digest.size()
-        } else {
-            digest.size().min(offset.saturating_add(limit))
-        };
+        let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
         let digest = *digest;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
         tokio::task::spawn_blocking(move || {
@@ -303,8 +272,7 @@ impl Cas for DiskStore {
                 match file.read_exact(&mut buf) {
                     Ok(()) => {}
                     Err(e) => {
-                        let _ =
-                            tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
+                        let _ = tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
                         return;
                     }
                 }
@@ -328,18 +296,11 @@ impl Cas for DiskStore {
             let chunk = chunk?;
             hasher.update(&chunk);
             if hasher.len() > digest.size() {
-                return Err(Error::InvalidArgument(format!(
-                    "more than {} bytes sent for {digest}",
-                    digest.size()
-                )));
+                return Err(Error::InvalidArgument(format!("more than {} bytes sent for {digest}", digest.size())));
             }
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
-                .await
-                .ctx(|| format!("writing blob {digest}"))?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.ctx(|| format!("writing blob {digest}"))?;
         }
-        tokio::io::AsyncWriteExt::flush(&mut file)
-            .await
-            .ctx(|| format!("writing blob {digest}"))?;
+        tokio::io::AsyncWriteExt::flush(&mut file).await.ctx(|| format!("writing blob {digest}"))?;
         drop(file);
         check(digest, hasher)?;
         self.commit(digest, tmp)
@@ -351,8 +312,7 @@ impl Cas for DiskStore {
         }
         super::verify(digest, &data)?;
         let (mut file, tmp) = self.temp()?;
-        file.write_all(&data)
-            .ctx(|| format!("writing blob {digest}"))?;
+        file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
         drop(file);
         self.commit(digest, tmp)
     }
@@ -375,20 +335,14 @@ impl ActionCache for DiskStore {
         }
     }
 
-    async fn update_action_result(
-        &self,
-        action: &Digest,
-        result: &reapi::ActionResult,
-    ) -> Result<()> {
+    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
         let dest = self.ac_path(action);
         let shard = dest.parent().expect("ac path has a shard");
         std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
         let (mut file, tmp) = self.temp()?;
-        file.write_all(&result.encode_to_vec())
-            .ctx(|| format!("writing action result {action}"))?;
+        file.write_all(&result.encode_to_vec()).ctx(|| format!("writing action result {action}"))?;
         drop(file);
-        tmp.persist(&dest)
-            .map_err(|e| Error::io(format!("storing action result {action}"), e.error))?;
+        tmp.persist(&dest).map_err(|e| Error::io(format!("storing action result {action}"), e.error))?;
         Ok(())
     }
 }

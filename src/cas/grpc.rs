@@ -46,10 +46,7 @@ impl GrpcStore {
         Ok(GrpcStore {
             conn: connect(cfg)?,
             instance: cfg.instance_name.clone(),
-            retry: Retry {
-                retries: cfg.retries,
-                timeout: cfg.rpc_timeout,
-            },
+            retry: Retry { retries: cfg.retries, timeout: cfg.rpc_timeout },
             max_batch: OnceCell::new(),
         })
     }
@@ -77,20 +74,12 @@ impl GrpcStore {
 
     /// ByteStream resource name for uploading a blob (fresh uuid each time).
     pub fn write_resource(&self, d: &Digest) -> String {
-        format!(
-            "{}uploads/{}/blobs/{}/{}",
-            self.prefix(),
-            uuid::Uuid::new_v4(),
-            d.hash_hex(),
-            d.size()
-        )
+        format!("{}uploads/{}/blobs/{}/{}", self.prefix(), uuid::Uuid::new_v4(), d.hash_hex(), d.size())
     }
 
     /// The server's capabilities.
     pub async fn capabilities(&self) -> Result<reapi::ServerCapabilities> {
-        let req = reapi::GetCapabilitiesRequest {
-            instance_name: self.instance.clone(),
-        };
+        let req = reapi::GetCapabilitiesRequest { instance_name: self.instance.clone() };
         let client = CapabilitiesClient::new(self.conn.clone());
         self.retry
             .run("GetCapabilities", || {
@@ -180,11 +169,7 @@ impl GrpcStore {
                 Err(Error::MissingBlob(d))
             } else {
                 let msg = r.status.map(|s| s.message).unwrap_or_default();
-                Err(Error::Remote {
-                    context: format!("BatchReadBlobs {d}"),
-                    code: code.into(),
-                    message: msg,
-                })
+                Err(Error::Remote { context: format!("BatchReadBlobs {d}"), code: code.into(), message: msg })
             };
             got.insert(d, res);
         }
@@ -233,18 +218,11 @@ impl GrpcStore {
             if let Some(s) = r.status.filter(|s| s.code != 0) {
                 failed.insert(
                     d,
-                    Error::Remote {
-                        context: format!("BatchUpdateBlobs {d}"),
-                        code: s.code.into(),
-                        message: s.message,
-                    },
+                    Error::Remote { context: format!("BatchUpdateBlobs {d}"), code: s.code.into(), message: s.message },
                 );
             }
         }
-        Ok(batch
-            .into_iter()
-            .map(|(d, _)| (d, failed.remove(&d).map_or(Ok(()), Err)))
-            .collect())
+        Ok(batch.into_iter().map(|(d, _)| (d, failed.remove(&d).map_or(Ok(()), Err))).collect())
     }
 
     /// One ByteStream Write of a blob (a `'static` future: it owns its client).
@@ -299,12 +277,7 @@ impl GrpcStore {
                 Ok(Ok(Some(m))) => Some((Ok(m.data), s)),
                 Ok(Ok(None)) => None,
                 Ok(Err(st)) => Some((Err(status_for(&digest, st)), s)),
-                Err(_) => Some((
-                    Err(Error::DeadlineExceeded(format!(
-                        "reading {digest}: stalled"
-                    ))),
-                    s,
-                )),
+                Err(_) => Some((Err(Error::DeadlineExceeded(format!("reading {digest}: stalled"))), s)),
             }
         });
         Ok(s.boxed())
@@ -321,10 +294,7 @@ fn status_for(digest: &Digest, st: tonic::Status) -> Error {
 
 fn missing_or(digest: &Digest, e: Error) -> Error {
     match e {
-        Error::Remote {
-            code: tonic::Code::NotFound,
-            ..
-        } => Error::MissingBlob(*digest),
+        Error::Remote { code: tonic::Code::NotFound, .. } => Error::MissingBlob(*digest),
         e => e,
     }
 }
@@ -333,11 +303,7 @@ fn missing_or(digest: &Digest, e: Error) -> Error {
 impl Cas for GrpcStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let mut seen = HashSet::new();
-        let wanted: Vec<Digest> = digests
-            .iter()
-            .filter(|d| !d.is_empty_blob() && seen.insert(**d))
-            .copied()
-            .collect();
+        let wanted: Vec<Digest> = digests.iter().filter(|d| !d.is_empty_blob() && seen.insert(**d)).copied().collect();
         let mut missing = HashSet::new();
         for chunk in wanted.chunks(FIND_MISSING_CHUNK) {
             let req = reapi::FindMissingBlobsRequest {
@@ -366,9 +332,7 @@ impl Cas for GrpcStore {
             return Ok(futures::stream::empty().boxed());
         }
         self.retry
-            .run(&format!("ByteStream.Read {digest}"), || {
-                self.read_stream_once(digest, offset, limit)
-            })
+            .run(&format!("ByteStream.Read {digest}"), || self.read_stream_once(digest, offset, limit))
             .await
             .map_err(|e| missing_or(digest, e))
     }
@@ -376,9 +340,7 @@ impl Cas for GrpcStore {
     async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
         // A consumed stream cannot be replayed, so this path is not retried; `write` and
         // `write_file` retry with a fresh source.
-        self.bytestream_write(*digest, data)
-            .await
-            .map_err(|e| Error::remote(format!("ByteStream.Write {digest}"), e))
+        self.bytestream_write(*digest, data).await.map_err(|e| Error::remote(format!("ByteStream.Write {digest}"), e))
     }
 
     async fn read(&self, digest: &Digest) -> Result<Bytes> {
@@ -387,10 +349,7 @@ impl Cas for GrpcStore {
         }
         if digest.size() + PER_BLOB_OVERHEAD <= self.max_batch_bytes().await {
             let mut out = self.batch_read(vec![*digest]).await?;
-            return out
-                .pop()
-                .map(|(_, r)| r)
-                .unwrap_or(Err(Error::MissingBlob(*digest)));
+            return out.pop().map(|(_, r)| r).unwrap_or(Err(Error::MissingBlob(*digest)));
         }
         let mut attempt = 0;
         loop {
@@ -451,11 +410,7 @@ impl Cas for GrpcStore {
         let (batches, large) = Self::plan(&digests, budget);
         let batches: Vec<Vec<(Digest, Bytes)>> = batches
             .into_iter()
-            .map(|b| {
-                b.into_iter()
-                    .filter_map(|d| by_digest.remove(&d).map(|x| (d, x)))
-                    .collect()
-            })
+            .map(|b| b.into_iter().filter_map(|d| by_digest.remove(&d).map(|x| (d, x))).collect())
             .collect();
         let mut out: Vec<(Digest, Result<()>)> = futures::stream::iter(batches)
             .map(|b| self.batch_write(b))
@@ -476,18 +431,13 @@ impl Cas for GrpcStore {
     async fn write_file(&self, digest: &Digest, path: &Path) -> Result<()> {
         let path = path.to_path_buf();
         self.retry
-            .run(
-                &format!("ByteStream.Write {digest} from {}", path.display()),
-                || {
-                    let path = path.clone();
-                    async move {
-                        let stream = super::file_stream(path)
-                            .await
-                            .map_err(tonic::Status::from)?;
-                        self.bytestream_write(*digest, stream).await
-                    }
-                },
-            )
+            .run(&format!("ByteStream.Write {digest} from {}", path.display()), || {
+                let path = path.clone();
+                async move {
+                    let stream = super::file_stream(path).await.map_err(tonic::Status::from)?;
+                    self.bytestream_write(*digest, stream).await
+                }
+            })
             .await
     }
 
@@ -533,18 +483,10 @@ impl GrpcStore {
                 page_token: token.clone(),
                 digest_function: DigestFunction::Sha256.proto_value(),
             };
-            let mut stream = self
-                .cas()
-                .get_tree(req)
-                .await
-                .map_err(|s| missing_or(root, Error::remote("GetTree", s)))?
-                .into_inner();
+            let mut stream =
+                self.cas().get_tree(req).await.map_err(|s| missing_or(root, Error::remote("GetTree", s)))?.into_inner();
             let mut next = String::new();
-            while let Some(page) = stream
-                .message()
-                .await
-                .map_err(|s| Error::remote("GetTree", s))?
-            {
+            while let Some(page) = stream.message().await.map_err(|s| Error::remote("GetTree", s))? {
                 for msg in page.directories {
                     let (d, _) = Digest::of_message(&msg);
                     dirs.insert(d, Directory::validate(&msg, &d.to_string())?);
@@ -561,9 +503,7 @@ impl GrpcStore {
         let mut queue = std::collections::VecDeque::from([*root]);
         seen.insert(*root);
         while let Some(d) = queue.pop_front() {
-            let dir = dirs
-                .remove(&d)
-                .ok_or_else(|| Error::Internal(format!("GetTree lacked {d}")))?;
+            let dir = dirs.remove(&d).ok_or_else(|| Error::Internal(format!("GetTree lacked {d}")))?;
             for c in &dir.dirs {
                 if seen.insert(c.digest) {
                     queue.push_back(c.digest);
@@ -597,19 +537,12 @@ impl ActionCache for GrpcStore {
             .await
         {
             Ok(r) => Ok(Some(r)),
-            Err(Error::Remote {
-                code: tonic::Code::NotFound,
-                ..
-            }) => Ok(None),
+            Err(Error::Remote { code: tonic::Code::NotFound, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    async fn update_action_result(
-        &self,
-        action: &Digest,
-        result: &reapi::ActionResult,
-    ) -> Result<()> {
+    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
         let req = reapi::UpdateActionResultRequest {
             instance_name: self.instance.clone(),
             action_digest: Some(action.to_proto()),
@@ -640,20 +573,8 @@ struct WriteState {
 
 /// Turns a chunk stream into ByteStream WriteRequests of at most `CHUNK` bytes, the first
 /// naming the resource and the last finishing the write.
-fn write_requests(
-    resource: String,
-    size: u64,
-    data: ByteStream,
-) -> BoxStream<'static, WriteRequest> {
-    let st = WriteState {
-        data,
-        pending: Bytes::new(),
-        resource,
-        size,
-        offset: 0,
-        first: true,
-        done: false,
-    };
+fn write_requests(resource: String, size: u64, data: ByteStream) -> BoxStream<'static, WriteRequest> {
+    let st = WriteState { data, pending: Bytes::new(), resource, size, offset: 0, first: true, done: false };
     futures::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
@@ -673,11 +594,7 @@ fn write_requests(
         }
         let finish = st.offset + len == st.size || len == 0;
         let req = WriteRequest {
-            resource_name: if st.first {
-                st.resource.clone()
-            } else {
-                String::new()
-            },
+            resource_name: if st.first { st.resource.clone() } else { String::new() },
             write_offset: st.offset as i64,
             finish_write: finish,
             data: piece,

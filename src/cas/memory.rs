@@ -44,15 +44,9 @@ impl MemoryStore {
 pub(crate) fn slice_range(digest: &Digest, data: Bytes, offset: u64, limit: u64) -> Result<Bytes> {
     let len = data.len() as u64;
     if offset > len {
-        return Err(Error::InvalidArgument(format!(
-            "read offset {offset} is past the end of {digest}"
-        )));
+        return Err(Error::InvalidArgument(format!("read offset {offset} is past the end of {digest}")));
     }
-    let end = if limit == 0 {
-        len
-    } else {
-        len.min(offset.saturating_add(limit))
-    };
+    let end = if limit == 0 { len } else { len.min(offset.saturating_add(limit)) };
     Ok(data.slice(offset as usize..end as usize))
 }
 
@@ -72,12 +66,7 @@ impl Cas for MemoryStore {
         let data = if digest.is_empty_blob() {
             Bytes::new()
         } else {
-            self.blobs
-                .read()
-                .unwrap()
-                .get(digest)
-                .cloned()
-                .ok_or(Error::MissingBlob(*digest))?
+            self.blobs.read().unwrap().get(digest).cloned().ok_or(Error::MissingBlob(*digest))?
         };
         let part = slice_range(digest, data, offset, limit)?;
         Ok(futures::stream::once(async move { Ok(part) }).boxed())
@@ -102,15 +91,8 @@ impl ActionCache for MemoryStore {
         Ok(self.results.read().unwrap().get(action).cloned())
     }
 
-    async fn update_action_result(
-        &self,
-        action: &Digest,
-        result: &reapi::ActionResult,
-    ) -> Result<()> {
-        self.results
-            .write()
-            .unwrap()
-            .insert(*action, result.clone());
+    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
+        self.results.write().unwrap().insert(*action, result.clone());
         Ok(())
     }
 }

@@ -76,8 +76,7 @@ pub trait Cas: Send + Sync + 'static {
 
     /// Stores one in-memory blob.
     async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        self.write_stream(digest, futures::stream::once(async { Ok(data) }).boxed())
-            .await
+        self.write_stream(digest, futures::stream::once(async { Ok(data) }).boxed()).await
     }
 
     /// Reads many blobs; each gets its own result (one missing blob fails only itself).
@@ -124,11 +123,7 @@ pub trait ActionCache: Send + Sync + 'static {
     /// The cached result, or `None` when there is none.
     async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>>;
     /// Stores (or replaces) the result of an action.
-    async fn update_action_result(
-        &self,
-        action: &Digest,
-        result: &reapi::ActionResult,
-    ) -> Result<()>;
+    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()>;
 }
 
 /// Shared handles used throughout the crate.
@@ -140,19 +135,13 @@ pub type SharedActionCache = Arc<dyn ActionCache>;
 pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
     let actual = Digest::of_bytes(data);
     if actual != *digest {
-        return Err(Error::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
+        return Err(Error::DigestMismatch { expected: *digest, actual });
     }
     Ok(())
 }
 
 /// Breadth-first walk of a tree with batched reads; validates every Directory.
-pub async fn walk_tree<C: Cas + ?Sized>(
-    cas: &C,
-    root: &Digest,
-) -> Result<Vec<(Digest, Directory)>> {
+pub async fn walk_tree<C: Cas + ?Sized>(cas: &C, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut level = vec![*root];
@@ -187,8 +176,7 @@ pub async fn file_stream(path: std::path::PathBuf) -> Result<ByteStream> {
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let _ =
-                        tx.blocking_send(Err(Error::io(format!("reading {}", path.display()), e)));
+                    let _ = tx.blocking_send(Err(Error::io(format!("reading {}", path.display()), e)));
                     return;
                 }
             }
@@ -219,22 +207,13 @@ pub async fn stream_to_file(digest: &Digest, mut stream: ByteStream, path: &Path
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .ctx(|| format!("writing {}", path.display()))?;
+        file.write_all(&chunk).await.ctx(|| format!("writing {}", path.display()))?;
     }
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch {
-            expected: *digest,
-            actual,
-        });
+        return Err(Error::DigestMismatch { expected: *digest, actual });
     }
-    file.flush()
-        .await
-        .ctx(|| format!("writing {}", path.display()))?;
-    tmp_path
-        .persist(path)
-        .map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;
+    file.flush().await.ctx(|| format!("writing {}", path.display()))?;
+    tmp_path.persist(path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;
     Ok(())
 }

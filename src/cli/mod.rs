@@ -23,11 +23,7 @@ pub struct RemoteArgs {
     #[arg(long, env = "CASFS_INSTANCE_NAME", default_value = "")]
     pub instance_name: String,
     /// Extra request header KEY=VALUE (repeatable), e.g. authorization=Bearer…
-    #[arg(
-        long = "remote-header",
-        env = "CASFS_REMOTE_HEADERS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "remote-header", env = "CASFS_REMOTE_HEADERS", value_delimiter = ',')]
     pub remote_headers: Vec<String>,
     /// PEM CA bundle for grpcs:// (system roots when unset).
     #[arg(long, env = "CASFS_TLS_CA_FILE")]
@@ -65,10 +61,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size"))?;
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
     if n < 0.0 {
         return Err(format!("{s:?} is negative"));
     }
@@ -79,9 +72,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let n: f64 = s[..split]
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let n: f64 = s[..split].parse().map_err(|_| format!("{s:?} is not a duration"))?;
     let secs = match &s[split..] {
         "" | "s" => n,
         "ms" => n / 1000.0,

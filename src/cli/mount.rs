@@ -10,7 +10,7 @@ use clap::Args;
 
 use casfs::cas::DiskStore;
 use casfs::error::{Error, Result};
-use casfs::fs::{FetchConfig, FsConfig, MountConfig, OpenMode};
+use casfs::fs::{FetchConfig, FsConfig, MountConfig, OpenMode, Remote, RemoteFactory, Remotes, Root};
 use casfs::metrics::Metrics;
 
 use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs, Usage};
@@ -18,10 +18,14 @@ use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs, Usage
 /// Options of `casfs mount`.
 #[derive(Args)]
 pub struct MountArgs {
-    /// Root Directory digest, HASH/SIZE or HASH-SIZE.
-    pub digest: String,
-    /// An existing directory to mount on.
-    pub mountpoint: PathBuf,
+    /// Root Directory digest (HASH/SIZE or HASH-SIZE), then the mountpoint; with --browse,
+    /// only the mountpoint.
+    #[arg(num_args = 1..=2, required = true, value_names = ["DIGEST", "MOUNTPOINT"])]
+    pub args: Vec<String>,
+    /// Mount the browse-by-digest namespace (every instance's blobs and action results)
+    /// instead of one tree.
+    #[arg(long)]
+    pub browse: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
     /// Local blob cache, shared by every mount that names it; survives restarts.
@@ -120,11 +124,7 @@ pub fn prepare(args: &MountArgs) -> std::result::Result<Ready, u8> {
             if msg.trim() == "ready" {
                 Err(0)
             } else {
-                let msg = if msg.trim().is_empty() {
-                    "the mount daemon exited before mounting".into()
-                } else {
-                    msg
-                };
+                let msg = if msg.trim().is_empty() { "the mount daemon exited before mounting".into() } else { msg };
                 eprintln!("casfs: {}", msg.trim());
                 Err(1)
             }
@@ -133,15 +133,9 @@ pub fn prepare(args: &MountArgs) -> std::result::Result<Ready, u8> {
 }
 
 fn redirect_stdio(log: Option<&std::path::Path>) {
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null");
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
     let out = match log {
-        Some(p) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p),
+        Some(p) => std::fs::OpenOptions::new().create(true).append(true).open(p),
         None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
     };
     use std::os::fd::AsRawFd;
@@ -168,20 +162,35 @@ pub async fn run(args: MountArgs, mut ready: Ready) -> CmdResult {
 }
 
 async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
-    let root = match digest_arg(&args.digest) {
-        Ok(d) => d,
-        Err(u) => return Ok(Err(u)),
+    let (root, mountpoint) = match (args.browse, args.args.as_slice()) {
+        (true, [mp]) => (Root::Browse, PathBuf::from(mp)),
+        (false, [digest, mp]) => match digest_arg(digest) {
+            Ok(d) => (Root::Digest(d), PathBuf::from(mp)),
+            Err(u) => return Ok(Err(u)),
+        },
+        (true, _) => return Ok(Err(Usage("with --browse give only the mountpoint".into()))),
+        (false, _) => return Ok(Err(Usage("give a DIGEST and a MOUNTPOINT (or --browse MOUNTPOINT)".into()))),
     };
-    let remote = Arc::new(args.remote.store()?);
+    let remotes = if args.browse {
+        let remote_args = args.remote.clone();
+        let factory: RemoteFactory = Arc::new(move |instance: &str| {
+            let mut r = remote_args.clone();
+            r.instance_name = instance.to_string();
+            let store = Arc::new(r.store()?);
+            Ok(Remote { cas: store.clone(), ac: Some(store) })
+        });
+        Remotes::on_demand(factory)
+    } else {
+        let store = Arc::new(args.remote.store()?);
+        Remotes::single(store.clone(), Some(store))
+    };
     let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::io(format!("binding {addr}"), e))?;
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
     }
-    let mut cfg = MountConfig::new(&args.mountpoint);
+    let mut cfg = MountConfig::new(&mountpoint);
     cfg.open_mode = args.open_mode;
     cfg.threads = args.threads;
     cfg.fs = FsConfig {
@@ -189,12 +198,9 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         hash_xattr: args.hash_xattr.clone(),
         ..FsConfig::default()
     };
-    cfg.fetch = FetchConfig {
-        deadline: args.fetch_timeout,
-        batch_siblings: !args.no_batch_siblings,
-        ..FetchConfig::default()
-    };
-    let guard = casfs::fs::mount(root, remote, cache, cfg, metrics)?;
+    cfg.fetch =
+        FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
+    let guard = casfs::fs::mount(root, remotes, cache, cfg, metrics)?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;

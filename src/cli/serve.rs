@@ -58,27 +58,18 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
-            cert_pem: std::fs::read(c)
-                .map_err(|e| Error::io(format!("reading {}", c.display()), e))?,
-            key_pem: std::fs::read(k)
-                .map_err(|e| Error::io(format!("reading {}", k.display()), e))?,
+            cert_pem: std::fs::read(c).map_err(|e| Error::io(format!("reading {}", c.display()), e))?,
+            key_pem: std::fs::read(k).map_err(|e| Error::io(format!("reading {}", k.display()), e))?,
         }),
         _ => None,
     };
     let bound = Bound::bind(&listen).await?;
     let url = bound.url();
-    let url = if tls.is_some() {
-        url.replacen("grpc://", "grpcs://", 1)
-    } else {
-        url
-    };
+    let url = if tls.is_some() { url.replacen("grpc://", "grpcs://", 1) } else { url };
     println!("casfs: serving on {url}");
     let _ = std::io::stdout().flush();
     let cas: casfs::cas::SharedCas = match &args.access_log {
-        Some(p) => Arc::new(casfs::server::access_log::AccessLog::open(
-            store.clone(),
-            p,
-        )?),
+        Some(p) => Arc::new(casfs::server::access_log::AccessLog::open(store.clone(), p)?),
         None => store.clone(),
     };
     let backend = Backend { cas, ac: store };
@@ -90,10 +81,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {

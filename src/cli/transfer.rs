@@ -15,34 +15,16 @@ pub async fn ls(store: &GrpcStore, root: &Digest, recursive: bool) -> Result<()>
         let dir = Directory::decode(&digest, &store.read(&digest).await?)?;
         let mut lines = Vec::new();
         for f in &dir.files {
-            let mode = if f.executable {
-                "-r-xr-xr-x"
-            } else {
-                "-r--r--r--"
-            };
-            lines.push((
-                f.name.clone(),
-                format!(
-                    "{mode} {:>12} {} {prefix}{}",
-                    f.digest.size(),
-                    f.digest,
-                    f.name
-                ),
-            ));
+            let mode = if f.executable { "-r-xr-xr-x" } else { "-r--r--r--" };
+            lines.push((f.name.clone(), format!("{mode} {:>12} {} {prefix}{}", f.digest.size(), f.digest, f.name)));
         }
         for d in &dir.dirs {
-            lines.push((
-                d.name.clone(),
-                format!("dr-xr-xr-x {:>12} {} {prefix}{}/", "-", d.digest, d.name),
-            ));
+            lines.push((d.name.clone(), format!("dr-xr-xr-x {:>12} {} {prefix}{}/", "-", d.digest, d.name)));
         }
         for s in &dir.symlinks {
             lines.push((
                 s.name.clone(),
-                format!(
-                    "lrwxrwxrwx {:>12} {:>66} {prefix}{} -> {}",
-                    "-", "-", s.name, s.target
-                ),
+                format!("lrwxrwxrwx {:>12} {:>66} {prefix}{} -> {}", "-", "-", s.name, s.target),
             ));
         }
         lines.sort();
@@ -65,14 +47,12 @@ pub async fn cat(store: &GrpcStore, digest: &Digest) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if digest.size() <= 64 << 20 {
         let data = store.read(digest).await?;
-        out.write_all(&data)
-            .map_err(|e| Error::io("writing to stdout", e))?;
+        out.write_all(&data).map_err(|e| Error::io("writing to stdout", e))?;
     } else {
         let tmp = tempfile::tempdir().map_err(|e| Error::io("creating a temporary folder", e))?;
         let path = tmp.path().join("blob");
         store.read_to_file(digest, &path).await?;
-        let mut f =
-            std::fs::File::open(&path).map_err(|e| Error::io("opening the fetched blob", e))?;
+        let mut f = std::fs::File::open(&path).map_err(|e| Error::io("opening the fetched blob", e))?;
         std::io::copy(&mut f, &mut out).map_err(|e| Error::io("writing to stdout", e))?;
     }
     out.flush().map_err(|e| Error::io("writing to stdout", e))

@@ -1,13 +1,15 @@
 //! The protocol-neutral filesystem: lookups, attributes, listings, reads and xattrs over a
-//! Directory tree, with no FUSE types (the adapter in `fuse.rs` translates).
+//! Directory tree or the browse namespace, with no FUSE types (`fuse.rs` translates).
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::browse::{self, BrowseNode};
 use super::fetch::Fetcher;
 use super::inode::{synthetic_ino, Inodes, NodeKind, ROOT};
+use super::vdir::VNode;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::tree::{Directory, Entry};
@@ -64,7 +66,57 @@ pub struct Attr {
     pub perm: u16,
 }
 
-/// The filesystem over one root Directory.
+/// The entries of a directory-like node, ready to be listed or searched.
+#[derive(Clone)]
+pub enum Listing {
+    /// A CAS Directory (entries made on the fly).
+    Tree(Arc<Directory>, u16),
+    /// A made-up directory: its entries in listing order.
+    Fixed(Arc<Vec<(String, NodeKind)>>),
+}
+
+impl Listing {
+    fn len(&self) -> usize {
+        match self {
+            Listing::Tree(d, _) => d.len(),
+            Listing::Fixed(v) => v.len(),
+        }
+    }
+
+    /// Entry `j` (files, then directories, then symlinks for a CAS Directory).
+    fn nth(&self, parent: u64, j: usize) -> (String, NodeKind) {
+        match self {
+            Listing::Tree(dir, inst) => {
+                let inst = *inst;
+                let (nf, nd) = (dir.files.len(), dir.dirs.len());
+                if j < nf {
+                    let f = &dir.files[j];
+                    (f.name.clone(), NodeKind::File { digest: f.digest, executable: f.executable, inst })
+                } else if j < nf + nd {
+                    let d = &dir.dirs[j - nf];
+                    (d.name.clone(), NodeKind::Dir { digest: d.digest, parent, inst })
+                } else {
+                    let s = &dir.symlinks[j - nf - nd];
+                    (s.name.clone(), NodeKind::Symlink { target: Arc::from(s.target.as_str()) })
+                }
+            }
+            Listing::Fixed(v) => v[j].clone(),
+        }
+    }
+
+    fn find(&self, parent: u64, name: &str) -> Option<NodeKind> {
+        match self {
+            Listing::Tree(dir, inst) => dir.lookup(name).map(|e| match e {
+                Entry::File(f) => NodeKind::File { digest: f.digest, executable: f.executable, inst: *inst },
+                Entry::Dir(d) => NodeKind::Dir { digest: d.digest, parent, inst: *inst },
+                Entry::Symlink(s) => NodeKind::Symlink { target: Arc::from(s.target.as_str()) },
+            }),
+            Listing::Fixed(v) => v.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone()),
+        }
+    }
+}
+
+/// The filesystem over one root Directory or over the browse namespace.
 pub struct CasFs {
     inodes: Inodes,
     fetch: Arc<Fetcher>,
@@ -73,53 +125,46 @@ pub struct CasFs {
 }
 
 fn attr_of(ino: u64, node: &NodeKind) -> Attr {
+    let dir = Attr { ino, kind: Kind::Dir, size: 0, perm: 0o555 };
     match node {
-        NodeKind::Dir { .. } => Attr {
-            ino,
-            kind: Kind::Dir,
-            size: 0,
-            perm: 0o555,
-        },
-        NodeKind::File { digest, executable } => Attr {
-            ino,
-            kind: Kind::File,
-            size: digest.size(),
-            perm: if *executable { 0o555 } else { 0o444 },
-        },
-        NodeKind::Symlink { target } => Attr {
-            ino,
-            kind: Kind::Symlink,
-            size: target.len() as u64,
-            perm: 0o777,
-        },
+        NodeKind::Dir { .. } | NodeKind::Virtual { .. } | NodeKind::Browse { .. } => dir,
+        NodeKind::File { digest, executable, .. } => {
+            Attr { ino, kind: Kind::File, size: digest.size(), perm: if *executable { 0o555 } else { 0o444 } }
+        }
+        NodeKind::Synth { data, executable } => {
+            Attr { ino, kind: Kind::File, size: data.len() as u64, perm: if *executable { 0o555 } else { 0o444 } }
+        }
+        NodeKind::Symlink { target } => Attr { ino, kind: Kind::Symlink, size: target.len() as u64, perm: 0o777 },
     }
 }
 
-fn node_of(parent: u64, entry: Entry<'_>) -> NodeKind {
-    match entry {
-        Entry::File(f) => NodeKind::File {
-            digest: f.digest,
-            executable: f.executable,
-        },
-        Entry::Dir(d) => NodeKind::Dir {
-            digest: d.digest,
-            parent,
-        },
-        Entry::Symlink(s) => NodeKind::Symlink {
-            target: Arc::from(s.target.as_str()),
-        },
+fn vnode_kind(v: &VNode, parent: u64, inst: u16) -> NodeKind {
+    match v {
+        VNode::File { digest, executable } => NodeKind::File { digest: *digest, executable: *executable, inst },
+        VNode::Symlink(t) => NodeKind::Symlink { target: t.clone() },
+        VNode::Dir(d) => NodeKind::Dir { digest: *d, parent, inst },
+        VNode::Virtual(v) => NodeKind::Virtual { dir: v.clone(), parent, inst },
+        VNode::Synth(data) => NodeKind::Synth { data: data.clone(), executable: false },
     }
+}
+
+fn errno_err(code: i32, what: &str) -> Error {
+    Error::io(what, std::io::Error::from_raw_os_error(code))
 }
 
 impl CasFs {
-    /// A filesystem rooted at the Directory `root`.
+    /// A filesystem showing the tree of the Directory `root` (fetched from instance 0).
     pub fn new(root: Digest, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
-        Arc::new(CasFs {
-            inodes: Inodes::new(root),
-            fetch,
-            cfg,
-            fds: moka::sync::Cache::new(256),
-        })
+        Self::with_root(NodeKind::Dir { digest: root, parent: ROOT, inst: 0 }, fetch, cfg)
+    }
+
+    /// A filesystem showing the browse namespace.
+    pub fn browse(fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
+        Self::with_root(NodeKind::Browse { node: BrowseNode::Root, parent: ROOT }, fetch, cfg)
+    }
+
+    fn with_root(root: NodeKind, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
+        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, fds: moka::sync::Cache::new(256) })
     }
 
     /// The attribute choices.
@@ -143,9 +188,7 @@ impl CasFs {
     }
 
     fn node(&self, ino: u64) -> Result<NodeKind> {
-        self.inodes
-            .get(ino)
-            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+        self.inodes.get(ino).ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
     /// Attributes of a known inode (never fetches: sizes come from the Directory protos).
@@ -153,46 +196,79 @@ impl CasFs {
         Ok(attr_of(ino, &self.node(ino)?))
     }
 
-    /// The Directory digest behind a directory inode.
-    pub fn dir_digest(&self, ino: u64) -> Result<Digest> {
+    /// The listing of a directory-like inode if it needs no I/O now.
+    pub fn listing_now(&self, ino: u64) -> Result<Option<Listing>> {
         match self.node(ino)? {
-            NodeKind::Dir { digest, .. } => Ok(digest),
-            _ => Err(Error::io(
-                "not a directory",
-                std::io::Error::from_raw_os_error(libc::ENOTDIR),
-            )),
+            NodeKind::Dir { digest, inst, .. } => Ok(self.fetch.cached_dir(&digest).map(|d| Listing::Tree(d, inst))),
+            NodeKind::Virtual { dir, parent: _, inst } => Ok(Some(Listing::Fixed(Arc::new(
+                dir.entries.iter().map(|(n, v)| (n.clone(), vnode_kind(v, ino, inst))).collect(),
+            )))),
+            NodeKind::Browse { node: BrowseNode::Instance(_), .. } => Ok(None),
+            NodeKind::Browse { node, .. } => Ok(Some(Listing::Fixed(Arc::new(browse::children(&node, ino))))),
+            _ => Err(errno_err(libc::ENOTDIR, "not a directory")),
         }
     }
 
-    /// The Directory of a directory inode if it is in memory now.
-    pub fn dir_now(&self, ino: u64) -> Result<Option<Arc<Directory>>> {
-        let d = self.dir_digest(ino)?;
-        Ok(self.fetch.cached_dir(&d))
+    /// The listing of a directory-like inode, fetching if needed.
+    pub async fn listing(&self, ino: u64) -> Result<Listing> {
+        if let Some(l) = self.listing_now(ino)? {
+            return Ok(l);
+        }
+        match self.node(ino)? {
+            NodeKind::Dir { digest, inst, .. } => match self.fetch.dir(digest, inst).await {
+                Ok(d) => Ok(Listing::Tree(d, inst)),
+                Err(e) => {
+                    tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot load directory");
+                    Err(shared_err(&e))
+                }
+            },
+            NodeKind::Browse { node: BrowseNode::Instance(name), .. } => {
+                Ok(Listing::Fixed(Arc::new(browse::instance_children(&self.fetch, &name, ino)?)))
+            }
+            _ => Err(errno_err(libc::ENOTDIR, "not a directory")),
+        }
     }
 
-    /// The Directory of a directory inode, fetched if needed.
-    pub async fn dir(&self, ino: u64) -> Result<Arc<Directory>> {
-        let d = self.dir_digest(ino)?;
-        self.fetch.dir(d).await.map_err(|e| {
-            tracing::warn!(digest = %d, path = %self.path(ino), error = %e, "cannot load directory");
-            shared_err(&e)
-        })
-    }
-
-    /// Looks `name` up in a loaded directory; counts a kernel lookup on success.
-    pub fn lookup_in(&self, parent: u64, dir: &Directory, name: &str) -> Result<Attr> {
-        let entry = dir
-            .lookup(name)
-            .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        let node = node_of(parent, entry);
+    fn enter(&self, parent: u64, name: &str, node: NodeKind) -> Attr {
         let ino = self.inodes.lookup(parent, name, node.clone());
-        Ok(attr_of(ino, &node))
+        attr_of(ino, &node)
     }
 
-    /// Looks `name` up in directory `parent`, fetching the parent's Directory if needed.
+    /// Looks `name` up without I/O when possible (`None`: call [`CasFs::lookup`]). Counts a
+    /// kernel lookup on success.
+    pub fn lookup_now(&self, parent: u64, name: &str) -> Option<Result<Attr>> {
+        match self.node(parent) {
+            Ok(NodeKind::Browse { .. }) => None,
+            Ok(_) => match self.listing_now(parent) {
+                Ok(Some(l)) => Some(
+                    l.find(parent, name)
+                        .map(|n| self.enter(parent, name, n))
+                        .ok_or_else(|| Error::NotFound(name.to_string())),
+                ),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            },
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Looks `name` up in directory `parent`, fetching what is needed.
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
-        let dir = self.dir(parent).await?;
-        self.lookup_in(parent, &dir, name)
+        if let NodeKind::Browse { node, .. } = self.node(parent)? {
+            return match browse::lookup(&self.fetch, &node, parent, name).await {
+                Ok(n) => Ok(self.enter(parent, name, n)),
+                Err(e) => {
+                    if e.errno() != libc::ENOENT {
+                        tracing::warn!(path = %self.path(parent), name, error = %e, "browse lookup failed");
+                    } else {
+                        tracing::debug!(path = %self.path(parent), name, error = %e, "no such entry");
+                    }
+                    Err(e)
+                }
+            };
+        }
+        let l = self.listing(parent).await?;
+        l.find(parent, name).map(|n| self.enter(parent, name, n)).ok_or_else(|| Error::NotFound(name.to_string()))
     }
 
     /// Drops kernel lookups of an inode.
@@ -200,39 +276,24 @@ impl CasFs {
         self.inodes.forget(ino, n)
     }
 
-    /// `.`, `..` and every entry after `offset` entries, as (offset of next, entry).
-    pub fn list(&self, ino: u64, dir: &Directory, offset: u64) -> Result<Vec<(u64, String, Attr)>> {
-        let parent = match self.node(ino)? {
-            NodeKind::Dir { parent, .. } => parent,
-            _ => {
-                return Err(Error::io(
-                    "not a directory",
-                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
-                ))
-            }
-        };
+    /// The parent inode of a directory (itself for the root).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.inodes.get(ino).and_then(|n| n.parent()).unwrap_or(ROOT)
+    }
+
+    /// `.`, `..` and the entries from `offset` on, as (offset of next, name, attributes).
+    /// Plain readdir does not count lookups, so unknown entries get synthetic numbers.
+    pub fn list(&self, ino: u64, l: &Listing, offset: u64) -> Result<Vec<(u64, String, Attr)>> {
+        let parent = self.parent_of(ino);
         let mut out = Vec::new();
-        let specials = [(".", ino), ("..", parent)];
-        let total = 2 + dir.len() as u64;
+        let total = 2 + l.len() as u64;
         for i in offset..total {
             let (name, attr) = if i < 2 {
-                let (n, x) = specials[i as usize];
-                (
-                    n.to_string(),
-                    Attr {
-                        ino: x,
-                        kind: Kind::Dir,
-                        size: 0,
-                        perm: 0o555,
-                    },
-                )
+                let (n, x) = if i == 0 { (".", ino) } else { ("..", parent) };
+                (n.to_string(), Attr { ino: x, kind: Kind::Dir, size: 0, perm: 0o555 })
             } else {
-                let j = (i - 2) as usize;
-                let (name, node) = nth_entry(ino, dir, j);
-                let x = self
-                    .inodes
-                    .peek(ino, &name, &node)
-                    .unwrap_or_else(|| synthetic_ino(ino, &name));
+                let (name, node) = l.nth(ino, (i - 2) as usize);
+                let x = self.inodes.peek(ino, &name, &node).unwrap_or_else(|| synthetic_ino(ino, &name));
                 let a = attr_of(x, &node);
                 (name, a)
             };
@@ -244,87 +305,87 @@ impl CasFs {
         Ok(out)
     }
 
-    /// Entry `offset - 2` of a directory for readdirplus, counting a kernel lookup.
-    pub fn list_plus_entry(
-        &self,
-        ino: u64,
-        dir: &Directory,
-        index: usize,
-    ) -> Option<(String, Attr)> {
-        if index >= dir.len() {
+    /// Entry `index` of a listing for readdirplus, counting a kernel lookup.
+    pub fn list_plus_entry(&self, ino: u64, l: &Listing, index: usize) -> Option<(String, Attr)> {
+        if index >= l.len() {
             return None;
         }
-        let (name, node) = nth_entry(ino, dir, index);
-        let x = self.inodes.lookup(ino, &name, node.clone());
-        Some((name, attr_of(x, &node)))
-    }
-
-    /// The parent inode of a directory (itself for the root).
-    pub fn parent_of(&self, ino: u64) -> u64 {
-        match self.inodes.get(ino) {
-            Some(NodeKind::Dir { parent, .. }) => parent,
-            _ => ROOT,
-        }
+        let (name, node) = l.nth(ino, index);
+        let a = self.enter(ino, &name, node);
+        Some((name, a))
     }
 
     /// The target of a symlink inode.
     pub fn readlink(&self, ino: u64) -> Result<Arc<str>> {
         match self.node(ino)? {
             NodeKind::Symlink { target } => Ok(target),
-            _ => Err(Error::io(
-                "not a symlink",
-                std::io::Error::from_raw_os_error(libc::EINVAL),
-            )),
+            _ => Err(errno_err(libc::EINVAL, "not a symlink")),
         }
     }
 
-    /// The content digest of a file inode.
+    /// The content digest of a CAS file inode.
     pub fn file_digest(&self, ino: u64) -> Result<Digest> {
         match self.node(ino)? {
             NodeKind::File { digest, .. } => Ok(digest),
-            NodeKind::Dir { .. } => Err(Error::io(
-                "is a directory",
-                std::io::Error::from_raw_os_error(libc::EISDIR),
-            )),
-            _ => Err(Error::io(
-                "not a file",
-                std::io::Error::from_raw_os_error(libc::EINVAL),
-            )),
+            NodeKind::Synth { .. } => Err(errno_err(libc::ENODATA, "made-up file")),
+            n if n.parent().is_some() => Err(errno_err(libc::EISDIR, "is a directory")),
+            _ => Err(errno_err(libc::EINVAL, "not a file")),
         }
     }
 
-    /// The local cache path of a file's content if it is there now.
+    /// The local cache path of a CAS file's content if it is there now (`None` also for
+    /// made-up files, which have no backing file).
     pub fn local_now(&self, ino: u64) -> Result<Option<PathBuf>> {
-        let d = self.file_digest(ino)?;
-        Ok(self.fetch.local_path(&d))
+        match self.node(ino)? {
+            NodeKind::File { digest, .. } => Ok(self.fetch.local_path(&digest)),
+            NodeKind::Synth { .. } => Ok(None),
+            _ => Err(errno_err(libc::EISDIR, "not a file")),
+        }
     }
 
     /// Makes a file's content local (fetched once, verified) and returns its cache path.
     pub async fn fetch_file(&self, ino: u64) -> Result<PathBuf> {
-        let d = self.file_digest(ino)?;
-        let parent_dir = match self.inodes.get(self.inodes_parent(ino)) {
+        let NodeKind::File { digest, inst, .. } = self.node(ino)? else {
+            return Err(errno_err(libc::EINVAL, "not a CAS file"));
+        };
+        let parent_dir = match self.inodes.get(self.inodes.last_parent(ino)) {
             Some(NodeKind::Dir { digest, .. }) => Some(digest),
             _ => None,
         };
-        self.fetch.blob(d, parent_dir).await.map_err(|e| {
-            tracing::warn!(digest = %d, path = %self.path(ino), error = %e, "cannot fetch file");
+        self.fetch.blob(digest, inst, parent_dir).await.map_err(|e| {
+            tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot fetch file");
             shared_err(&e)
         })
     }
 
-    fn inodes_parent(&self, ino: u64) -> u64 {
-        // Files record where they were last looked up; the path walk gives that parent.
-        self.inodes.last_parent(ino)
+    /// Reads without waiting when the bytes are at hand (`None`: call [`CasFs::read`]).
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>>> {
+        match self.node(ino) {
+            Ok(NodeKind::Synth { data, .. }) => {
+                let start = (offset as usize).min(data.len());
+                let end = start.saturating_add(size as usize).min(data.len());
+                Some(Ok(data[start..end].to_vec()))
+            }
+            Ok(NodeKind::File { digest, .. }) => {
+                self.fetch.local_path(&digest).map(|p| self.read_local(&digest, &p, offset, size))
+            }
+            Ok(_) => Some(Err(errno_err(libc::EISDIR, "not a file"))),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Reads, fetching the file's content first if needed.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if let Some(r) = self.read_now(ino, offset, size) {
+            return r;
+        }
+        let digest = self.file_digest(ino)?;
+        let path = self.fetch_file(ino).await?;
+        self.read_local(&digest, &path, offset, size)
     }
 
     /// Reads from a file already in the local cache.
-    pub fn read_local(
-        &self,
-        digest: &Digest,
-        path: &std::path::Path,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<u8>> {
+    pub fn read_local(&self, digest: &Digest, path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8>> {
         let end = digest.size().min(offset.saturating_add(size as u64));
         if offset >= end {
             return Ok(Vec::new());
@@ -332,10 +393,8 @@ impl CasFs {
         let file = match self.fds.get(digest) {
             Some(f) => f,
             None => {
-                let f = Arc::new(
-                    std::fs::File::open(path)
-                        .map_err(|e| Error::io(format!("opening cached {digest}"), e))?,
-                );
+                let f =
+                    Arc::new(std::fs::File::open(path).map_err(|e| Error::io(format!("opening cached {digest}"), e))?);
                 self.fds.insert(*digest, f.clone());
                 f
             }
@@ -352,23 +411,22 @@ impl CasFs {
         }
         if done < buf.len() {
             self.fds.invalidate(digest);
-            return Err(Error::Internal(format!(
-                "cached blob {digest} is shorter than its digest says"
-            )));
+            return Err(Error::Internal(format!("cached blob {digest} is shorter than its digest says")));
         }
         Ok(buf)
     }
 
     /// The value of an xattr, `None` when the node has no such attribute.
     pub fn getxattr(&self, ino: u64, name: &str) -> Result<Option<Vec<u8>>> {
-        let digest = match self.node(ino)? {
-            NodeKind::File { digest, .. } | NodeKind::Dir { digest, .. } => digest,
-            NodeKind::Symlink { .. } => return Ok(None),
+        let node = self.node(ino)?;
+        let digest = match &node {
+            NodeKind::File { digest, .. } | NodeKind::Dir { digest, .. } => *digest,
+            _ => return Ok(None),
         };
         if name == self.cfg.digest_xattr {
             return Ok(Some(digest.to_string().into_bytes()));
         }
-        if name == self.cfg.hash_xattr && matches!(self.node(ino)?, NodeKind::File { .. }) {
+        if name == self.cfg.hash_xattr && matches!(node, NodeKind::File { .. }) {
             return Ok(Some(digest.hash_bytes().to_vec()));
         }
         Ok(None)
@@ -376,52 +434,27 @@ impl CasFs {
 
     /// NUL-separated xattr names of a node.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let names: Vec<&String> = match self.node(ino)? {
+            NodeKind::File { .. } => vec![&self.cfg.digest_xattr, &self.cfg.hash_xattr],
+            NodeKind::Dir { .. } => vec![&self.cfg.digest_xattr],
+            _ => vec![],
+        };
         let mut out = Vec::new();
-        match self.node(ino)? {
-            NodeKind::File { .. } => {
-                for n in [&self.cfg.digest_xattr, &self.cfg.hash_xattr] {
-                    out.extend_from_slice(n.as_bytes());
-                    out.push(0);
-                }
-            }
-            NodeKind::Dir { .. } => {
-                out.extend_from_slice(self.cfg.digest_xattr.as_bytes());
-                out.push(0);
-            }
-            NodeKind::Symlink { .. } => {}
+        for n in names {
+            out.extend_from_slice(n.as_bytes());
+            out.push(0);
         }
         Ok(out)
     }
-}
 
-fn nth_entry(parent: u64, dir: &Directory, j: usize) -> (String, NodeKind) {
-    let (nf, nd) = (dir.files.len(), dir.dirs.len());
-    if j < nf {
-        let f = &dir.files[j];
-        (
-            f.name.clone(),
-            NodeKind::File {
-                digest: f.digest,
-                executable: f.executable,
-            },
-        )
-    } else if j < nf + nd {
-        let d = &dir.dirs[j - nf];
-        (
-            d.name.clone(),
-            NodeKind::Dir {
-                digest: d.digest,
-                parent,
-            },
-        )
-    } else {
-        let s = &dir.symlinks[j - nf - nd];
-        (
-            s.name.clone(),
-            NodeKind::Symlink {
-                target: Arc::from(s.target.as_str()),
-            },
-        )
+    /// Resolves a slash-separated path below `ino` (for tools that browse without a mount).
+    pub async fn resolve(&self, mut ino: u64, path: &str) -> Result<Attr> {
+        let mut attr = self.getattr(ino)?;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            attr = self.lookup(ino, part).await?;
+            ino = attr.ino;
+        }
+        Ok(attr)
     }
 }
 
@@ -431,6 +464,9 @@ pub fn shared_err(e: &Arc<Error>) -> Error {
         Error::MissingBlob(d) => Error::MissingBlob(*d),
         Error::NotFound(s) => Error::NotFound(s.clone()),
         Error::DeadlineExceeded(s) => Error::DeadlineExceeded(s.clone()),
+        Error::InvalidDirectory { digest, reason } => {
+            Error::InvalidDirectory { digest: digest.clone(), reason: reason.clone() }
+        }
         other => Error::Unavailable(other.to_string()),
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
-use crate::cas::{Cas, DiskStore, SharedCas};
+use crate::cas::{Cas, DiskStore, SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -36,11 +36,7 @@ pub struct FetchConfig {
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig {
-            deadline: Duration::from_secs(30),
-            dir_cache_bytes: 256 << 20,
-            batch_siblings: true,
-        }
+        FetchConfig { deadline: Duration::from_secs(30), dir_cache_bytes: 256 << 20, batch_siblings: true }
     }
 }
 
@@ -53,9 +49,7 @@ struct SingleFlight<V: Clone> {
 
 impl<V: Clone + Send + Sync + 'static> SingleFlight<V> {
     fn new() -> Self {
-        SingleFlight {
-            map: Mutex::new(HashMap::new()),
-        }
+        SingleFlight { map: Mutex::new(HashMap::new()) }
     }
 
     async fn run<F>(&self, key: Digest, make: F) -> std::result::Result<V, Arc<Error>>
@@ -79,9 +73,71 @@ impl<V: Clone + Send + Sync + 'static> SingleFlight<V> {
     }
 }
 
+/// One REAPI instance to fetch from.
+#[derive(Clone)]
+pub struct Remote {
+    /// Its blobs.
+    pub cas: SharedCas,
+    /// Its action cache, when browsing actions.
+    pub ac: Option<SharedActionCache>,
+}
+
+/// Makes the `Remote` of an instance name (for the browse namespace).
+pub type RemoteFactory = Arc<dyn Fn(&str) -> Result<Remote> + Send + Sync>;
+
+/// Most instances one mount talks to.
+const MAX_INSTANCES: usize = 256;
+
+/// The instances a mount fetches from, numbered in order of first use. Content is
+/// addressed by digest, so caches are shared across them.
+pub struct Remotes {
+    list: std::sync::RwLock<Vec<(String, Remote)>>,
+    factory: Option<RemoteFactory>,
+}
+
+impl Remotes {
+    /// Exactly one remote (number 0): a digest mount.
+    pub fn single(cas: SharedCas, ac: Option<SharedActionCache>) -> Self {
+        Remotes { list: std::sync::RwLock::new(vec![(String::new(), Remote { cas, ac })]), factory: None }
+    }
+
+    /// Remotes made on demand per instance name: the browse namespace.
+    pub fn on_demand(factory: RemoteFactory) -> Self {
+        Remotes { list: std::sync::RwLock::new(Vec::new()), factory: Some(factory) }
+    }
+
+    /// The remote numbered `inst`.
+    pub fn get(&self, inst: u16) -> Result<Remote> {
+        self.list
+            .read()
+            .unwrap()
+            .get(inst as usize)
+            .map(|(_, r)| r.clone())
+            .ok_or_else(|| Error::Internal(format!("no remote number {inst}")))
+    }
+
+    /// The number of the instance called `name`, connecting on first use.
+    pub fn index_of(&self, name: &str) -> Result<u16> {
+        if let Some(i) = self.list.read().unwrap().iter().position(|(n, _)| n == name) {
+            return Ok(i as u16);
+        }
+        let factory = self.factory.as_ref().ok_or_else(|| Error::NotFound(format!("instance {name:?}")))?;
+        let remote = factory(name)?;
+        let mut list = self.list.write().unwrap();
+        if let Some(i) = list.iter().position(|(n, _)| n == name) {
+            return Ok(i as u16);
+        }
+        if list.len() >= MAX_INSTANCES {
+            return Err(Error::ResourceExhausted(format!("more than {MAX_INSTANCES} instances browsed")));
+        }
+        list.push((name.to_string(), remote));
+        Ok((list.len() - 1) as u16)
+    }
+}
+
 /// Fetches Directories and file contents on demand, verified, through the local caches.
 pub struct Fetcher {
-    remote: SharedCas,
+    remotes: Remotes,
     local: Arc<DiskStore>,
     dirs: moka::sync::Cache<Digest, Arc<Directory>>,
     dir_flight: SingleFlight<Arc<Directory>>,
@@ -93,22 +149,16 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// A fetcher reading from `remote` through the local blob cache `local`.
-    pub fn new(
-        remote: SharedCas,
-        local: Arc<DiskStore>,
-        cfg: FetchConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>> {
+    /// A fetcher reading from `remotes` through the local blob cache `local`.
+    pub fn new(remotes: Remotes, local: Arc<DiskStore>, cfg: FetchConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
         let dirs = moka::sync::Cache::builder()
             .max_capacity(cfg.dir_cache_bytes)
             .weigher(|_, d: &Arc<Directory>| (64 + 96 * d.len()).min(u32::MAX as usize) as u32)
             .build();
         let empty_file = local.root().join("empty");
-        std::fs::write(&empty_file, b"")
-            .map_err(|e| Error::io("creating the empty backing file", e))?;
+        std::fs::write(&empty_file, b"").map_err(|e| Error::io("creating the empty backing file", e))?;
         Ok(Arc::new(Fetcher {
-            remote,
+            remotes,
             local,
             dirs,
             dir_flight: SingleFlight::new(),
@@ -134,11 +184,13 @@ impl Fetcher {
         hit
     }
 
+    /// The instances this fetcher reads from.
+    pub fn remotes(&self) -> &Remotes {
+        &self.remotes
+    }
+
     /// A validated Directory, fetched (once, however many callers wait) if needed.
-    pub async fn dir(
-        self: &Arc<Self>,
-        digest: Digest,
-    ) -> std::result::Result<Arc<Directory>, Arc<Error>> {
+    pub async fn dir(self: &Arc<Self>, digest: Digest, inst: u16) -> std::result::Result<Arc<Directory>, Arc<Error>> {
         if let Some(d) = self.cached_dir(&digest) {
             return Ok(d);
         }
@@ -147,7 +199,7 @@ impl Fetcher {
         self.dir_flight
             .run(digest, move || {
                 async move {
-                    let dir = this.with_deadline(digest, this.fetch_dir(digest)).await?;
+                    let dir = this.with_deadline(digest, this.fetch_dir(digest, inst)).await?;
                     this.dirs.insert(digest, dir.clone());
                     Ok(dir)
                 }
@@ -156,35 +208,27 @@ impl Fetcher {
             .await
     }
 
-    async fn fetch_dir(&self, digest: Digest) -> Result<Arc<Directory>> {
+    async fn fetch_dir(&self, digest: Digest, inst: u16) -> Result<Arc<Directory>> {
         let bytes = if self.local.contains(&digest) {
             self.local.read(&digest).await?
         } else {
             let started = Instant::now();
-            let bytes = self.remote.read(&digest).await?;
+            let bytes = self.remotes.get(inst)?.cas.read(&digest).await?;
             self.metrics.add("casfs_fetch_dirs_total", 1);
-            self.metrics
-                .add("casfs_fetch_bytes_total", bytes.len() as u64);
-            self.metrics
-                .histogram("casfs_fetch_seconds{kind=\"dir\"}")
-                .observe(started.elapsed());
+            self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
+            self.metrics.histogram("casfs_fetch_seconds{kind=\"dir\"}").observe(started.elapsed());
             self.local.write(&digest, bytes.clone()).await?;
             bytes
         };
         Ok(Arc::new(Directory::decode(&digest, &bytes)?))
     }
 
-    async fn with_deadline<T>(
-        &self,
-        digest: Digest,
-        fut: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
+    async fn with_deadline<T>(&self, digest: Digest, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.cfg.deadline, fut).await {
             Ok(r) => r,
-            Err(_) => Err(Error::DeadlineExceeded(format!(
-                "fetching {digest} took longer than {:?}",
-                self.cfg.deadline
-            ))),
+            Err(_) => {
+                Err(Error::DeadlineExceeded(format!("fetching {digest} took longer than {:?}", self.cfg.deadline)))
+            }
         }
     }
 
@@ -206,6 +250,7 @@ impl Fetcher {
     pub async fn blob(
         self: &Arc<Self>,
         digest: Digest,
+        inst: u16,
         parent: Option<Digest>,
     ) -> std::result::Result<PathBuf, Arc<Error>> {
         if let Some(p) = self.local_path(&digest) {
@@ -215,31 +260,27 @@ impl Fetcher {
         let this = self.clone();
         self.blob_flight
             .run(digest, move || {
-                async move {
-                    this.with_deadline(digest, this.fetch_blob(digest, parent))
-                        .await
-                }
-                .boxed()
+                async move { this.with_deadline(digest, this.fetch_blob(digest, inst, parent)).await }.boxed()
             })
             .await?;
         Ok(self.local.blob_path(&digest))
     }
 
-    async fn fetch_blob(&self, digest: Digest, parent: Option<Digest>) -> Result<()> {
+    async fn fetch_blob(&self, digest: Digest, inst: u16, parent: Option<Digest>) -> Result<()> {
         let started = Instant::now();
+        let remote = self.remotes.get(inst)?.cas;
         if digest.size() <= SMALL_BLOB {
             let mut wanted = vec![digest];
             if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
                 wanted.extend(self.siblings_to_batch(&p, &digest));
             }
-            let results = self.remote.read_many(&wanted).await?;
+            let results = remote.read_many(&wanted).await?;
             let mut mine = Err(Error::MissingBlob(digest));
             for (d, r) in results {
                 let r = match r {
                     Ok(bytes) => {
                         self.metrics.add("casfs_fetch_blobs_total", 1);
-                        self.metrics
-                            .add("casfs_fetch_bytes_total", bytes.len() as u64);
+                        self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
                         self.local.write(&d, bytes).await
                     }
                     Err(e) => Err(e),
@@ -250,15 +291,13 @@ impl Fetcher {
                     tracing::debug!(digest = %d, error = %e, "sibling prefetch failed");
                 }
             }
-            self.metrics
-                .histogram("casfs_fetch_seconds{kind=\"small\"}")
-                .observe(started.elapsed());
+            self.metrics.histogram("casfs_fetch_seconds{kind=\"small\"}").observe(started.elapsed());
             return mine;
         }
         let mut attempt = 0;
         loop {
             let res = async {
-                let stream = self.remote.read_stream(&digest, 0, 0).await?;
+                let stream = remote.read_stream(&digest, 0, 0).await?;
                 let bytes = self.metrics.counter("casfs_fetch_bytes_total");
                 let counted = stream.inspect(move |c| {
                     if let Ok(b) = c {
@@ -273,14 +312,45 @@ impl Fetcher {
                 other => {
                     if other.is_ok() {
                         self.metrics.add("casfs_fetch_blobs_total", 1);
-                        self.metrics
-                            .histogram("casfs_fetch_seconds{kind=\"large\"}")
-                            .observe(started.elapsed());
+                        self.metrics.histogram("casfs_fetch_seconds{kind=\"large\"}").observe(started.elapsed());
                     }
                     return other;
                 }
             }
         }
+    }
+
+    /// A whole (verified) message blob such as an Action, Command or Tree, through the local
+    /// cache.
+    pub async fn message(self: &Arc<Self>, digest: Digest, inst: u16) -> Result<Vec<u8>> {
+        let path = self.blob(digest, inst, None).await.map_err(|e| super::core::shared_err(&e))?;
+        std::fs::read(&path).map_err(|e| Error::io(format!("reading cached {digest}"), e))
+    }
+
+    /// Registers a Directory that arrived inside another message (a Tree): stored in the
+    /// local cache (its digest was computed from these bytes) and the Directory cache.
+    pub async fn insert_dir(&self, digest: Digest, bytes: bytes::Bytes, dir: Directory) -> Result<()> {
+        self.local.write(&digest, bytes).await?;
+        self.dirs.insert(digest, Arc::new(dir));
+        Ok(())
+    }
+
+    /// Whether instance `inst` holds a blob (for lookups that must not answer for absent
+    /// content).
+    pub async fn exists(&self, digest: Digest, inst: u16) -> Result<bool> {
+        if self.local.contains(&digest) {
+            return Ok(true);
+        }
+        let cas = self.remotes.get(inst)?.cas;
+        let missing = self.with_deadline(digest, cas.find_missing(&[digest])).await?;
+        Ok(missing.is_empty())
+    }
+
+    /// The cached result of an action in instance `inst`, if any.
+    pub async fn action_result(&self, action: Digest, inst: u16) -> Result<Option<crate::proto::reapi::ActionResult>> {
+        let ac = self.remotes.get(inst)?.ac.ok_or_else(|| Error::NotFound("no action cache".into()))?;
+        self.metrics.add("casfs_fetch_action_results_total", 1);
+        self.with_deadline(action, ac.get_action_result(&action)).await
     }
 
     /// The other small, not yet local files of `parent`, if this is at least the second file
@@ -298,11 +368,7 @@ impl Fetcher {
         let mut seen = std::collections::HashSet::from([*me]);
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB
-                || d.is_empty_blob()
-                || !seen.insert(d)
-                || self.local.contains(&d)
-            {
+            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.local.contains(&d) {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

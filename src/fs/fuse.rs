@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use super::core::{Attr, CasFs, Kind};
+use super::core::{Attr, CasFs, Kind, Listing};
 use crate::error::Error;
 
 /// Content never changes under a digest, so the kernel may cache names and attributes for
@@ -56,21 +56,13 @@ fn errno(e: &Error) -> Errno {
 impl FuseAdapter {
     /// An adapter that runs fetches on `rt`.
     pub fn new(fs: Arc<CasFs>, rt: tokio::runtime::Handle, mode: OpenMode) -> Self {
-        FuseAdapter {
-            fs,
-            rt,
-            mode,
-            backing: Arc::default(),
-        }
+        FuseAdapter { fs, rt, mode, backing: Arc::default() }
     }
 
     fn timed(&self, op: &str) -> OpTimer {
         let m = self.fs.fetcher().metrics();
         m.add(&format!("casfs_fuse_ops_total{{op=\"{op}\"}}"), 1);
-        OpTimer {
-            hist: m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}")),
-            start: Instant::now(),
-        }
+        OpTimer { hist: m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}")), start: Instant::now() }
     }
 }
 
@@ -103,11 +95,7 @@ impl Filesystem for FuseAdapter {
             }
             ok
         };
-        want(
-            config,
-            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
-            "readdirplus_auto",
-        );
+        want(config, InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO, "readdirplus_auto");
         want(config, InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks");
         want(config, InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops");
         if matches!(self.mode, OpenMode::Auto | OpenMode::NoOpen) {
@@ -119,9 +107,7 @@ impl Filesystem for FuseAdapter {
         }
         if self.mode == OpenMode::Passthrough {
             // Depth 1 lets overlayfs stack on this mount while files pass through.
-            if !(want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough")
-                && config.set_max_stack_depth(1).is_ok())
-            {
+            if !(want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough") && config.set_max_stack_depth(1).is_ok()) {
                 self.mode = OpenMode::Open;
             }
         }
@@ -131,10 +117,7 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_background(64);
         tracing::info!(mode = ?self.mode, granted = ?granted, refused = ?refused, "FUSE connection initialised");
         let m = self.fs.fetcher().metrics();
-        m.add(
-            &format!("casfs_fuse_open_mode{{mode=\"{:?}\"}}", self.mode),
-            1,
-        );
+        m.add(&format!("casfs_fuse_open_mode{{mode=\"{:?}\"}}", self.mode), 1);
         Ok(())
     }
 
@@ -143,12 +126,10 @@ impl Filesystem for FuseAdapter {
         let Some(name) = name_str(name).map(str::to_string) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.fs.dir_now(parent.0) {
-            Ok(Some(dir)) => match self.fs.lookup_in(parent.0, &dir, &name) {
-                Ok(a) => reply.entry(&TTL, &file_attr_static(&self.fs, &a), Generation(0)),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Ok(None) => {
+        match self.fs.lookup_now(parent.0, &name) {
+            Some(Ok(a)) => reply.entry(&TTL, &file_attr_static(&self.fs, &a), Generation(0)),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
                     let _t = t;
@@ -158,7 +139,6 @@ impl Filesystem for FuseAdapter {
                     }
                 });
             }
-            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -189,7 +169,7 @@ impl Filesystem for FuseAdapter {
         }
         match self.mode {
             OpenMode::NoOpen | OpenMode::Auto => reply.error(Errno::ENOSYS),
-            OpenMode::Open => match self.fs.file_digest(ino.0) {
+            OpenMode::Open => match self.fs.getattr(ino.0) {
                 Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(errno(&e)),
             },
@@ -198,6 +178,10 @@ impl Filesystem for FuseAdapter {
                 let backing = self.backing.clone();
                 match self.fs.local_now(ino.0) {
                     Ok(Some(path)) => passthrough_reply(&backing, ino.0, &path, reply),
+                    // Made-up files have no backing file: they are served from memory.
+                    Ok(None) if self.fs.file_digest(ino.0).is_err() => {
+                        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                    }
                     Ok(None) => {
                         self.rt.spawn(async move {
                             let _t = t;
@@ -225,22 +209,18 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let t = self.timed("read");
-        let digest = match self.fs.file_digest(ino.0) {
-            Ok(d) => d,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        match self.fs.local_now(ino.0) {
-            Ok(Some(path)) => match self.fs.read_local(&digest, &path, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Ok(None) => {
+        match self.fs.read_now(ino.0, offset, size) {
+            Some(Ok(data)) => reply.data(&data),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
                     let _t = t;
                     let res = match fs.fetch_file(ino.0).await {
-                        Ok(path) => tokio::task::spawn_blocking(move || {
-                            fs.read_local(&digest, &path, offset, size)
+                        // The bytes are local now; read them off the runtime's threads.
+                        Ok(_) => tokio::task::spawn_blocking(move || {
+                            fs.read_now(ino.0, offset, size)
+                                .unwrap_or_else(|| Err(Error::Internal("fetched blob left the cache at once".into())))
                         })
                         .await
                         .unwrap_or_else(|e| Err(Error::Internal(format!("read task: {e}")))),
@@ -252,7 +232,6 @@ impl Filesystem for FuseAdapter {
                     }
                 });
             }
-            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -274,28 +253,18 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _t = self.timed("opendir");
-        match self.fs.dir_digest(ino.0) {
-            Ok(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+        match self.fs.getattr(ino.0) {
+            Ok(a) if a.kind == Kind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let t = self.timed("readdir");
-        let fill = move |fs: &CasFs,
-                         dir: &crate::tree::Directory,
-                         reply: &mut ReplyDirectory|
-              -> Result<(), Error> {
+        let fill = move |fs: &CasFs, dir: &Listing, reply: &mut ReplyDirectory| -> Result<(), Error> {
             for (next, name, a) in fs.list(ino.0, dir, offset)? {
                 let kind = match a.kind {
                     Kind::Dir => FileType::Directory,
@@ -308,7 +277,7 @@ impl Filesystem for FuseAdapter {
             }
             Ok(())
         };
-        match self.fs.dir_now(ino.0) {
+        match self.fs.listing_now(ino.0) {
             Ok(Some(dir)) => match fill(&self.fs, &dir, &mut reply) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
@@ -317,11 +286,7 @@ impl Filesystem for FuseAdapter {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
                     let _t = t;
-                    match fs
-                        .dir(ino.0)
-                        .await
-                        .and_then(|dir| fill(&fs, &dir, &mut reply))
-                    {
+                    match fs.listing(ino.0).await.and_then(|dir| fill(&fs, &dir, &mut reply)) {
                         Ok(()) => reply.ok(),
                         Err(e) => reply.error(errno(&e)),
                     }
@@ -331,28 +296,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let t = self.timed("readdirplus");
-        let fill = move |fs: &CasFs,
-                         dir: &crate::tree::Directory,
-                         reply: &mut ReplyDirectoryPlus| {
+        let fill = move |fs: &CasFs, dir: &Listing, reply: &mut ReplyDirectoryPlus| {
             let mut i = offset;
             loop {
                 let added_full = if i < 2 {
                     let x = if i == 0 { ino.0 } else { fs.parent_of(ino.0) };
-                    let a = Attr {
-                        ino: x,
-                        kind: Kind::Dir,
-                        size: 0,
-                        perm: 0o555,
-                    };
+                    let a = Attr { ino: x, kind: Kind::Dir, size: 0, perm: 0o555 };
                     reply.add(
                         INodeNo(x),
                         i + 1,
@@ -366,14 +317,7 @@ impl Filesystem for FuseAdapter {
                     let Some((name, a)) = fs.list_plus_entry(ino.0, dir, (i - 2) as usize) else {
                         break;
                     };
-                    let full = reply.add(
-                        INodeNo(a.ino),
-                        i + 1,
-                        &name,
-                        &TTL,
-                        &file_attr_static(fs, &a),
-                        Generation(0),
-                    );
+                    let full = reply.add(INodeNo(a.ino), i + 1, &name, &TTL, &file_attr_static(fs, &a), Generation(0));
                     if full {
                         fs.forget(a.ino, 1);
                     }
@@ -385,7 +329,7 @@ impl Filesystem for FuseAdapter {
                 i += 1;
             }
         };
-        match self.fs.dir_now(ino.0) {
+        match self.fs.listing_now(ino.0) {
             Ok(Some(dir)) => {
                 fill(&self.fs, &dir, &mut reply);
                 reply.ok();
@@ -394,7 +338,7 @@ impl Filesystem for FuseAdapter {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
                     let _t = t;
-                    match fs.dir(ino.0).await {
+                    match fs.listing(ino.0).await {
                         Ok(dir) => {
                             fill(&fs, &dir, &mut reply);
                             reply.ok();
@@ -407,28 +351,12 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(
-            0,
-            0,
-            0,
-            self.fs.inode_count() as u64,
-            0,
-            64 * 1024,
-            255,
-            64 * 1024,
-        );
+        reply.statfs(0, 0, 0, self.fs.inode_count() as u64, 0, 64 * 1024, 255, 64 * 1024);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -456,16 +384,7 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn setxattr(
-        &self,
-        _r: &Request,
-        _i: INodeNo,
-        _n: &OsStr,
-        _v: &[u8],
-        _f: i32,
-        _p: u32,
-        reply: ReplyEmpty,
-    ) {
+    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
         reply.error(Errno::EROFS);
     }
 

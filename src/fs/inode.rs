@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::browse::BrowseNode;
+use super::vdir::VDir;
 use crate::digest::Digest;
 
 /// Inode number of the mount's root directory.
@@ -17,12 +19,31 @@ pub const ROOT: u64 = 1;
 /// What an inode stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
-    /// A directory with its Directory digest and its parent's inode (itself for the root).
-    Dir { digest: Digest, parent: u64 },
-    /// A regular file.
-    File { digest: Digest, executable: bool },
+    /// A CAS directory: its Directory digest, its parent's inode (itself for the root) and
+    /// the instance it is fetched from.
+    Dir { digest: Digest, parent: u64, inst: u16 },
+    /// A CAS file.
+    File { digest: Digest, executable: bool, inst: u16 },
     /// A symbolic link.
     Symlink { target: Arc<str> },
+    /// A file whose bytes casfs made (exit codes, JSON renderings, inline stdout).
+    Synth { data: Arc<[u8]>, executable: bool },
+    /// A directory casfs made (an action's view, the folders above its outputs).
+    Virtual { dir: Arc<VDir>, parent: u64, inst: u16 },
+    /// A folder of the browse namespace.
+    Browse { node: BrowseNode, parent: u64 },
+}
+
+impl NodeKind {
+    /// The parent inode of a directory-like node.
+    pub fn parent(&self) -> Option<u64> {
+        match self {
+            NodeKind::Dir { parent, .. } | NodeKind::Virtual { parent, .. } | NodeKind::Browse { parent, .. } => {
+                Some(*parent)
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -53,47 +74,24 @@ pub struct Inodes {
 }
 
 impl Inodes {
-    /// A table holding only the root directory.
-    pub fn new(root: Digest) -> Self {
+    /// A table holding only the root.
+    pub fn new(root: NodeKind) -> Self {
         let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT,
-            Node {
-                kind: NodeKind::Dir {
-                    digest: root,
-                    parent: ROOT,
-                },
-                key: Key::Root,
-                nlookup: 1,
-                parent: ROOT,
-                name: Arc::from(""),
-            },
-        );
+        nodes.insert(ROOT, Node { kind: root, key: Key::Root, nlookup: 1, parent: ROOT, name: Arc::from("") });
         let keys = HashMap::from([(Key::Root, ROOT)]);
-        Inodes {
-            table: Mutex::new(Table {
-                nodes,
-                keys,
-                next: ROOT + 1,
-            }),
-        }
+        Inodes { table: Mutex::new(Table { nodes, keys, next: ROOT + 1 }) }
     }
 
     /// What `ino` stands for, if the kernel still knows it.
     pub fn get(&self, ino: u64) -> Option<NodeKind> {
-        self.table
-            .lock()
-            .unwrap()
-            .nodes
-            .get(&ino)
-            .map(|n| n.kind.clone())
+        self.table.lock().unwrap().nodes.get(&ino).map(|n| n.kind.clone())
     }
 
     /// The inode for entry `name` of directory `parent`, created if needed, with its lookup
     /// count raised by one (every entry reply the kernel receives must be counted).
     pub fn lookup(&self, parent: u64, name: &str, kind: NodeKind) -> u64 {
         let key = match &kind {
-            NodeKind::File { digest, executable } => Key::File(*digest, *executable),
+            NodeKind::File { digest, executable, .. } => Key::File(*digest, *executable),
             _ => Key::Named(parent, Arc::from(name)),
         };
         let mut t = self.table.lock().unwrap();
@@ -110,23 +108,14 @@ impl Inodes {
         let ino = t.next;
         t.next += 1;
         t.keys.insert(key.clone(), ino);
-        t.nodes.insert(
-            ino,
-            Node {
-                kind,
-                key,
-                nlookup: 1,
-                parent,
-                name: Arc::from(name),
-            },
-        );
+        t.nodes.insert(ino, Node { kind, key, nlookup: 1, parent, name: Arc::from(name) });
         ino
     }
 
     /// The inode `name` in `parent` would have if it is known, without counting a lookup.
     pub fn peek(&self, parent: u64, name: &str, kind: &NodeKind) -> Option<u64> {
         let key = match kind {
-            NodeKind::File { digest, executable } => Key::File(*digest, *executable),
+            NodeKind::File { digest, executable, .. } => Key::File(*digest, *executable),
             _ => Key::Named(parent, Arc::from(name)),
         };
         self.table.lock().unwrap().keys.get(&key).copied()
@@ -178,13 +167,7 @@ impl Inodes {
 
     /// The directory an inode was last looked up in.
     pub fn last_parent(&self, ino: u64) -> u64 {
-        self.table
-            .lock()
-            .unwrap()
-            .nodes
-            .get(&ino)
-            .map(|n| n.parent)
-            .unwrap_or(ROOT)
+        self.table.lock().unwrap().nodes.get(&ino).map(|n| n.parent).unwrap_or(ROOT)
     }
 
     /// Inodes currently held (root included).
@@ -215,39 +198,15 @@ mod tests {
     #[test]
     fn same_content_shares_an_inode_and_forget_frees_it() {
         let d = Digest::of_bytes(b"x");
-        let t = Inodes::new(Digest::of_bytes(b""));
-        let f = NodeKind::File {
-            digest: d,
-            executable: false,
-        };
+        let t = Inodes::new(NodeKind::Dir { digest: d, parent: ROOT, inst: 0 });
+        let f = NodeKind::File { digest: d, executable: false, inst: 0 };
         let a = t.lookup(ROOT, "a", f.clone());
         let b = t.lookup(ROOT, "b", f.clone());
         assert_eq!(a, b);
-        let x = t.lookup(
-            ROOT,
-            "b",
-            NodeKind::File {
-                digest: d,
-                executable: true,
-            },
-        );
+        let x = t.lookup(ROOT, "b", NodeKind::File { digest: d, executable: true, inst: 0 });
         assert_ne!(a, x);
-        let sub = t.lookup(
-            ROOT,
-            "sub",
-            NodeKind::Dir {
-                digest: d,
-                parent: ROOT,
-            },
-        );
-        let sub2 = t.lookup(
-            a,
-            "sub",
-            NodeKind::Dir {
-                digest: d,
-                parent: a,
-            },
-        );
+        let sub = t.lookup(ROOT, "sub", NodeKind::Dir { digest: d, parent: ROOT, inst: 0 });
+        let sub2 = t.lookup(a, "sub", NodeKind::Dir { digest: d, parent: a, inst: 0 });
         assert_ne!(sub, sub2, "directories are never shared");
         assert_eq!(t.len(), 5);
         t.forget(a, 1);

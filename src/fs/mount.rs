@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::core::{CasFs, FsConfig};
-use super::fetch::{FetchConfig, Fetcher};
+use super::fetch::{FetchConfig, Fetcher, Remotes};
 use super::fuse::{FuseAdapter, OpenMode};
-use crate::cas::{DiskStore, SharedCas};
+use crate::cas::DiskStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -95,10 +95,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -119,9 +116,7 @@ pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| Path::new(&unescape_mountinfo(mp)) == abs)
+    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| Path::new(&unescape_mountinfo(mp)) == abs)
 }
 
 /// Lazily detaches whatever is mounted at `path`.
@@ -140,14 +135,14 @@ pub fn detach(path: &Path) -> Result<()> {
 
 /// Checks /dev/fuse and the mountpoint, and clears a stale mount left by a killed daemon.
 pub fn preflight(mountpoint: &Path) -> Result<()> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
         let why = match e.raw_os_error() {
-            Some(libc::ENOENT) => "no /dev/fuse: load the fuse module (modprobe fuse), or pass the device into the container",
-            Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/fuse: run as root, or install fuse3 (fusermount3) and use an allowed user",
+            Some(libc::ENOENT) => {
+                "no /dev/fuse: load the fuse module (modprobe fuse), or pass the device into the container"
+            }
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                "no permission to open /dev/fuse: run as root, or install fuse3 (fusermount3) and use an allowed user"
+            }
             _ => "cannot open /dev/fuse",
         };
         return Err(Error::FailedPrecondition(format!("{why} ({e})")));
@@ -156,35 +151,43 @@ pub fn preflight(mountpoint: &Path) -> Result<()> {
         tracing::warn!(mountpoint = %mountpoint.display(), "clearing a stale mount");
         detach(mountpoint)?;
     }
-    let meta = std::fs::metadata(mountpoint)
-        .map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
+    let meta =
+        std::fs::metadata(mountpoint).map_err(|e| Error::io(format!("mountpoint {}", mountpoint.display()), e))?;
     if !meta.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "mountpoint {} is not a directory",
-            mountpoint.display()
-        )));
+        return Err(Error::InvalidArgument(format!("mountpoint {} is not a directory", mountpoint.display())));
     }
     Ok(())
 }
 
-/// Mounts the tree of the Directory `root`, read lazily from `remote` through the local blob
-/// cache `cache`. Must be called inside a tokio runtime, which runs the fetches.
+/// What a mount shows.
+#[derive(Clone, Copy, Debug)]
+pub enum Root {
+    /// The tree of a Directory digest.
+    Digest(Digest),
+    /// The browse-by-digest namespace over every instance.
+    Browse,
+}
+
+/// Mounts `root`, read lazily from `remotes` through the local blob cache `cache`. Must be
+/// called inside a tokio runtime, which runs the fetches.
 ///
 /// ```no_run
 /// # async fn demo(root: casfs::Digest) -> casfs::Result<()> {
 /// use std::sync::Arc;
 /// use casfs::cas::{DiskStore, GrpcStore, RemoteConfig};
-/// use casfs::fs::{mount, MountConfig};
+/// use casfs::fs::{mount, MountConfig, Remotes, Root};
 /// let remote = Arc::new(GrpcStore::new(&RemoteConfig::new("grpc://127.0.0.1:8980"))?);
 /// let cache = Arc::new(DiskStore::open("/var/cache/casfs", 10 << 30)?);
-/// let guard = mount(root, remote, cache, MountConfig::new("/mnt/input"), casfs::metrics::Metrics::new())?;
+/// let remotes = Remotes::single(remote, None);
+/// let metrics = casfs::metrics::Metrics::new();
+/// let guard = mount(Root::Digest(root), remotes, cache, MountConfig::new("/mnt/input"), metrics)?;
 /// // ... run something that reads /mnt/input ...
 /// drop(guard); // unmounts
 /// # Ok(()) }
 /// ```
 pub fn mount(
-    root: Digest,
-    remote: SharedCas,
+    root: Root,
+    remotes: Remotes,
     cache: Arc<DiskStore>,
     cfg: MountConfig,
     metrics: Arc<Metrics>,
@@ -192,12 +195,15 @@ pub fn mount(
     preflight(&cfg.mountpoint)?;
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|_| Error::Internal("casfs::fs::mount needs a tokio runtime".into()))?;
-    let fetcher = Fetcher::new(remote, cache, cfg.fetch.clone(), metrics)?;
-    let fs = CasFs::new(root, fetcher, cfg.fs.clone());
+    let fetcher = Fetcher::new(remotes, cache, cfg.fetch.clone(), metrics)?;
+    let (fs, name) = match root {
+        Root::Digest(d) => (CasFs::new(d, fetcher, cfg.fs.clone()), format!("casfs:{}", d.to_path_form())),
+        Root::Browse => (CasFs::browse(fetcher, cfg.fs.clone()), "casfs:browse".to_string()),
+    };
     let adapter = FuseAdapter::new(fs.clone(), rt, cfg.open_mode);
     let mut fc = fuser::Config::default();
     fc.mount_options = vec![
-        fuser::MountOption::FSName(format!("casfs:{}", root.to_path_form())),
+        fuser::MountOption::FSName(name),
         fuser::MountOption::Subtype("casfs".into()),
         fuser::MountOption::RO,
         fuser::MountOption::NoDev,
@@ -211,13 +217,9 @@ pub fn mount(
     fc.clone_fd = cfg.threads > 1;
     let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
         .map_err(|e| Error::io(format!("mounting at {}", cfg.mountpoint.display()), e))?;
-    let guard = MountGuard {
-        session: Some(session),
-        mountpoint: cfg.mountpoint.clone(),
-        fs,
-    };
+    let guard = MountGuard { session: Some(session), mountpoint: cfg.mountpoint.clone(), fs };
     raise_readahead(&cfg.mountpoint);
-    tracing::info!(root = %root, mountpoint = %cfg.mountpoint.display(), "mounted");
+    tracing::info!(root = ?root, mountpoint = %cfg.mountpoint.display(), "mounted");
     Ok(guard)
 }
 

@@ -27,10 +27,7 @@ pub fn referenced_blobs(r: &ActionResult) -> Result<Vec<Digest>> {
         }
     }
     for d in &r.output_directories {
-        for x in [&d.tree_digest, &d.root_directory_digest]
-            .into_iter()
-            .flatten()
-        {
+        for x in [&d.tree_digest, &d.root_directory_digest].into_iter().flatten() {
             out.push(Digest::try_from(x)?);
         }
     }
@@ -42,9 +39,7 @@ pub fn referenced_blobs(r: &ActionResult) -> Result<Vec<Digest>> {
 
 fn action_digest(d: &Option<reapi::Digest>, function: i32) -> Result<Digest, Status> {
     DigestFunction::from_proto(function).map_err(|e| status(e.into()))?;
-    let d = d
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("action_digest is required"))?;
+    let d = d.as_ref().ok_or_else(|| Status::invalid_argument("action_digest is required"))?;
     Digest::try_from(d).map_err(|e| status(e.into()))
 }
 
@@ -56,22 +51,14 @@ impl ActionCache for AcService {
     ) -> Result<Response<ActionResult>, Status> {
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
-        let Some(result) = self
-            .backend
-            .ac
-            .get_action_result(&action)
-            .await
-            .map_err(status)?
-        else {
+        let Some(result) = self.backend.ac.get_action_result(&action).await.map_err(status)? else {
             return Err(Status::not_found(format!("no action result for {action}")));
         };
         let refs = referenced_blobs(&result).map_err(status)?;
         let missing = self.backend.cas.find_missing(&refs).await.map_err(status)?;
         if let Some(m) = missing.first() {
             tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
-            return Err(Status::not_found(format!(
-                "action result for {action} refers to missing blob {m}"
-            )));
+            return Err(Status::not_found(format!("action result for {action} refers to missing blob {m}")));
         }
         Ok(Response::new(result))
     }
@@ -82,15 +69,9 @@ impl ActionCache for AcService {
     ) -> Result<Response<ActionResult>, Status> {
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
-        let result = req
-            .action_result
-            .ok_or_else(|| Status::invalid_argument("action_result is required"))?;
+        let result = req.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
         referenced_blobs(&result).map_err(status)?;
-        self.backend
-            .ac
-            .update_action_result(&action, &result)
-            .await
-            .map_err(status)?;
+        self.backend.ac.update_action_result(&action, &result).await.map_err(status)?;
         Ok(Response::new(result))
     }
 }

@@ -26,10 +26,7 @@ impl AccessLog {
             .append(true)
             .open(path)
             .ctx(|| format!("opening access log {}", path.display()))?;
-        Ok(AccessLog {
-            inner,
-            out: Mutex::new(LineWriter::new(f)),
-        })
+        Ok(AccessLog { inner, out: Mutex::new(LineWriter::new(f)) })
     }
 
     fn log(&self, what: &str, d: &Digest) {

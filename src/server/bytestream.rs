@@ -11,8 +11,7 @@ use super::{status, Backend, READ_CHUNK};
 use crate::error::Error;
 use crate::proto::bytestream::byte_stream_server::ByteStream;
 use crate::proto::bytestream::{
-    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
-    WriteResponse,
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
 };
 
 pub(super) struct ByteStreamService {
@@ -28,9 +27,9 @@ impl ByteStreamService {
 fn uncompressed(r: Resource) -> Result<Resource, Status> {
     match &r.compressor {
         None => Ok(r),
-        Some(c) => Err(Status::invalid_argument(format!(
-            "compressor {c:?} is not supported (the server advertises none)"
-        ))),
+        Some(c) => {
+            Err(Status::invalid_argument(format!("compressor {c:?} is not supported (the server advertises none)")))
+        }
     }
 }
 
@@ -44,9 +43,7 @@ impl ByteStream for ByteStreamService {
         let req = req.into_inner();
         let r = uncompressed(parse_read(&req.resource_name).map_err(status)?)?;
         if req.read_offset < 0 || req.read_limit < 0 {
-            return Err(Status::invalid_argument(
-                "read_offset and read_limit must not be negative",
-            ));
+            return Err(Status::invalid_argument("read_offset and read_limit must not be negative"));
         }
         if req.read_offset as u64 > r.digest.size() {
             return Err(Status::out_of_range(format!(
@@ -66,9 +63,7 @@ impl ByteStream for ByteStreamService {
                 Ok(mut b) => {
                     let mut v = Vec::new();
                     while !b.is_empty() {
-                        v.push(Ok(ReadResponse {
-                            data: b.split_to(b.len().min(READ_CHUNK)),
-                        }));
+                        v.push(Ok(ReadResponse { data: b.split_to(b.len().min(READ_CHUNK)) }));
                     }
                     v
                 }
@@ -79,35 +74,19 @@ impl ByteStream for ByteStreamService {
         Ok(Response::new(Box::pin(out)))
     }
 
-    async fn write(
-        &self,
-        req: Request<Streaming<WriteRequest>>,
-    ) -> Result<Response<WriteResponse>, Status> {
+    async fn write(&self, req: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
         let mut incoming = req.into_inner();
-        let first = incoming
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("upload stream carried no message"))?;
+        let first =
+            incoming.message().await?.ok_or_else(|| Status::invalid_argument("upload stream carried no message"))?;
         let r = uncompressed(parse_write(&first.resource_name).map_err(status)?)?;
         let digest = r.digest;
         let size = digest.size() as i64;
         if first.write_offset != 0 {
-            return Err(Status::invalid_argument(
-                "resumed uploads are not supported: write_offset must start at 0",
-            ));
+            return Err(Status::invalid_argument("resumed uploads are not supported: write_offset must start at 0"));
         }
-        if self
-            .backend
-            .cas
-            .find_missing(&[digest])
-            .await
-            .map_err(status)?
-            .is_empty()
-        {
+        if self.backend.cas.find_missing(&[digest]).await.map_err(status)?.is_empty() {
             // Already stored: answer at once, as the spec allows.
-            return Ok(Response::new(WriteResponse {
-                committed_size: size,
-            }));
+            return Ok(Response::new(WriteResponse { committed_size: size }));
         }
         let name = first.resource_name.clone();
         let chunks = async_stream::stream! {
@@ -149,9 +128,7 @@ impl ByteStream for ByteStreamService {
             }
         };
         match self.backend.cas.write_stream(&digest, chunks.boxed()).await {
-            Ok(()) => Ok(Response::new(WriteResponse {
-                committed_size: size,
-            })),
+            Ok(()) => Ok(Response::new(WriteResponse { committed_size: size })),
             Err(e) => {
                 tracing::info!(digest = %digest, error = %e, "upload refused");
                 Err(status(e))
@@ -164,13 +141,7 @@ impl ByteStream for ByteStreamService {
         req: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let r = parse_write(&req.into_inner().resource_name).map_err(status)?;
-        let present = self
-            .backend
-            .cas
-            .find_missing(&[r.digest])
-            .await
-            .map_err(status)?
-            .is_empty();
+        let present = self.backend.cas.find_missing(&[r.digest]).await.map_err(status)?.is_empty();
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size: if present { r.digest.size() as i64 } else { 0 },
             complete: present,

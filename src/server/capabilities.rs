@@ -11,26 +11,16 @@ use crate::proto::semver::SemVer;
 pub(super) struct CapabilitiesService;
 
 fn version(major: i32, minor: i32) -> Option<SemVer> {
-    Some(SemVer {
-        major,
-        minor,
-        patch: 0,
-        prerelease: String::new(),
-    })
+    Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
 }
 
 /// The capabilities the embedded server advertises.
 pub fn server_capabilities() -> reapi::ServerCapabilities {
-    let functions: Vec<i32> = DigestFunction::ALL
-        .iter()
-        .map(|f| f.proto_value())
-        .collect();
+    let functions: Vec<i32> = DigestFunction::ALL.iter().map(|f| f.proto_value()).collect();
     reapi::ServerCapabilities {
         cache_capabilities: Some(reapi::CacheCapabilities {
             digest_functions: functions.clone(),
-            action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities {
-                update_enabled: true,
-            }),
+            action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities { update_enabled: true }),
             cache_priority_capabilities: None,
             max_batch_total_size_bytes: MAX_BATCH_BYTES as i64,
             symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,

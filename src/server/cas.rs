@@ -29,32 +29,20 @@ impl CasService {
 }
 
 fn ok_status() -> Option<rpc::Status> {
-    Some(rpc::Status {
-        code: 0,
-        message: String::new(),
-        details: vec![],
-    })
+    Some(rpc::Status { code: 0, message: String::new(), details: vec![] })
 }
 
 fn err_status(e: &Error) -> Option<rpc::Status> {
-    Some(rpc::Status {
-        code: e.code() as i32,
-        message: e.to_string(),
-        details: vec![],
-    })
+    Some(rpc::Status { code: e.code() as i32, message: e.to_string(), details: vec![] })
 }
 
 fn check_function(value: i32) -> Result<(), Status> {
-    DigestFunction::from_proto(value)
-        .map(|_| ())
-        .map_err(|e| status(e.into()))
+    DigestFunction::from_proto(value).map(|_| ()).map_err(|e| status(e.into()))
 }
 
 /// Parses request digests; the first malformed one fails the whole request.
 fn digests(list: &[reapi::Digest]) -> Result<Vec<Digest>, Status> {
-    list.iter()
-        .map(|d| Digest::try_from(d).map_err(|e| status(e.into())))
-        .collect()
+    list.iter().map(|d| Digest::try_from(d).map_err(|e| status(e.into()))).collect()
 }
 
 type TreeStream = Pin<Box<dyn Stream<Item = Result<reapi::GetTreeResponse, Status>> + Send>>;
@@ -68,12 +56,7 @@ impl ContentAddressableStorage for CasService {
         let req = req.into_inner();
         check_function(req.digest_function)?;
         let wanted = digests(&req.blob_digests)?;
-        let missing = self
-            .backend
-            .cas
-            .find_missing(&wanted)
-            .await
-            .map_err(status)?;
+        let missing = self.backend.cas.find_missing(&wanted).await.map_err(status)?;
         Ok(Response::new(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(|d| d.to_proto()).collect(),
         }))
@@ -108,10 +91,7 @@ impl ContentAddressableStorage for CasService {
                 }
             };
             let result = if r.compressor != 0 {
-                Err(Error::InvalidArgument(format!(
-                    "compressor {} is not supported in batches",
-                    r.compressor
-                )))
+                Err(Error::InvalidArgument(format!("compressor {} is not supported in batches", r.compressor)))
             } else {
                 self.backend.cas.write(&digest, r.data).await
             };
@@ -165,10 +145,7 @@ impl ContentAddressableStorage for CasService {
 
     type GetTreeStream = TreeStream;
 
-    async fn get_tree(
-        &self,
-        req: Request<reapi::GetTreeRequest>,
-    ) -> Result<Response<TreeStream>, Status> {
+    async fn get_tree(&self, req: Request<reapi::GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
         let req = req.into_inner();
         check_function(req.digest_function)?;
         let root = req
@@ -176,17 +153,11 @@ impl ContentAddressableStorage for CasService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("root_digest is required"))
             .and_then(|d| Digest::try_from(d).map_err(|e| status(e.into())))?;
-        let page = if req.page_size > 0 {
-            req.page_size as usize
-        } else {
-            DEFAULT_TREE_PAGE
-        };
+        let page = if req.page_size > 0 { req.page_size as usize } else { DEFAULT_TREE_PAGE };
         let start: usize = if req.page_token.is_empty() {
             0
         } else {
-            req.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument("bad page_token"))?
+            req.page_token.parse().map_err(|_| Status::invalid_argument("bad page_token"))?
         };
         // Breadth-first from the root; absent or undecodable subtrees are left out (as the
         // spec allows), but an absent root is NOT_FOUND.
@@ -222,35 +193,22 @@ impl ContentAddressableStorage for CasService {
         }
         let more = order.len() > end || !level.is_empty();
         let directories: Vec<reapi::Directory> = order.into_iter().skip(start).take(page).collect();
-        let next_page_token = if more {
-            (start + page).to_string()
-        } else {
-            String::new()
-        };
-        let resp = reapi::GetTreeResponse {
-            directories,
-            next_page_token,
-        };
-        Ok(Response::new(Box::pin(futures::stream::once(async move {
-            Ok(resp)
-        }))))
+        let next_page_token = if more { (start + page).to_string() } else { String::new() };
+        let resp = reapi::GetTreeResponse { directories, next_page_token };
+        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(resp) }))))
     }
 
     async fn split_blob(
         &self,
         _: Request<reapi::SplitBlobRequest>,
     ) -> Result<Response<reapi::SplitBlobResponse>, Status> {
-        Err(Status::unimplemented(
-            "SplitBlob is not supported (split_blob_support is false)",
-        ))
+        Err(Status::unimplemented("SplitBlob is not supported (split_blob_support is false)"))
     }
 
     async fn splice_blob(
         &self,
         _: Request<reapi::SpliceBlobRequest>,
     ) -> Result<Response<reapi::SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented(
-            "SpliceBlob is not supported (splice_blob_support is false)",
-        ))
+        Err(Status::unimplemented("SpliceBlob is not supported (splice_blob_support is false)"))
     }
 }

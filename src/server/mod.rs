@@ -51,18 +51,13 @@ pub enum Listen {
 impl std::str::FromStr for Listen {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        if let Some(p) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
+        if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
             return Ok(Listen::Unix(PathBuf::from(p)));
         }
         let s = s.strip_prefix("grpc://").unwrap_or(s);
-        s.parse().map(Listen::Tcp).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "listen address {s:?} is not HOST:PORT or unix:PATH"
-            ))
-        })
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|_| Error::InvalidArgument(format!("listen address {s:?} is not HOST:PORT or unix:PATH")))
     }
 }
 
@@ -82,8 +77,7 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
     let bs = ByteStreamServer::new(bytestream::ByteStreamService::new(backend.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let ac = ActionCacheServer::new(ac::AcService::new(backend.clone()))
-        .max_decoding_message_size(MAX_MESSAGE);
+    let ac = ActionCacheServer::new(ac::AcService::new(backend.clone())).max_decoding_message_size(MAX_MESSAGE);
     let caps = CapabilitiesServer::new(capabilities::CapabilitiesService);
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
@@ -114,15 +108,12 @@ impl Bound {
     pub async fn bind(listen: &Listen) -> Result<Self> {
         match listen {
             Listen::Tcp(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .ctx(|| format!("binding {addr}"))?;
+                let l = tokio::net::TcpListener::bind(addr).await.ctx(|| format!("binding {addr}"))?;
                 Ok(Bound::Tcp(l))
             }
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(path);
-                let l = tokio::net::UnixListener::bind(path)
-                    .ctx(|| format!("binding {}", path.display()))?;
+                let l = tokio::net::UnixListener::bind(path).ctx(|| format!("binding {}", path.display()))?;
                 Ok(Bound::Unix(l, path.clone()))
             }
         }
@@ -140,11 +131,7 @@ impl Bound {
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls.
-    pub async fn serve(
-        self,
-        backend: Backend,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<()> {
+    pub async fn serve(self, backend: Backend, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         self.serve_with(backend, None, shutdown).await
     }
 
@@ -162,9 +149,7 @@ impl Bound {
                 r.serve_with_incoming_shutdown(incoming, shutdown).await
             }
             Bound::Unix(l, path) => {
-                let res = r
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
-                    .await;
+                let res = r.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown).await;
                 let _ = std::fs::remove_file(path);
                 res
             }

@@ -20,12 +20,7 @@ fn bad(name: &str, why: &str) -> Error {
 }
 
 /// Parses what follows the instance: `blobs/[df/]hash/size…` or `compressed-blobs/c/[df/]hash/size…`.
-fn parse_blob_part(
-    name: &str,
-    parts: &[&str],
-    instance: String,
-    allow_trailing: bool,
-) -> Result<Resource> {
+fn parse_blob_part(name: &str, parts: &[&str], instance: String, allow_trailing: bool) -> Result<Resource> {
     let (compressor, rest) = match parts.first() {
         Some(&"blobs") => (None, &parts[1..]),
         Some(&"compressed-blobs") if parts.len() > 1 => (Some(parts[1].to_string()), &parts[2..]),
@@ -38,25 +33,14 @@ fn parse_blob_part(
     if rest.len() < 2 || (!allow_trailing && rest.len() > 2) {
         return Err(bad(name, "expected …/HASH/SIZE"));
     }
-    let size: i64 = rest[1]
-        .parse()
-        .map_err(|_| bad(name, "size is not a number"))?;
+    let size: i64 = rest[1].parse().map_err(|_| bad(name, "size is not a number"))?;
     let digest = Digest::from_parts(rest[0], size).map_err(|e| bad(name, &e.to_string()))?;
-    Ok(Resource {
-        instance,
-        digest,
-        compressor,
-    })
+    Ok(Resource { instance, digest, compressor })
 }
 
 fn check_instance(name: &str, segs: &[&str]) -> Result<String> {
     for s in segs {
-        if s.is_empty()
-            || matches!(
-                *s,
-                "blobs" | "uploads" | "compressed-blobs" | "actions" | "operations"
-            )
-        {
+        if s.is_empty() || matches!(*s, "blobs" | "uploads" | "compressed-blobs" | "actions" | "operations") {
             return Err(bad(name, "bad instance name segment"));
         }
     }
@@ -77,10 +61,7 @@ pub fn parse_read(name: &str) -> Result<Resource> {
 /// Parses an upload name: `[instance/]uploads/UUID/blobs/[df/]HASH/SIZE[/anything]`.
 pub fn parse_write(name: &str) -> Result<Resource> {
     let parts: Vec<&str> = name.split('/').collect();
-    let at = parts
-        .iter()
-        .position(|p| *p == "uploads")
-        .ok_or_else(|| bad(name, "no uploads/ segment"))?;
+    let at = parts.iter().position(|p| *p == "uploads").ok_or_else(|| bad(name, "no uploads/ segment"))?;
     let instance = check_instance(name, &parts[..at])?;
     if parts.len() < at + 2 || parts[at + 1].is_empty() {
         return Err(bad(name, "missing upload id after uploads/"));

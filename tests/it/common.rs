@@ -64,10 +64,7 @@ impl Drop for ServeProcess {
 
 /// Runs the casfs CLI; returns (status code, stdout, stderr).
 pub fn casfs(args: &[&str]) -> TestResult<(i32, String, String)> {
-    let out = Command::new(casfs_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()?;
+    let out = Command::new(casfs_bin()).args(args).stdin(Stdio::null()).output()?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -97,34 +94,19 @@ pub async fn serve_in_process(backend: Backend) -> TestResult<InProcessServer> {
     tokio::spawn(bound.serve(backend, async {
         let _ = rx.await;
     }));
-    Ok(InProcessServer {
-        url,
-        stop: Some(tx),
-    })
+    Ok(InProcessServer { url, stop: Some(tx) })
 }
 
 /// A backend over a fresh memory store.
 pub fn memory_backend() -> (Arc<MemoryStore>, Backend) {
     let m = Arc::new(MemoryStore::new());
-    (
-        m.clone(),
-        Backend {
-            cas: m.clone(),
-            ac: m,
-        },
-    )
+    (m.clone(), Backend { cas: m.clone(), ac: m })
 }
 
 /// A backend over a disk store in `dir`.
 pub fn disk_backend(dir: &Path) -> TestResult<(Arc<DiskStore>, Backend)> {
     let d = Arc::new(DiskStore::open(dir, 0)?);
-    Ok((
-        d.clone(),
-        Backend {
-            cas: d.clone(),
-            ac: d,
-        },
-    ))
+    Ok((d.clone(), Backend { cas: d.clone(), ac: d }))
 }
 
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
@@ -154,16 +136,7 @@ pub struct TreeSpec {
 /// absolute, dangling, to folders), empty folders, and the `large` files.
 pub fn generate_tree(root: &Path, spec: &TreeSpec) -> TestResult {
     std::fs::create_dir_all(root)?;
-    let names = [
-        "src",
-        "lib",
-        "données",
-        "日本語",
-        "emoji-🦀",
-        "a b c",
-        "x.y",
-        "deep",
-    ];
+    let names = ["src", "lib", "données", "日本語", "emoji-🦀", "a b c", "x.y", "deep"];
     let mut dirs = vec![root.to_path_buf()];
     for i in 1..spec.dirs {
         let parent = dirs[(i * 7919) % dirs.len()].clone();
@@ -187,11 +160,7 @@ pub fn generate_tree(root: &Path, spec: &TreeSpec) -> TestResult {
             _ => 65_536,
         };
         // Every 50th file repeats an earlier content, so dedup paths are exercised.
-        let seed = if i % 50 == 49 {
-            (i - 1) as u64
-        } else {
-            i as u64
-        };
+        let seed = if i % 50 == 49 { (i - 1) as u64 } else { i as u64 };
         let path = dir.join(name);
         std::fs::File::create(&path)?.write_all(&pseudo_random(seed, size))?;
         let mode = if i % 7 == 0 { 0o755 } else { 0o644 };
@@ -256,12 +225,7 @@ pub fn reapi_modes(lines: Vec<String>) -> Vec<String> {
 
 /// `diff -r` of two trees; Ok when identical.
 pub fn diff_r(a: &Path, b: &Path) -> TestResult {
-    let out = Command::new("diff")
-        .arg("-r")
-        .arg("--no-dereference")
-        .arg(a)
-        .arg(b)
-        .output()?;
+    let out = Command::new("diff").arg("-r").arg("--no-dereference").arg(a).arg(b).output()?;
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stdout);
         let head: String = text.lines().take(20).collect::<Vec<_>>().join("\n");

@@ -42,20 +42,14 @@ async fn suite(cas: &dyn Cas, ac: &dyn ActionCache) -> TestResult {
     assert_eq!(cas.read_range(&small, 1, 3).await?, &SMALL[1..4]);
     assert_eq!(cas.read_range(&small, 2, 0).await?, &SMALL[2..]);
     assert_eq!(cas.read_range(&small, 6, 0).await?.len(), 0);
-    assert!(
-        cas.read_range(&small, 7, 0).await.is_err(),
-        "offset past the end must fail"
-    );
+    assert!(cas.read_range(&small, 7, 0).await.is_err(), "offset past the end must fail");
 
     // A blob larger than any batch: streamed both ways, verified.
     let big_bytes = Bytes::from(pseudo_random(7, (9 << 20) + 13));
     let big = Digest::of_bytes(&big_bytes);
     cas.write(&big, big_bytes.clone()).await?;
     assert_eq!(cas.read(&big).await?, big_bytes);
-    assert_eq!(
-        cas.read_range(&big, 5 << 20, 100).await?,
-        big_bytes.slice((5 << 20)..(5 << 20) + 100)
-    );
+    assert_eq!(cas.read_range(&big, 5 << 20, 100).await?, big_bytes.slice((5 << 20)..(5 << 20) + 100));
     let tmp = tempfile::tempdir()?;
     cas.read_to_file(&big, &tmp.path().join("big")).await?;
     assert_eq!(std::fs::read(tmp.path().join("big"))?, big_bytes);
@@ -80,10 +74,7 @@ async fn suite(cas: &dyn Cas, ac: &dyn ActionCache) -> TestResult {
     assert_eq!(got.len(), wanted.len());
     for (d, r) in got {
         if d == b {
-            assert!(
-                matches!(r, Err(Error::MissingBlob(_))),
-                "missing blob in a batch: {r:?}"
-            );
+            assert!(matches!(r, Err(Error::MissingBlob(_))), "missing blob in a batch: {r:?}");
         } else {
             let data = r?;
             assert_eq!(Digest::of_bytes(&data), d);
@@ -92,25 +83,12 @@ async fn suite(cas: &dyn Cas, ac: &dyn ActionCache) -> TestResult {
 
     // A two-level tree comes back whole from get_tree, root first.
     let leaf = Directory {
-        files: vec![FileEntry {
-            name: "f".into(),
-            digest: small,
-            executable: true,
-        }],
+        files: vec![FileEntry { name: "f".into(), digest: small, executable: true }],
         ..Default::default()
     };
     let (leaf_d, leaf_bytes) = leaf.encode();
     let root = Directory {
-        dirs: vec![
-            DirEntry {
-                name: "x".into(),
-                digest: leaf_d,
-            },
-            DirEntry {
-                name: "y".into(),
-                digest: leaf_d,
-            },
-        ],
+        dirs: vec![DirEntry { name: "x".into(), digest: leaf_d }, DirEntry { name: "y".into(), digest: leaf_d }],
         ..Default::default()
     };
     let (root_d, root_bytes) = root.encode();
@@ -124,11 +102,7 @@ async fn suite(cas: &dyn Cas, ac: &dyn ActionCache) -> TestResult {
     // Action cache round trip; unknown actions are None.
     let action = Digest::of_bytes(b"an action");
     assert!(ac.get_action_result(&action).await?.is_none());
-    let result = reapi::ActionResult {
-        exit_code: 3,
-        stdout_digest: Some(small.to_proto()),
-        ..Default::default()
-    };
+    let result = reapi::ActionResult { exit_code: 3, stdout_digest: Some(small.to_proto()), ..Default::default() };
     ac.update_action_result(&action, &result).await?;
     assert_eq!(ac.get_action_result(&action).await?, Some(result));
     Ok(())
@@ -187,22 +161,12 @@ async fn disk_store_survives_restart_and_evicts_lru() -> TestResult {
     assert_eq!(d.blob_count(), 5);
     assert!(d.total_bytes() <= 5000);
     // Touch the oldest survivor, add a new blob: the next-oldest is evicted instead.
-    let survivors: Vec<Digest> = blobs
-        .iter()
-        .map(|(d, _)| *d)
-        .filter(|x| d.contains(x))
-        .collect();
+    let survivors: Vec<Digest> = blobs.iter().map(|(d, _)| *d).filter(|x| d.contains(x)).collect();
     d.read(&survivors[0]).await?;
     let extra = Bytes::from(pseudo_random(99, 1000));
     d.write(&Digest::of_bytes(&extra), extra.clone()).await?;
     assert!(d.contains(&survivors[0]), "recently read blob was evicted");
-    assert!(
-        !d.contains(&survivors[1]),
-        "least recently used blob was kept"
-    );
-    assert!(
-        !d.blob_path(&survivors[1]).exists(),
-        "evicted blob file still on disk"
-    );
+    assert!(!d.contains(&survivors[1]), "least recently used blob was kept");
+    assert!(!d.blob_path(&survivors[1]).exists(), "evicted blob file still on disk");
     Ok(())
 }

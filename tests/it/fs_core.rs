@@ -11,7 +11,7 @@ use casfs::digest::Digest;
 use casfs::error::Result;
 use casfs::fs::core::Kind;
 use casfs::fs::inode::ROOT;
-use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig};
+use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig, Remotes};
 use casfs::metrics::Metrics;
 use casfs::tree::{DirEntry, Directory, FileEntry, SymlinkEntry};
 
@@ -48,11 +48,7 @@ struct Fixture {
 }
 
 async fn fixture(delay: Duration, deadline: Duration) -> TestResult<Fixture> {
-    let remote = Arc::new(Counting {
-        inner: MemoryStore::new(),
-        reads: Default::default(),
-        delay,
-    });
+    let remote = Arc::new(Counting { inner: MemoryStore::new(), reads: Default::default(), delay });
     let file = Bytes::from_static(b"contents\n");
     let fd = Digest::of_bytes(&file);
     let big = Bytes::from(pseudo_random(9, 700_000));
@@ -60,59 +56,28 @@ async fn fixture(delay: Duration, deadline: Duration) -> TestResult<Fixture> {
     remote.inner.write(&fd, file).await?;
     remote.inner.write(&bd, big).await?;
     let sub = Directory {
-        files: vec![FileEntry {
-            name: "same".into(),
-            digest: fd,
-            executable: true,
-        }],
+        files: vec![FileEntry { name: "same".into(), digest: fd, executable: true }],
         ..Default::default()
     };
     let (sd, sb) = sub.encode();
     remote.inner.write(&sd, sb.into()).await?;
     let root = Directory {
         files: vec![
-            FileEntry {
-                name: "big".into(),
-                digest: bd,
-                executable: false,
-            },
-            FileEntry {
-                name: "f".into(),
-                digest: fd,
-                executable: false,
-            },
-            FileEntry {
-                name: "g".into(),
-                digest: fd,
-                executable: false,
-            },
+            FileEntry { name: "big".into(), digest: bd, executable: false },
+            FileEntry { name: "f".into(), digest: fd, executable: false },
+            FileEntry { name: "g".into(), digest: fd, executable: false },
         ],
-        dirs: vec![DirEntry {
-            name: "sub".into(),
-            digest: sd,
-        }],
-        symlinks: vec![SymlinkEntry {
-            name: "l".into(),
-            target: "../outside".into(),
-        }],
+        dirs: vec![DirEntry { name: "sub".into(), digest: sd }],
+        symlinks: vec![SymlinkEntry { name: "l".into(), target: "../outside".into() }],
     };
     let (rd, rb) = root.encode();
     remote.inner.write(&rd, rb.into()).await?;
     let cache = tempfile::tempdir()?;
     let local = Arc::new(DiskStore::open(cache.path(), 0)?);
-    let cfg = FetchConfig {
-        deadline,
-        ..FetchConfig::default()
-    };
-    let fetcher = Fetcher::new(remote.clone(), local, cfg, Metrics::new())?;
+    let cfg = FetchConfig { deadline, ..FetchConfig::default() };
+    let fetcher = Fetcher::new(Remotes::single(remote.clone(), None), local, cfg, Metrics::new())?;
     let fs = CasFs::new(rd, fetcher, FsConfig::default());
-    Ok(Fixture {
-        fs,
-        remote,
-        file: fd,
-        big: bd,
-        _cache: cache,
-    })
+    Ok(Fixture { fs, remote, file: fd, big: bd, _cache: cache })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,39 +94,19 @@ async fn lookups_listings_reads_and_xattrs() -> TestResult {
     assert_eq!(same.perm, 0o555);
     let l = fs.lookup(ROOT, "l").await?;
     assert_eq!(&*fs.readlink(l.ino)?, "../outside");
-    assert_eq!(
-        fs.lookup(ROOT, "missing")
-            .await
-            .expect_err("missing")
-            .errno(),
-        libc::ENOENT
-    );
+    assert_eq!(fs.lookup(ROOT, "missing").await.expect_err("missing").errno(), libc::ENOENT);
 
-    let dir = fs.dir(ROOT).await?;
-    let names: Vec<String> = fs
-        .list(ROOT, &dir, 0)?
-        .into_iter()
-        .map(|(_, n, _)| n)
-        .collect();
+    let dir = fs.listing(ROOT).await?;
+    let names: Vec<String> = fs.list(ROOT, &dir, 0)?.into_iter().map(|(_, n, _)| n).collect();
     assert_eq!(names, [".", "..", "big", "f", "g", "sub", "l"]);
-    let rest: Vec<String> = fs
-        .list(ROOT, &dir, 4)?
-        .into_iter()
-        .map(|(_, n, _)| n)
-        .collect();
+    let rest: Vec<String> = fs.list(ROOT, &dir, 4)?.into_iter().map(|(_, n, _)| n).collect();
     assert_eq!(rest, ["g", "sub", "l"]);
 
     let path = fs.fetch_file(f.ino).await?;
     assert_eq!(fs.read_local(&fx.file, &path, 2, 100)?, b"ntents\n");
     assert_eq!(fs.read_local(&fx.file, &path, 9, 100)?, b"");
-    assert_eq!(
-        fs.getxattr(f.ino, "user.reapi.digest")?,
-        Some(fx.file.to_string().into_bytes())
-    );
-    assert_eq!(
-        fs.getxattr(f.ino, "user.sha256")?,
-        Some(fx.file.hash_bytes().to_vec())
-    );
+    assert_eq!(fs.getxattr(f.ino, "user.reapi.digest")?, Some(fx.file.to_string().into_bytes()));
+    assert_eq!(fs.getxattr(f.ino, "user.sha256")?, Some(fx.file.hash_bytes().to_vec()));
     assert_eq!(fs.getxattr(f.ino, "user.other")?, None);
     assert_eq!(fs.listxattr(l.ino)?, b"");
     Ok(())
@@ -178,11 +123,7 @@ async fn forget_keeps_the_inode_table_bounded() -> TestResult {
         fs.forget(b.ino, 1);
         fs.forget(a.ino, 1);
     }
-    assert_eq!(
-        fs.inode_count(),
-        before,
-        "forgotten inodes stayed in the table"
-    );
+    assert_eq!(fs.inode_count(), before, "forgotten inodes stayed in the table");
     Ok(())
 }
 

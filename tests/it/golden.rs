@@ -97,12 +97,7 @@ fn hand_encoded_bytes_match_our_encoding_and_bgd_digests() -> TestResult {
     // And the tree builder, walking real folders, lands on the same digests.
     let tmp = tempfile::tempdir()?;
     make_g(&tmp.path().join("g"), false)?;
-    assert_eq!(
-        build_local_tree(&tmp.path().join("g"), &|_| {})?
-            .root
-            .to_string(),
-        G_ROOT
-    );
+    assert_eq!(build_local_tree(&tmp.path().join("g"), &|_| {})?.root.to_string(), G_ROOT);
     make_g(&tmp.path().join("gl"), true)?;
     let t = build_local_tree(&tmp.path().join("gl"), &|_| {})?;
     assert_eq!(t.root.to_string(), G_LINK_ROOT);
@@ -112,91 +107,32 @@ fn hand_encoded_bytes_match_our_encoding_and_bgd_digests() -> TestResult {
 }
 
 fn node(name: &str) -> reapi::FileNode {
-    reapi::FileNode {
-        name: name.into(),
-        digest: Some(Digest::of_bytes(b"").to_proto()),
-        ..Default::default()
-    }
+    reapi::FileNode { name: name.into(), digest: Some(Digest::of_bytes(b"").to_proto()), ..Default::default() }
 }
 
 #[test]
 fn hostile_directories_are_rejected() {
-    let ok = reapi::Directory {
-        files: vec![node("a"), node("b")],
-        ..Default::default()
-    };
+    let ok = reapi::Directory { files: vec![node("a"), node("b")], ..Default::default() };
     assert!(Directory::validate(&ok, "ok").is_ok());
-    let dir_node = |n: &str| reapi::DirectoryNode {
-        name: n.into(),
-        digest: Some(Digest::of_bytes(b"").to_proto()),
-    };
+    let dir_node = |n: &str| reapi::DirectoryNode { name: n.into(), digest: Some(Digest::of_bytes(b"").to_proto()) };
     let cases: Vec<(&str, reapi::Directory)> = vec![
-        (
-            "unsorted",
-            reapi::Directory {
-                files: vec![node("b"), node("a")],
-                ..Default::default()
-            },
-        ),
-        (
-            "duplicate",
-            reapi::Directory {
-                files: vec![node("a"), node("a")],
-                ..Default::default()
-            },
-        ),
-        (
-            "slash",
-            reapi::Directory {
-                files: vec![node("a/b")],
-                ..Default::default()
-            },
-        ),
-        (
-            "dot",
-            reapi::Directory {
-                files: vec![node(".")],
-                ..Default::default()
-            },
-        ),
-        (
-            "dotdot",
-            reapi::Directory {
-                directories: vec![dir_node("..")],
-                ..Default::default()
-            },
-        ),
-        (
-            "empty name",
-            reapi::Directory {
-                files: vec![node("")],
-                ..Default::default()
-            },
-        ),
-        (
-            "nul",
-            reapi::Directory {
-                files: vec![node("a\0b")],
-                ..Default::default()
-            },
-        ),
+        ("unsorted", reapi::Directory { files: vec![node("b"), node("a")], ..Default::default() }),
+        ("duplicate", reapi::Directory { files: vec![node("a"), node("a")], ..Default::default() }),
+        ("slash", reapi::Directory { files: vec![node("a/b")], ..Default::default() }),
+        ("dot", reapi::Directory { files: vec![node(".")], ..Default::default() }),
+        ("dotdot", reapi::Directory { directories: vec![dir_node("..")], ..Default::default() }),
+        ("empty name", reapi::Directory { files: vec![node("")], ..Default::default() }),
+        ("nul", reapi::Directory { files: vec![node("a\0b")], ..Default::default() }),
         (
             "file and dir with one name",
-            reapi::Directory {
-                files: vec![node("x")],
-                directories: vec![dir_node("x")],
-                ..Default::default()
-            },
+            reapi::Directory { files: vec![node("x")], directories: vec![dir_node("x")], ..Default::default() },
         ),
         (
             "negative size",
             reapi::Directory {
                 files: vec![reapi::FileNode {
                     name: "a".into(),
-                    digest: Some(reapi::Digest {
-                        hash: EMPTY_HASH.into(),
-                        size_bytes: -1,
-                    }),
+                    digest: Some(reapi::Digest { hash: EMPTY_HASH.into(), size_bytes: -1 }),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -207,10 +143,7 @@ fn hostile_directories_are_rejected() {
             reapi::Directory {
                 files: vec![reapi::FileNode {
                     name: "a".into(),
-                    digest: Some(reapi::Digest {
-                        hash: "xyz".into(),
-                        size_bytes: 1,
-                    }),
+                    digest: Some(reapi::Digest { hash: "xyz".into(), size_bytes: 1 }),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -219,21 +152,14 @@ fn hostile_directories_are_rejected() {
         (
             "no digest",
             reapi::Directory {
-                files: vec![reapi::FileNode {
-                    name: "a".into(),
-                    ..Default::default()
-                }],
+                files: vec![reapi::FileNode { name: "a".into(), ..Default::default() }],
                 ..Default::default()
             },
         ),
         (
             "empty symlink target",
             reapi::Directory {
-                symlinks: vec![reapi::SymlinkNode {
-                    name: "l".into(),
-                    target: String::new(),
-                    node_properties: None,
-                }],
+                symlinks: vec![reapi::SymlinkNode { name: "l".into(), target: String::new(), node_properties: None }],
                 ..Default::default()
             },
         ),

@@ -19,11 +19,7 @@ pub fn fuse_unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (these tests mount directly)".into());
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
         return Some(format!("/dev/fuse unusable: {e}"));
     }
     None
@@ -47,13 +43,7 @@ pub struct MountProcess {
 
 impl MountProcess {
     /// Mounts `digest` at `mountpoint` as a daemon and returns once it is up.
-    pub fn start(
-        digest: &str,
-        mountpoint: &Path,
-        url: &str,
-        cache: &Path,
-        extra: &[&str],
-    ) -> TestResult<Self> {
+    pub fn start(digest: &str, mountpoint: &Path, url: &str, cache: &Path, extra: &[&str]) -> TestResult<Self> {
         std::fs::create_dir_all(mountpoint)?;
         let dir = cache.parent().ok_or("cache has no parent")?;
         let pidfile = dir.join(format!("mount-{}.pid", rand_suffix()));
@@ -71,18 +61,10 @@ impl MountProcess {
             .env("CASFS_LOG", "info");
         let out = cmd.output()?;
         if !out.status.success() {
-            return Err(format!(
-                "casfs mount failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
+            return Err(format!("casfs mount failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
         let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-        Ok(MountProcess {
-            pid,
-            mountpoint: mountpoint.to_path_buf(),
-            log,
-        })
+        Ok(MountProcess { pid, mountpoint: mountpoint.to_path_buf(), log })
     }
 
     /// The daemon's log so far.
@@ -120,26 +102,13 @@ fn rand_suffix() -> u64 {
 
 /// Source-side listing with modes as the mount shows them (0444 / 0555 files).
 fn as_mounted(lines: Vec<String>) -> Vec<String> {
-    reapi_modes(lines)
-        .into_iter()
-        .map(|l| {
-            l.replace(" f 755 ", " f 555 ")
-                .replace(" f 644 ", " f 444 ")
-        })
-        .collect()
+    reapi_modes(lines).into_iter().map(|l| l.replace(" f 755 ", " f 555 ").replace(" f 644 ", " f 444 ")).collect()
 }
 
 /// Runs `cat` on a path with an outer time limit; returns (exit code, stderr).
 fn cat_with_limit(path: &Path, secs: u32) -> TestResult<(i32, String)> {
-    let out = Command::new("timeout")
-        .arg(secs.to_string())
-        .arg("cat")
-        .arg(path)
-        .output()?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let out = Command::new("timeout").arg(secs.to_string()).arg("cat").arg(path).output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
 #[test]
@@ -147,30 +116,12 @@ fn a_100k_file_tree_mounts_and_diffs_clean() -> TestResult {
     require_fuse!();
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
-    generate_tree(
-        &src,
-        &TreeSpec {
-            files: 100_000,
-            dirs: 1_200,
-            large: vec![9 << 20],
-        },
-    )?;
+    generate_tree(&src, &TreeSpec { files: 100_000, dirs: 1_200, large: vec![9 << 20] })?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
-    let (code, out, err) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, out, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "{err}");
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(
-        out.trim(),
-        &mnt,
-        &server.url,
-        &tmp.path().join("cache"),
-        &[],
-    )?;
+    let m = MountProcess::start(out.trim(), &mnt, &server.url, &tmp.path().join("cache"), &[])?;
     diff_r(&src, &mnt)?;
     assert_eq!(as_mounted(listing(&src)?), listing(&mnt)?);
     // The daemon reports its live inode count as statfs "files". After the walk the kernel
@@ -181,10 +132,7 @@ fn a_100k_file_tree_mounts_and_diffs_clean() -> TestResult {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let after = inodes_held(&mnt)?;
     eprintln!("inodes held: {held} after the walk, {after} after drop_caches");
-    assert!(
-        after < held / 10,
-        "FORGET did not shrink the inode table: {held} -> {after}"
-    );
+    assert!(after < held / 10, "FORGET did not shrink the inode table: {held} -> {after}");
     drop(m);
     assert!(!casfs::fs::mount::is_mounted(&mnt));
     Ok(())
@@ -236,12 +184,7 @@ fn fetches_only_what_is_touched() -> TestResult {
     let tree = casfs::tree::build_local_tree(&src, &|_| {})?;
     let storage = tmp.path().join("storage");
     let server = ServeProcess::start(&storage)?;
-    let (code, _, err) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, _, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "{err}");
     drop(server);
     // Restart with an access log, so only the mount's reads are recorded.
@@ -254,14 +197,8 @@ fn fetches_only_what_is_touched() -> TestResult {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?),
-        &mut line,
-    )?;
-    let url = line
-        .trim()
-        .trim_start_matches("casfs: serving on ")
-        .to_string();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
+    let url = line.trim().trim_start_matches("casfs: serving on ").to_string();
     let mnt = tmp.path().join("mnt");
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let m = MountProcess::start(
@@ -271,19 +208,11 @@ fn fetches_only_what_is_touched() -> TestResult {
         &tmp.path().join("cache"),
         &["--metrics-listen", &metrics_addr],
     )?;
-    assert!(
-        access_lines(&log).is_empty(),
-        "mounting fetched: {:?}",
-        access_lines(&log)
-    );
+    assert!(access_lines(&log).is_empty(), "mounting fetched: {:?}", access_lines(&log));
 
     let ls = Command::new("ls").arg("-l").arg(&mnt).output()?;
     assert!(ls.status.success());
-    assert_eq!(
-        access_lines(&log),
-        vec![format!("read {}", tree.root)],
-        "ls of the root"
-    );
+    assert_eq!(access_lines(&log), vec![format!("read {}", tree.root)], "ls of the root");
 
     let content = std::fs::read(mnt.join("a/b/f7"))?;
     assert_eq!(content, b"file 7\n");
@@ -292,26 +221,14 @@ fn fetches_only_what_is_touched() -> TestResult {
     let a_dir = Directory::decode(&a, &tree.directories[&a])?;
     let b = a_dir.dirs[0].digest;
     let f7 = Digest::of_bytes(b"file 7\n");
-    let mut want = vec![
-        format!("read {}", tree.root),
-        format!("read {a}"),
-        format!("read {b}"),
-        format!("read {f7}"),
-    ];
+    let mut want = vec![format!("read {}", tree.root), format!("read {a}"), format!("read {b}"), format!("read {f7}")];
     want.sort();
-    assert_eq!(
-        access_lines(&log),
-        want,
-        "reading one file fetched more than its path"
-    );
+    assert_eq!(access_lines(&log), want, "reading one file fetched more than its path");
     // The daemon's own counters agree.
     let metrics = http_get(&metrics_addr, "/metrics")?;
     assert!(metrics.contains("casfs_fetch_dirs_total 3"), "{metrics}");
     assert!(metrics.contains("casfs_fetch_blobs_total 1"), "{metrics}");
-    assert!(
-        metrics.contains("casfs_fuse_op_seconds_count{op=\"lookup\"}"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("casfs_fuse_op_seconds_count{op=\"lookup\"}"), "{metrics}");
     drop(m);
     let _ = child.kill();
     let _ = child.wait();
@@ -331,12 +248,7 @@ fn corrupt_blobs_give_eio_and_never_reach_the_cache() -> TestResult {
     std::fs::write(src.join("fine"), b"untouched\n")?;
     let storage = tmp.path().join("storage");
     let server = ServeProcess::start(&storage)?;
-    let (code, out, err) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, out, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "{err}");
     let (ds, dl) = (Digest::of_bytes(&small), Digest::of_bytes(&large));
     for (d, len) in [(ds, small.len()), (dl, large.len())] {
@@ -352,25 +264,14 @@ fn corrupt_blobs_give_eio_and_never_reach_the_cache() -> TestResult {
         let (code, stderr) = cat_with_limit(&mnt.join(name), 60)?;
         assert_ne!(code, 0, "{name} read despite corruption");
         assert!(stderr.contains("Input/output error"), "{name}: {stderr}");
-        assert!(
-            m.log_text().contains(&d.hash_hex()),
-            "no log line names {d}:\n{}",
-            m.log_text()
-        );
+        assert!(m.log_text().contains(&d.hash_hex()), "no log line names {d}:\n{}", m.log_text());
         let hex = d.hash_hex();
-        assert!(
-            !cache.join("cas").join(&hex[..2]).join(&hex).exists(),
-            "corrupt {name} entered the cache"
-        );
+        assert!(!cache.join("cas").join(&hex[..2]).join(&hex).exists(), "corrupt {name} entered the cache");
     }
     assert_eq!(std::fs::read(mnt.join("fine"))?, b"untouched\n");
     let bad: usize = walk_files(&cache)
         .into_iter()
-        .filter(|p| {
-            std::fs::read(p)
-                .map(|b| b.len() > 20 && b.iter().all(|c| *c == b'X'))
-                .unwrap_or(false)
-        })
+        .filter(|p| std::fs::read(p).map(|b| b.len() > 20 && b.iter().all(|c| *c == b'X')).unwrap_or(false))
         .count();
     assert_eq!(bad, 0, "corrupt bytes found in the local cache");
     Ok(())
@@ -391,9 +292,7 @@ fn walk_files(p: &Path) -> Vec<PathBuf> {
 }
 
 fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[test]
@@ -407,12 +306,7 @@ fn dead_server_gives_eio_within_the_deadline_and_recovery_follows() -> TestResul
     let storage = tmp.path().join("storage");
     let listen = format!("127.0.0.1:{}", free_port()?);
     let mut server = ServeProcess::start_on(&storage, &listen)?;
-    let (code, out, err) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, out, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "{err}");
     let mnt = tmp.path().join("mnt");
     let m = MountProcess::start(
@@ -422,10 +316,7 @@ fn dead_server_gives_eio_within_the_deadline_and_recovery_follows() -> TestResul
         &tmp.path().join("cache"),
         &["--fetch-timeout", "3s", "--retries", "100"],
     )?;
-    assert_eq!(
-        std::fs::read(mnt.join("early"))?,
-        b"read before the outage\n"
-    );
+    assert_eq!(std::fs::read(mnt.join("early"))?, b"read before the outage\n");
     server.kill();
     // The fetch deadline is 3 s; `timeout 60` only guards against a hang.
     let (code, stderr) = cat_with_limit(&mnt.join("d/late"), 60)?;
@@ -433,15 +324,9 @@ fn dead_server_gives_eio_within_the_deadline_and_recovery_follows() -> TestResul
     assert_ne!(code, 0);
     assert!(stderr.contains("Input/output error"), "{stderr}");
     // Cached content keeps working while the server is down.
-    assert_eq!(
-        std::fs::read(mnt.join("early"))?,
-        b"read before the outage\n"
-    );
+    assert_eq!(std::fs::read(mnt.join("early"))?, b"read before the outage\n");
     let _server = ServeProcess::start_on(&storage, &listen)?;
-    assert_eq!(
-        std::fs::read(mnt.join("d/late"))?,
-        b"read after the outage\n"
-    );
+    assert_eq!(std::fs::read(mnt.join("d/late"))?, b"read after the outage\n");
     drop(m);
     Ok(())
 }
@@ -454,32 +339,18 @@ fn sigterm_unmounts_and_sigkill_leftovers_are_cleared() -> TestResult {
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("x"), b"x\n")?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
-    let (_, out, _) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (_, out, _) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     let mnt = tmp.path().join("mnt");
     let cache = tmp.path().join("cache");
     let m = MountProcess::start(out.trim(), &mnt, &server.url, &cache, &[])?;
     assert!(casfs::fs::mount::is_mounted(&mnt));
     assert!(m.signal_and_wait(libc::SIGTERM), "daemon ignored SIGTERM");
-    assert!(
-        !casfs::fs::mount::is_mounted(&mnt),
-        "SIGTERM left the mount behind"
-    );
+    assert!(!casfs::fs::mount::is_mounted(&mnt), "SIGTERM left the mount behind");
 
     let m = MountProcess::start(out.trim(), &mnt, &server.url, &cache, &[])?;
     assert!(m.signal_and_wait(libc::SIGKILL));
-    assert!(
-        casfs::fs::mount::is_mounted(&mnt),
-        "expected a stale mount after SIGKILL"
-    );
-    assert!(
-        std::fs::read(mnt.join("x")).is_err(),
-        "a dead mount answered"
-    );
+    assert!(casfs::fs::mount::is_mounted(&mnt), "expected a stale mount after SIGKILL");
+    assert!(std::fs::read(mnt.join("x")).is_err(), "a dead mount answered");
     let m2 = MountProcess::start(out.trim(), &mnt, &server.url, &cache, &[])?;
     assert_eq!(std::fs::read(mnt.join("x"))?, b"x\n");
     drop(m2);
@@ -499,76 +370,37 @@ async fn hostile_directories_give_eio_and_the_rest_keeps_working() -> TestResult
     client.write(&fd, ok_file).await?;
     // Children that break the rules: unsorted names, a '..' entry, and bytes that are not a
     // Directory message at all.
-    let node = |n: &str| reapi::FileNode {
-        name: n.into(),
-        digest: Some(fd.to_proto()),
-        ..Default::default()
-    };
-    let unsorted = reapi::Directory {
-        files: vec![node("b"), node("a")],
-        ..Default::default()
-    };
+    let node = |n: &str| reapi::FileNode { name: n.into(), digest: Some(fd.to_proto()), ..Default::default() };
+    let unsorted = reapi::Directory { files: vec![node("b"), node("a")], ..Default::default() };
     let dotdot = reapi::Directory {
-        directories: vec![reapi::DirectoryNode {
-            name: "..".into(),
-            digest: Some(fd.to_proto()),
-        }],
+        directories: vec![reapi::DirectoryNode { name: "..".into(), digest: Some(fd.to_proto()) }],
         ..Default::default()
     };
     let mut children = Vec::new();
-    for bytes in [
-        prost::Message::encode_to_vec(&unsorted),
-        prost::Message::encode_to_vec(&dotdot),
-        vec![0xff; 10],
-    ] {
+    for bytes in [prost::Message::encode_to_vec(&unsorted), prost::Message::encode_to_vec(&dotdot), vec![0xff; 10]] {
         let d = Digest::of_bytes(&bytes);
         client.write(&d, bytes.into()).await?;
         children.push(d);
     }
     let root = Directory {
-        files: vec![FileEntry {
-            name: "good".into(),
-            digest: fd,
-            executable: false,
-        }],
+        files: vec![FileEntry { name: "good".into(), digest: fd, executable: false }],
         dirs: vec![
-            DirEntry {
-                name: "bad1".into(),
-                digest: children[0],
-            },
-            DirEntry {
-                name: "bad2".into(),
-                digest: children[1],
-            },
-            DirEntry {
-                name: "bad3".into(),
-                digest: children[2],
-            },
+            DirEntry { name: "bad1".into(), digest: children[0] },
+            DirEntry { name: "bad2".into(), digest: children[1] },
+            DirEntry { name: "bad3".into(), digest: children[2] },
         ],
         symlinks: vec![],
     };
     let (rd, rb) = root.encode();
     client.write(&rd, rb.into()).await?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(
-        &rd.to_string(),
-        &mnt,
-        &server.url,
-        &tmp.path().join("cache"),
-        &[],
-    )?;
+    let m = MountProcess::start(&rd.to_string(), &mnt, &server.url, &tmp.path().join("cache"), &[])?;
     for bad in ["bad1", "bad2", "bad3"] {
-        let err = std::fs::read_dir(mnt.join(bad))
-            .and_then(|mut r| r.next().transpose())
-            .expect_err(bad);
+        let err = std::fs::read_dir(mnt.join(bad)).and_then(|mut r| r.next().transpose()).expect_err(bad);
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{bad}: {err}");
     }
     assert_eq!(std::fs::read(mnt.join("good"))?, b"fine\n");
-    assert!(
-        m.log_text().contains("invalid Directory"),
-        "{}",
-        m.log_text()
-    );
+    assert!(m.log_text().contains("invalid Directory"), "{}", m.log_text());
     assert!(unsafe { libc::kill(m.pid, 0) } == 0, "daemon died");
     Ok(())
 }

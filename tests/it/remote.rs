@@ -16,10 +16,7 @@ use crate::common::*;
 async fn unix_socket_endpoint() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let sock = tmp.path().join("casfs.sock");
-    let server = ServeProcess::start_on(
-        &tmp.path().join("storage"),
-        &format!("unix:{}", sock.display()),
-    )?;
+    let server = ServeProcess::start_on(&tmp.path().join("storage"), &format!("unix:{}", sock.display()))?;
     assert!(server.url.starts_with("unix:"), "{}", server.url);
     let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
     let data = Bytes::from_static(b"over a unix socket");
@@ -46,15 +43,8 @@ async fn tls_with_a_ca_file() -> TestResult {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?),
-        &mut line,
-    )?;
-    let url = line
-        .trim()
-        .strip_prefix("casfs: serving on ")
-        .ok_or("no url")?
-        .replace("127.0.0.1", "localhost");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
+    let url = line.trim().strip_prefix("casfs: serving on ").ok_or("no url")?.replace("127.0.0.1", "localhost");
     assert!(url.starts_with("grpcs://"), "{url}");
 
     let mut cfg = RemoteConfig::new(&url);
@@ -96,11 +86,7 @@ impl Capabilities for Guarded {
 async fn remote_headers_reach_the_server() -> TestResult {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let check = |req: tonic::Request<()>| match req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-    {
+    let check = |req: tonic::Request<()>| match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
         Some("Bearer s3cret") => Ok(req),
         _ => Err(tonic::Status::unauthenticated("missing token")),
     };
@@ -110,25 +96,16 @@ async fn remote_headers_reach_the_server() -> TestResult {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let url = format!("grpc://{addr}");
-    let without = GrpcStore::new(&RemoteConfig::new(&url))?
-        .capabilities()
-        .await;
-    assert!(
-        matches!(&without, Err(e) if e.code() == tonic::Code::Unauthenticated),
-        "{without:?}"
-    );
+    let without = GrpcStore::new(&RemoteConfig::new(&url))?.capabilities().await;
+    assert!(matches!(&without, Err(e) if e.code() == tonic::Code::Unauthenticated), "{without:?}");
     let mut cfg = RemoteConfig::new(&url);
-    cfg.headers.push(casfs::cas::channel::parse_header(
-        "Authorization=Bearer s3cret",
-    )?);
+    cfg.headers.push(casfs::cas::channel::parse_header("Authorization=Bearer s3cret")?);
     GrpcStore::new(&cfg)?.capabilities().await?;
     Ok(())
 }
 
 fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,8 +116,7 @@ async fn retries_until_the_server_comes_up() -> TestResult {
     let d = Digest::of_bytes(b"later");
     let call = tokio::spawn(async move { client.find_missing(&[d]).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let _server =
-        ServeProcess::start_on(&tmp.path().join("storage"), &format!("127.0.0.1:{port}"))?;
+    let _server = ServeProcess::start_on(&tmp.path().join("storage"), &format!("127.0.0.1:{port}"))?;
     let missing = tokio::time::timeout(Duration::from_secs(30), call).await???;
     assert_eq!(missing, vec![d]);
     Ok(())
@@ -153,10 +129,7 @@ async fn a_dead_server_is_a_clear_unavailable_error_not_a_hang() -> TestResult {
     cfg.retries = 2;
     let client = GrpcStore::new(&cfg)?;
     let started = Instant::now();
-    let err = client
-        .read(&Digest::of_bytes(b"x"))
-        .await
-        .expect_err("no server");
+    let err = client.read(&Digest::of_bytes(b"x")).await.expect_err("no server");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     eprintln!("dead server reported after {:?}: {err}", started.elapsed());
     Ok(())

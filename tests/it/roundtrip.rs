@@ -20,46 +20,23 @@ use crate::common::*;
 fn cli_round_trip_of_a_large_varied_tree() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let src = tmp.path().join("src");
-    let spec = TreeSpec {
-        files: 10_000,
-        dirs: 300,
-        large: vec![50 << 20, 12 << 20, (3 << 20) + 1, 1 << 20],
-    };
+    let spec = TreeSpec { files: 10_000, dirs: 300, large: vec![50 << 20, 12 << 20, (3 << 20) + 1, 1 << 20] };
     generate_tree(&src, &spec)?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
 
-    let (code, out, err) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, out, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "upload failed: {err}");
     let root = out.trim().to_string();
     Digest::parse(&root)?;
 
     // A second upload finds nothing missing and sends nothing.
-    let (code, out2, err2) = casfs(&[
-        "upload",
-        src.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, out2, err2) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "{err2}");
     assert_eq!(out2.trim(), root);
-    assert!(
-        err2.contains("uploaded 0 of"),
-        "second upload sent blobs: {err2}"
-    );
+    assert!(err2.contains("uploaded 0 of"), "second upload sent blobs: {err2}");
 
     let dest = tmp.path().join("dest");
-    let (code, _, err) = casfs(&[
-        "download",
-        &root,
-        dest.to_str().ok_or("path")?,
-        "--remote",
-        &server.url,
-    ])?;
+    let (code, _, err) = casfs(&["download", &root, dest.to_str().ok_or("path")?, "--remote", &server.url])?;
     assert_eq!(code, 0, "download failed: {err}");
     diff_r(&src, &dest)?;
     assert_eq!(reapi_modes(listing(&src)?), listing(&dest)?);
@@ -73,17 +50,8 @@ fn cli_round_trip_of_a_large_varied_tree() -> TestResult {
 
 #[test]
 fn malformed_digest_on_the_cli_is_one_line_and_exit_2() -> TestResult {
-    for bad in [
-        "nothex/12",
-        "abc/1",
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/-4",
-        "x",
-    ] {
-        for cmd in [
-            vec!["cat", bad],
-            vec!["ls", bad],
-            vec!["download", bad, "/tmp/never-created-by-casfs"],
-        ] {
+    for bad in ["nothex/12", "abc/1", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/-4", "x"] {
+        for cmd in [vec!["cat", bad], vec!["ls", bad], vec!["download", bad, "/tmp/never-created-by-casfs"]] {
             let (code, out, err) = casfs(&cmd)?;
             assert_eq!(code, 2, "{cmd:?}: {err}");
             assert!(out.is_empty());
@@ -94,19 +62,9 @@ fn malformed_digest_on_the_cli_is_one_line_and_exit_2() -> TestResult {
     Ok(())
 }
 
-async fn raw(
-    url: &str,
-) -> TestResult<(
-    ContentAddressableStorageClient<Channel>,
-    ByteStreamClient<Channel>,
-)> {
-    let ch = Channel::from_shared(url.replace("grpc://", "http://"))?
-        .connect()
-        .await?;
-    Ok((
-        ContentAddressableStorageClient::new(ch.clone()),
-        ByteStreamClient::new(ch),
-    ))
+async fn raw(url: &str) -> TestResult<(ContentAddressableStorageClient<Channel>, ByteStreamClient<Channel>)> {
+    let ch = Channel::from_shared(url.replace("grpc://", "http://"))?.connect().await?;
+    Ok((ContentAddressableStorageClient::new(ch.clone()), ByteStreamClient::new(ch)))
 }
 
 fn blob_files(storage: &std::path::Path) -> usize {
@@ -115,17 +73,7 @@ fn blob_files(storage: &std::path::Path) -> usize {
 
 fn walk_count(p: &std::path::Path) -> usize {
     std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk_count(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
+        .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk_count(&e.path()) } else { 1 }).sum())
         .unwrap_or(0)
 }
 
@@ -149,28 +97,17 @@ async fn server_refuses_bad_input_and_stores_nothing() -> TestResult {
         })
         .await?
         .into_inner();
-    assert_eq!(
-        resp.responses[0].status.as_ref().map(|s| s.code),
-        Some(tonic::Code::InvalidArgument as i32)
-    );
+    assert_eq!(resp.responses[0].status.as_ref().map(|s| s.code), Some(tonic::Code::InvalidArgument as i32));
 
     // ByteStream Write with bytes that do not match: INVALID_ARGUMENT.
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        real.hash_hex(),
-        real.size()
-    );
+    let name = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), real.hash_hex(), real.size());
     let req = WriteRequest {
         resource_name: name,
         write_offset: 0,
         finish_write: true,
         data: Bytes::from_static(b"fake content"),
     };
-    let err = bs
-        .write(futures::stream::iter(vec![req]))
-        .await
-        .expect_err("mismatch accepted");
+    let err = bs.write(futures::stream::iter(vec![req])).await.expect_err("mismatch accepted");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // Nothing of it was stored.
@@ -198,49 +135,21 @@ async fn server_refuses_bad_input_and_stores_nothing() -> TestResult {
     assert_eq!(code, tonic::Code::NotFound);
 
     // Malformed resource names and digests: INVALID_ARGUMENT.
-    for name in [
-        "",
-        "blobs/xyz/3",
-        "blobs/abc",
-        "nope/123",
-        &format!("blobs/{}/-1", real.hash_hex()),
-    ] {
-        let read = ReadRequest {
-            resource_name: name.to_string(),
-            read_offset: 0,
-            read_limit: 0,
-        };
+    for name in ["", "blobs/xyz/3", "blobs/abc", "nope/123", &format!("blobs/{}/-1", real.hash_hex())] {
+        let read = ReadRequest { resource_name: name.to_string(), read_offset: 0, read_limit: 0 };
         let code = match bs.read(read).await {
             Err(e) => e.code(),
-            Ok(s) => s
-                .into_inner()
-                .message()
-                .await
-                .expect_err("bad name read")
-                .code(),
+            Ok(s) => s.into_inner().message().await.expect_err("bad name read").code(),
         };
         assert_eq!(code, tonic::Code::InvalidArgument, "read {name:?}");
-        let w = WriteRequest {
-            resource_name: name.to_string(),
-            write_offset: 0,
-            finish_write: true,
-            data: Bytes::new(),
-        };
-        let err = bs
-            .write(futures::stream::iter(vec![w]))
-            .await
-            .expect_err("bad name write");
+        let w =
+            WriteRequest { resource_name: name.to_string(), write_offset: 0, finish_write: true, data: Bytes::new() };
+        let err = bs.write(futures::stream::iter(vec![w])).await.expect_err("bad name write");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "write {name:?}");
     }
-    let bad = reapi::Digest {
-        hash: "zz".into(),
-        size_bytes: 1,
-    };
+    let bad = reapi::Digest { hash: "zz".into(), size_bytes: 1 };
     let err = cas
-        .find_missing_blobs(reapi::FindMissingBlobsRequest {
-            blob_digests: vec![bad],
-            ..Default::default()
-        })
+        .find_missing_blobs(reapi::FindMissingBlobsRequest { blob_digests: vec![bad], ..Default::default() })
         .await
         .expect_err("bad digest");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -249,17 +158,10 @@ async fn server_refuses_bad_input_and_stores_nothing() -> TestResult {
     let chunk = Bytes::from(pseudo_random(1, 1 << 20));
     let d = Digest::of_bytes(&chunk);
     let requests = (0..5)
-        .map(|_| batch_update_blobs_request::Request {
-            digest: Some(d.to_proto()),
-            data: chunk.clone(),
-            compressor: 0,
-        })
+        .map(|_| batch_update_blobs_request::Request { digest: Some(d.to_proto()), data: chunk.clone(), compressor: 0 })
         .collect();
     let err = cas
-        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
-            requests,
-            ..Default::default()
-        })
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest { requests, ..Default::default() })
         .await
         .expect_err("oversized batch");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -277,16 +179,8 @@ async fn server_killed_mid_upload_leaves_no_partial_blob() -> TestResult {
 
     // Send 4 MiB of 16, then hold the stream open while the server is killed.
     let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(8);
-    let name = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash_hex(),
-        digest.size()
-    );
-    let upload = tokio::spawn(async move {
-        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let name = format!("uploads/{}/blobs/{}/{}", uuid::Uuid::new_v4(), digest.hash_hex(), digest.size());
+    let upload = tokio::spawn(async move { bs.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
     for i in 0..4usize {
         let piece = data.slice(i << 20..(i + 1) << 20);
         tx.send(WriteRequest {
@@ -301,9 +195,7 @@ async fn server_killed_mid_upload_leaves_no_partial_blob() -> TestResult {
     let tmpdir = storage.join("tmp");
     let mut partial = false;
     for _ in 0..200 {
-        partial = std::fs::read_dir(&tmpdir)?
-            .flatten()
-            .any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false));
+        partial = std::fs::read_dir(&tmpdir)?.flatten().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false));
         if partial {
             break;
         }
@@ -318,11 +210,7 @@ async fn server_killed_mid_upload_leaves_no_partial_blob() -> TestResult {
     // Restarted on the same storage: the blob is missing, the leftovers are gone, and a
     // complete upload through the client works.
     let server = ServeProcess::start(&storage)?;
-    assert_eq!(
-        std::fs::read_dir(&tmpdir)?.count(),
-        0,
-        "temporary files survived a restart"
-    );
+    assert_eq!(std::fs::read_dir(&tmpdir)?.count(), 0, "temporary files survived a restart");
     let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
     assert_eq!(client.find_missing(&[digest]).await?, vec![digest]);
     client.write(&digest, data.clone()).await?;

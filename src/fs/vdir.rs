@@ -1,0 +1,196 @@
+//! Synthesized directories: the view of one ActionResult (exit code, stdout, stderr, JSON
+//! renderings, and its outputs laid out at their paths).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::fetch::Fetcher;
+use super::render;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::proto::reapi;
+use crate::tree::{check_name, Directory};
+
+/// An entry of a synthesized directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VNode {
+    /// A CAS file.
+    File { digest: Digest, executable: bool },
+    /// A symbolic link.
+    Symlink(Arc<str>),
+    /// A CAS Directory tree.
+    Dir(Digest),
+    /// Another synthesized directory.
+    Virtual(Arc<VDir>),
+    /// Bytes held in memory.
+    Synth(Arc<[u8]>),
+}
+
+/// A synthesized directory: names to entries, listed in name order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VDir {
+    /// The entries.
+    pub entries: BTreeMap<String, VNode>,
+}
+
+/// A mutable tree used while laying outputs out.
+#[derive(Default)]
+struct Builder {
+    entries: BTreeMap<String, Slot>,
+}
+
+enum Slot {
+    Leaf(VNode),
+    Dir(Builder),
+}
+
+impl Builder {
+    /// Places `node` at a relative path; refuses paths with empty, `.` or `..` parts and
+    /// paths that cross an existing leaf.
+    fn insert(&mut self, path: &str, node: VNode) -> std::result::Result<(), String> {
+        let parts: Vec<&str> = path.split('/').collect();
+        for p in &parts {
+            check_name(p)?;
+        }
+        let (last, dirs) = parts.split_last().ok_or("empty path")?;
+        let mut cur = self;
+        for d in dirs {
+            let slot = cur.entries.entry(d.to_string()).or_insert_with(|| Slot::Dir(Builder::default()));
+            cur = match slot {
+                Slot::Dir(b) => b,
+                Slot::Leaf(_) => return Err(format!("{path:?} crosses another output")),
+            };
+        }
+        cur.entries.insert(last.to_string(), Slot::Leaf(node));
+        Ok(())
+    }
+
+    fn build(self) -> VDir {
+        VDir {
+            entries: self
+                .entries
+                .into_iter()
+                .map(|(k, v)| {
+                    let n = match v {
+                        Slot::Leaf(n) => n,
+                        Slot::Dir(b) => VNode::Virtual(Arc::new(b.build())),
+                    };
+                    (k, n)
+                })
+                .collect(),
+        }
+    }
+}
+
+fn digest_of(d: &Option<reapi::Digest>) -> Option<Digest> {
+    d.as_ref().and_then(|d| Digest::try_from(d).ok())
+}
+
+/// Decodes and validates a REAPI Tree, registers its Directories with the fetcher (so they
+/// can be browsed by digest even though the CAS need not hold them one by one), and returns
+/// the root Directory's digest.
+pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, inst: u16) -> Result<Digest> {
+    let bytes = fetch.message(tree, inst).await?;
+    let msg = reapi::Tree::decode(bytes.as_slice()).map_err(|e| Error::InvalidDirectory {
+        digest: tree.to_string(),
+        reason: format!("not a Tree message: {e}"),
+    })?;
+    let root = msg
+        .root
+        .ok_or_else(|| Error::InvalidDirectory { digest: tree.to_string(), reason: "Tree without root".into() })?;
+    let mut root_digest = None;
+    for (i, d) in std::iter::once(root).chain(msg.children).enumerate() {
+        let encoded = d.encode_to_vec();
+        let digest = Digest::of_bytes(&encoded);
+        let dir = Directory::validate(&d, &format!("{tree} entry {i}"))?;
+        fetch.insert_dir(digest, encoded.into(), dir).await?;
+        root_digest.get_or_insert(digest);
+    }
+    root_digest.ok_or_else(|| Error::Internal("tree root vanished".into()))
+}
+
+/// Lays an ActionResult's outputs out at their paths. Outputs that cannot be shown (a bad
+/// path, a missing Tree) are left out and logged; the rest stays browsable.
+pub async fn outputs(fetch: &Arc<Fetcher>, r: &reapi::ActionResult, inst: u16) -> VDir {
+    let mut b = Builder::default();
+    let mut place = |path: &str, node: VNode| {
+        if let Err(why) = b.insert(path, node) {
+            tracing::warn!(path, why, "leaving an output out of the browse view");
+        }
+    };
+    for f in &r.output_files {
+        if let Some(digest) = digest_of(&f.digest) {
+            place(&f.path, VNode::File { digest, executable: f.is_executable });
+        }
+    }
+    for s in r.output_symlinks.iter().chain(&r.output_file_symlinks).chain(&r.output_directory_symlinks) {
+        place(&s.path, VNode::Symlink(Arc::from(s.target.as_str())));
+    }
+    for d in &r.output_directories {
+        let root = match (digest_of(&d.root_directory_digest), digest_of(&d.tree_digest)) {
+            (Some(root), _) => Ok(root),
+            (None, Some(tree)) => load_tree(fetch, tree, inst).await,
+            (None, None) => Err(Error::InvalidArgument("output directory without a digest".into())),
+        };
+        match root {
+            Ok(root) => place(&d.path, VNode::Dir(root)),
+            Err(e) => tracing::warn!(path = %d.path, error = %e, "cannot show an output directory"),
+        }
+    }
+    b.build()
+}
+
+fn synth(s: impl Into<Vec<u8>>) -> VNode {
+    VNode::Synth(Arc::from(s.into()))
+}
+
+/// The browse view of one action: `exit_code`, `stdout`, `stderr`, `action_result.json`,
+/// `action.json` and `command.json` (when the CAS holds them), and `outputs/`.
+pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionResult, inst: u16) -> VDir {
+    let mut e = BTreeMap::new();
+    e.insert("exit_code".to_string(), synth(format!("{}\n", r.exit_code)));
+    for (name, raw, d) in [("stdout", &r.stdout_raw, &r.stdout_digest), ("stderr", &r.stderr_raw, &r.stderr_digest)] {
+        let node = match digest_of(d) {
+            Some(digest) if raw.is_empty() => VNode::File { digest, executable: false },
+            _ => synth(raw.to_vec()),
+        };
+        e.insert(name.to_string(), node);
+    }
+    e.insert("action_result.json".to_string(), synth(render::action_result_json(r)));
+    if let Ok(bytes) = fetch.message(action, inst).await {
+        if let Ok(a) = reapi::Action::decode(bytes.as_slice()) {
+            e.insert("action.json".to_string(), synth(render::action_json(&a)));
+            if let Some(cd) = digest_of(&a.command_digest) {
+                match fetch.message(cd, inst).await.map(|b| reapi::Command::decode(b.as_slice())) {
+                    Ok(Ok(c)) => {
+                        e.insert("command.json".to_string(), synth(render::command_json(&c)));
+                    }
+                    _ => tracing::info!(command = %cd, "command of a browsed action is not readable"),
+                }
+            }
+        }
+    }
+    e.insert("outputs".to_string(), VNode::Virtual(Arc::new(outputs(fetch, r, inst).await)));
+    VDir { entries: e }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_places_nested_paths_and_refuses_bad_ones() {
+        let mut b = Builder::default();
+        let f = VNode::Synth(Arc::from(&b"x"[..]));
+        b.insert("a/b/c", f.clone()).unwrap();
+        b.insert("a/d", f.clone()).unwrap();
+        assert!(b.insert("../x", f.clone()).is_err());
+        assert!(b.insert("a//x", f.clone()).is_err());
+        assert!(b.insert("a/b/c/d", f.clone()).is_err());
+        let v = b.build();
+        let VNode::Virtual(a) = &v.entries["a"] else { panic!("a is a dir") };
+        assert_eq!(a.entries.len(), 2);
+    }
+}
