@@ -41,18 +41,29 @@ enum Cmd {
     },
     /// List a Directory digest (mode, size, digest, name).
     Ls {
-        /// Directory digest, HASH/SIZE or HASH-SIZE.
+        /// Directory digest, HASH/SIZE or HASH-SIZE (with --action: the action digest).
         digest: String,
+        /// With --action: a path inside the action's view (e.g. outputs).
+        path: Option<String>,
         /// Walk subdirectories too.
         #[arg(short, long)]
         recursive: bool,
+        /// Show the cached result of an action (exit_code, stdout, stderr, JSON, outputs/),
+        /// as the browse mount does.
+        #[arg(long)]
+        action: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
     /// Write a blob's verified bytes to standard output.
     Cat {
-        /// Blob digest, HASH/SIZE or HASH-SIZE.
+        /// Blob digest, HASH/SIZE or HASH-SIZE (with --action: the action digest).
         digest: String,
+        /// With --action: the file inside the action's view (stdout, outputs/a.o, ...).
+        path: Option<String>,
+        /// Read from the cached result of an action, as the browse mount shows it.
+        #[arg(long)]
+        action: bool,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -118,19 +129,28 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
             eprintln!("downloaded {} files, {} dirs, {} symlinks ({} bytes)", s.files, s.dirs, s.symlinks, s.bytes);
             Ok(Ok(()))
         }
-        Cmd::Ls { digest, recursive, remote } => {
+        Cmd::Ls { digest, path, recursive, action, remote } => {
             let digest = match digest_arg(&digest) {
                 Ok(d) => d,
                 Err(u) => return Ok(Err(u)),
             };
-            cli::transfer::ls(&remote.store()?, &digest, recursive).await.map(Ok)
+            match (action, path) {
+                (true, path) => cli::action::ls(&remote, &digest, path.as_deref().unwrap_or(""), recursive).await,
+                (false, None) => cli::transfer::ls(&remote.store()?, &digest, recursive).await.map(Ok),
+                (false, Some(_)) => Ok(Err(Usage("a PATH needs --action".into()))),
+            }
         }
-        Cmd::Cat { digest, remote } => {
+        Cmd::Cat { digest, path, action, remote } => {
             let digest = match digest_arg(&digest) {
                 Ok(d) => d,
                 Err(u) => return Ok(Err(u)),
             };
-            cli::transfer::cat(&remote.store()?, &digest).await.map(Ok)
+            match (action, path) {
+                (true, Some(path)) => cli::action::cat(&remote, &digest, &path).await,
+                (true, None) => Ok(Err(Usage("--action needs a PATH (stdout, outputs/...)".into()))),
+                (false, None) => cli::transfer::cat(&remote.store()?, &digest).await.map(Ok),
+                (false, Some(_)) => Ok(Err(Usage("a PATH needs --action".into()))),
+            }
         }
     }
 }

@@ -205,6 +205,9 @@ impl DiskStore {
     fn open_blob(&self, digest: &Digest) -> Result<std::fs::File> {
         let path = self.blob_path(digest);
         match std::fs::File::open(&path) {
+            // The file is named by hash only: a digest with the right hash but another size
+            // names a blob this store does not have.
+            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => Err(Error::MissingBlob(*digest)),
             Ok(f) => {
                 self.lru.lock().unwrap().touch(digest);
                 if let Ok(meta) = f.metadata() {

@@ -9,6 +9,7 @@ use casfs::cas::{GrpcStore, RemoteConfig};
 use casfs::digest::Digest;
 use casfs::error::Result;
 
+pub mod action;
 pub mod mount;
 pub mod serve;
 pub mod transfer;

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real servers on loopback, real processes.
 
+mod browse;
 mod common;
 mod conformance;
 mod fs_core;
