@@ -217,3 +217,48 @@ async fn server_killed_mid_upload_leaves_no_partial_blob() -> TestResult {
     assert_eq!(client.read(&digest).await?, data);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_tree_pages_through_large_trees() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    generate_tree(&src, &TreeSpec { files: 3_000, dirs: 1_500, large: vec![] })?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
+    let report = casfs::transfer::upload_dir(&client, &src, false).await?;
+    let local = casfs::tree::build_local_tree(&src, &|_| {})?;
+
+    // Raw pages of 100: every Directory arrives once, across many pages.
+    let (mut cas, _) = raw(&server.url).await?;
+    let mut token = String::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut pages = 0;
+    loop {
+        let req = reapi::GetTreeRequest {
+            root_digest: Some(report.root.to_proto()),
+            page_size: 100,
+            page_token: token.clone(),
+            ..Default::default()
+        };
+        let mut stream = cas.get_tree(req).await?.into_inner();
+        let mut next = String::new();
+        while let Some(page) = stream.message().await? {
+            for d in page.directories {
+                seen.insert(Digest::of_message(&d).0);
+            }
+            next = page.next_page_token;
+        }
+        pages += 1;
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    let want: std::collections::HashSet<Digest> = local.directories.keys().copied().collect();
+    assert_eq!(seen, want);
+    assert!(want.len() > 1000, "only {} distinct Directories", want.len());
+    assert_eq!(pages, want.len().div_ceil(100));
+    // The client's get_tree follows the server's default paging and validates everything.
+    assert_eq!(client.get_tree(&report.root).await?.len(), want.len());
+    Ok(())
+}
