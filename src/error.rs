@@ -20,6 +20,10 @@ pub enum Error {
     /// A blob is not in the store.
     #[error("blob {0} not found")]
     MissingBlob(Digest),
+    /// Blobs an action needs are absent (REAPI: FAILED_PRECONDITION with a
+    /// PreconditionFailure listing each as MISSING `blobs/{hash}/{size}`).
+    #[error("missing blobs: {}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))]
+    MissingInputs(Vec<Digest>),
     /// Something other than a blob (an action result, an operation) is not there.
     #[error("{0} not found")]
     NotFound(String),
@@ -73,7 +77,7 @@ impl Error {
             Error::Digest(_) | Error::InvalidArgument(_) | Error::DigestMismatch { .. } => Code::InvalidArgument,
             Error::InvalidDirectory { .. } => Code::InvalidArgument,
             Error::MissingBlob(_) | Error::NotFound(_) => Code::NotFound,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::MissingInputs(_) => Code::FailedPrecondition,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
@@ -103,9 +107,42 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The `google.rpc.Status` message for this error (with PreconditionFailure details for
+    /// missing inputs), as ExecuteResponse.status and grpc-status-details-bin carry it.
+    pub fn to_rpc_status(&self) -> crate::proto::rpc::Status {
+        use prost::Message;
+        let mut details = Vec::new();
+        if let Error::MissingInputs(digests) = self {
+            let pf = crate::proto::rpc::PreconditionFailure {
+                violations: digests
+                    .iter()
+                    .map(|d| crate::proto::rpc::precondition_failure::Violation {
+                        r#type: "MISSING".into(),
+                        subject: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+                        description: String::new(),
+                    })
+                    .collect(),
+            };
+            details.push(prost_types::Any {
+                type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
+                value: pf.encode_to_vec(),
+            });
+        }
+        crate::proto::rpc::Status { code: self.code() as i32, message: self.to_string(), details }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        use prost::Message;
+        match &e {
+            Error::MissingInputs(_) => {
+                let details = e.to_rpc_status().encode_to_vec();
+                tonic::Status::with_details(e.code(), e.to_string(), details.into())
+            }
+            _ => tonic::Status::new(e.code(), e.to_string()),
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod cas;
 pub mod digest;
 pub mod error;
+pub mod exec;
 pub mod fs;
 pub mod metrics;
 pub mod proto;

@@ -1,0 +1,271 @@
+//! An Action and its Command, validated into what the executor needs (conformance rules 3-11):
+//! argv, environment, working directory, expected outputs, timeout and platform.
+
+use std::time::Duration;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::proto::reapi;
+use crate::tree::check_name;
+
+/// What kind of output a path was declared as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `output_files` (v2.0): must be a file (or symlink) if present.
+    File,
+    /// `output_directories` (v2.0): must be a directory (or symlink) if present.
+    Directory,
+    /// `output_paths` (v2.1+): whatever it turns out to be.
+    Any,
+}
+
+/// One expected output, relative to the working directory (`""` = the working directory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputSpec {
+    /// Path relative to the working directory, as the client wrote it.
+    pub path: String,
+    /// How it was declared.
+    pub kind: OutputKind,
+}
+
+/// Platform properties this executor understands (anything else is refused, rule 9).
+pub const SUPPORTED_PROPERTIES: [&str; 4] = ["OSFamily", "ISA", "network", "container-image"];
+
+/// Executor limits applied while validating.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Timeout when the Action sets none.
+    pub default_timeout: Duration,
+    /// Longest timeout accepted; more is INVALID_ARGUMENT (rule 11).
+    pub max_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { default_timeout: Duration::from_secs(900), max_timeout: Duration::from_secs(3600) }
+    }
+}
+
+/// A validated Action + Command.
+#[derive(Clone, Debug)]
+pub struct ActionSpec {
+    /// The Action's digest.
+    pub action: Digest,
+    /// The Command's digest.
+    pub command: Digest,
+    /// Root Directory of the inputs.
+    pub input_root: Digest,
+    /// Arguments, `argv[0]` first.
+    pub argv: Vec<String>,
+    /// The complete environment (nothing inherited, rule 5).
+    pub env: Vec<(String, String)>,
+    /// Working directory relative to the input root (`""` = the root).
+    pub working_directory: String,
+    /// Declared outputs.
+    pub outputs: Vec<OutputSpec>,
+    /// Wall-clock limit.
+    pub timeout: Duration,
+    /// Never read from or written to the action cache.
+    pub do_not_cache: bool,
+    /// Whether the command may use the network (`network=true`).
+    pub network: bool,
+    /// How output directories are reported.
+    pub output_directory_format: i32,
+}
+
+/// Checks a relative path: non-empty components, no `.`/`..`, not absolute.
+pub fn check_relative(path: &str, what: &str) -> Result<()> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    if path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!("{what} {path:?} is absolute")));
+    }
+    for part in path.split('/') {
+        check_name(part).map_err(|why| Error::InvalidArgument(format!("{what} {path:?}: {why}")))?;
+    }
+    Ok(())
+}
+
+fn check_sorted_unique(list: &[String], what: &str) -> Result<()> {
+    for w in list.windows(2) {
+        if w[0] >= w[1] {
+            return Err(Error::InvalidArgument(format!("{what} must be sorted and unique ({:?}, {:?})", w[0], w[1])));
+        }
+    }
+    Ok(())
+}
+
+/// The properties that apply: the Action's platform when set (v2.2), else the Command's.
+fn platform<'a>(action: &'a reapi::Action, command: &'a reapi::Command) -> &'a [reapi::platform::Property] {
+    match (&action.platform, &command.platform) {
+        (Some(p), _) if !p.properties.is_empty() => &p.properties,
+        (_, Some(p)) => &p.properties,
+        _ => &[],
+    }
+}
+
+impl ActionSpec {
+    /// Validates an Action and its Command.
+    pub fn new(
+        action_digest: Digest,
+        action: &reapi::Action,
+        command_digest: Digest,
+        command: &reapi::Command,
+        limits: &Limits,
+    ) -> Result<Self> {
+        let input_root = action
+            .input_root_digest
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("action has no input_root_digest".into()))
+            .and_then(|d| Ok(Digest::try_from(d)?))?;
+        if command.arguments.is_empty() || command.arguments[0].is_empty() {
+            return Err(Error::InvalidArgument("command has no arguments".into()));
+        }
+        let mut env = Vec::with_capacity(command.environment_variables.len());
+        for v in &command.environment_variables {
+            if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
+                return Err(Error::InvalidArgument(format!("bad environment variable {:?}", v.name)));
+            }
+            env.push((v.name.clone(), v.value.clone()));
+        }
+        let names: Vec<String> = env.iter().map(|(n, _)| n.clone()).collect();
+        check_sorted_unique(&names, "environment_variables")?;
+        check_relative(&command.working_directory, "working_directory")?;
+        let outputs = if !command.output_paths.is_empty() {
+            command.output_paths.iter().map(|p| OutputSpec { path: p.clone(), kind: OutputKind::Any }).collect()
+        } else {
+            let mut v: Vec<OutputSpec> = command
+                .output_files
+                .iter()
+                .map(|p| OutputSpec { path: p.clone(), kind: OutputKind::File })
+                .chain(
+                    command
+                        .output_directories
+                        .iter()
+                        .map(|p| OutputSpec { path: p.clone(), kind: OutputKind::Directory }),
+                )
+                .collect();
+            v.sort_by(|a, b| a.path.cmp(&b.path));
+            v
+        };
+        for o in &outputs {
+            check_relative(&o.path, "output path")?;
+            if o.path.is_empty() && o.kind == OutputKind::File {
+                return Err(Error::InvalidArgument("an output file cannot be the working directory".into()));
+            }
+        }
+        if let Some(p) = command.output_node_properties.first() {
+            return Err(Error::InvalidArgument(format!("output node property {p:?} is not supported")));
+        }
+        let mut network = false;
+        for p in platform(action, command) {
+            match (p.name.as_str(), p.value.as_str()) {
+                ("OSFamily", v) if v.eq_ignore_ascii_case("linux") => {}
+                ("ISA", "x86-64") if cfg!(target_arch = "x86_64") => {}
+                ("ISA", "arm-a64") if cfg!(target_arch = "aarch64") => {}
+                ("network", v) => network = matches!(v, "true" | "on" | "1" | "yes"),
+                ("container-image", "") => {}
+                (name, value) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "platform property {name}={value} is not supported here (supported: OSFamily=linux, ISA, network, empty container-image)"
+                    )))
+                }
+            }
+        }
+        let timeout = match &action.timeout {
+            Some(t) if t.seconds < 0 || t.nanos < 0 => {
+                return Err(Error::InvalidArgument("negative timeout".into()));
+            }
+            Some(t) if t.seconds > 0 || t.nanos > 0 => Duration::new(t.seconds as u64, t.nanos as u32),
+            _ => limits.default_timeout,
+        };
+        if timeout > limits.max_timeout {
+            return Err(Error::InvalidArgument(format!(
+                "timeout {timeout:?} is over this executor's maximum of {:?}",
+                limits.max_timeout
+            )));
+        }
+        Ok(ActionSpec {
+            action: action_digest,
+            command: command_digest,
+            input_root,
+            argv: command.arguments.clone(),
+            env,
+            working_directory: command.working_directory.clone(),
+            outputs,
+            timeout,
+            do_not_cache: action.do_not_cache,
+            network,
+            output_directory_format: command.output_directory_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd() -> reapi::Command {
+        reapi::Command {
+            arguments: vec!["/bin/true".into()],
+            environment_variables: vec![
+                reapi::command::EnvironmentVariable { name: "A".into(), value: "1".into() },
+                reapi::command::EnvironmentVariable { name: "B".into(), value: "2".into() },
+            ],
+            output_files: vec!["z.o".into(), "a.o".into()],
+            output_directories: vec!["d".into()],
+            ..Default::default()
+        }
+    }
+
+    fn action() -> reapi::Action {
+        reapi::Action { input_root_digest: Some(Digest::of_bytes(b"").to_proto()), ..Default::default() }
+    }
+
+    fn spec(a: &reapi::Action, c: &reapi::Command) -> Result<ActionSpec> {
+        ActionSpec::new(Digest::of_bytes(b"a"), a, Digest::of_bytes(b"c"), c, &Limits::default())
+    }
+
+    #[test]
+    fn old_output_fields_and_output_paths() {
+        let s = spec(&action(), &cmd()).unwrap();
+        let paths: Vec<&str> = s.outputs.iter().map(|o| o.path.as_str()).collect();
+        assert_eq!(paths, ["a.o", "d", "z.o"]);
+        let mut c = cmd();
+        c.output_paths = vec!["x".into()];
+        assert_eq!(spec(&action(), &c).unwrap().outputs, vec![OutputSpec { path: "x".into(), kind: OutputKind::Any }]);
+    }
+
+    #[test]
+    fn refuses_what_the_spec_says_to_refuse() {
+        let mut c = cmd();
+        c.arguments.clear();
+        assert!(spec(&action(), &c).is_err());
+        let mut c = cmd();
+        c.environment_variables.reverse();
+        assert!(spec(&action(), &c).is_err(), "unsorted env");
+        let mut c = cmd();
+        c.working_directory = "/abs".into();
+        assert!(spec(&action(), &c).is_err());
+        let mut c = cmd();
+        c.output_files = vec!["../escape".into()];
+        assert!(spec(&action(), &c).is_err());
+        let mut c = cmd();
+        c.platform = Some(reapi::Platform {
+            properties: vec![reapi::platform::Property { name: "gpu".into(), value: "yes".into() }],
+        });
+        assert!(spec(&action(), &c).is_err(), "unknown platform property");
+        let mut a = action();
+        a.timeout = Some(prost_types::Duration { seconds: 100_000, nanos: 0 });
+        assert_eq!(spec(&a, &cmd()).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let mut c = cmd();
+        c.platform = Some(reapi::Platform {
+            properties: vec![
+                reapi::platform::Property { name: "OSFamily".into(), value: "linux".into() },
+                reapi::platform::Property { name: "network".into(), value: "true".into() },
+            ],
+        });
+        assert!(spec(&action(), &c).unwrap().network);
+    }
+}
