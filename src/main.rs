@@ -23,6 +23,8 @@ enum Cmd {
     Serve(cli::serve::ServeArgs),
     /// Mount a Directory digest read-only, fetching lazily and verifying every blob.
     Mount(cli::mount::MountArgs),
+    /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
+    Run(cli::run::RunArgs),
     /// Upload a local directory; prints the root Directory digest (HASH/SIZE).
     Upload {
         /// The directory to upload.
@@ -107,6 +109,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
     match cmd {
         Cmd::Serve(args) => cli::serve::serve(args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
+        Cmd::Run(args) => cli::run::run(args).await,
         Cmd::Upload { dir, remote } => {
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());

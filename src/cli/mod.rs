@@ -11,6 +11,7 @@ use casfs::error::Result;
 
 pub mod action;
 pub mod mount;
+pub mod run;
 pub mod serve;
 pub mod transfer;
 

@@ -146,6 +146,17 @@ pub struct Fetcher {
     empty_file: PathBuf,
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
+    failures: Mutex<FetchFailures>,
+}
+
+/// Fetches that failed since the fetcher was made (the executor reads these to tell an
+/// infrastructure failure from the command's own).
+#[derive(Clone, Debug, Default)]
+pub struct FetchFailures {
+    /// Failed fetches of any kind.
+    pub count: u64,
+    /// Digests the remote did not have.
+    pub missing: Vec<Digest>,
 }
 
 impl Fetcher {
@@ -167,6 +178,7 @@ impl Fetcher {
             empty_file,
             cfg,
             metrics,
+            failures: Mutex::new(FetchFailures::default()),
         }))
     }
 
@@ -184,6 +196,22 @@ impl Fetcher {
         hit
     }
 
+    /// What failed so far.
+    pub fn failures(&self) -> FetchFailures {
+        self.failures.lock().unwrap().clone()
+    }
+
+    fn note_failure(&self, e: &Error) {
+        self.metrics.add("casfs_fetch_failures_total", 1);
+        let mut f = self.failures.lock().unwrap();
+        f.count += 1;
+        if let Error::MissingBlob(d) = e {
+            if f.missing.len() < 1000 && !f.missing.contains(d) {
+                f.missing.push(*d);
+            }
+        }
+    }
+
     /// The instances this fetcher reads from.
     pub fn remotes(&self) -> &Remotes {
         &self.remotes
@@ -199,7 +227,10 @@ impl Fetcher {
         self.dir_flight
             .run(digest, move || {
                 async move {
-                    let dir = this.with_deadline(digest, this.fetch_dir(digest, inst)).await?;
+                    let dir = this
+                        .with_deadline(digest, this.fetch_dir(digest, inst))
+                        .await
+                        .inspect_err(|e| this.note_failure(e))?;
                     this.dirs.insert(digest, dir.clone());
                     Ok(dir)
                 }
@@ -260,7 +291,12 @@ impl Fetcher {
         let this = self.clone();
         self.blob_flight
             .run(digest, move || {
-                async move { this.with_deadline(digest, this.fetch_blob(digest, inst, parent)).await }.boxed()
+                async move {
+                    this.with_deadline(digest, this.fetch_blob(digest, inst, parent))
+                        .await
+                        .inspect_err(|e| this.note_failure(e))
+                }
+                .boxed()
             })
             .await?;
         Ok(self.local.blob_path(&digest))

@@ -3,6 +3,7 @@
 mod browse;
 mod common;
 mod conformance;
+mod exec;
 mod fs_core;
 mod golden;
 mod mount;

@@ -1,0 +1,347 @@
+//! Executes one Action: cache lookup, prepare the input root (lazy FUSE mount with an
+//! overlayfs writable layer), run sandboxed, capture and upload outputs, report and cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prost::Message;
+
+use super::capture::{capture, Captured, Source, Unchanged};
+use super::sandbox::{self, Exit, Job, SandboxConfig};
+use super::spec::{ActionSpec, Limits};
+use crate::cas::{DiskStore, SharedActionCache, SharedCas};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remotes, Root};
+use crate::metrics::Metrics;
+use crate::proto::{reapi, rpc};
+
+/// Executor settings.
+#[derive(Clone, Debug)]
+pub struct ExecConfig {
+    /// Scratch space for mounts, overlays and captured stdout/stderr.
+    pub work_dir: PathBuf,
+    /// Timeout bounds.
+    pub limits: Limits,
+    /// Confinement.
+    pub sandbox: SandboxConfig,
+    /// Name reported in ExecutedActionMetadata.worker.
+    pub worker_name: String,
+    /// Fetch deadline and caches of input mounts.
+    pub fetch: FetchConfig,
+}
+
+/// The result of one execution, as Execute reports it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The ActionResult (present even on timeout: stdout, stderr and outputs attached).
+    pub result: reapi::ActionResult,
+    /// OK, DEADLINE_EXCEEDED, or an infrastructure failure.
+    pub status: rpc::Status,
+    /// Served from the action cache.
+    pub cached: bool,
+}
+
+/// Runs Actions against one CAS and action cache.
+pub struct Executor {
+    cas: SharedCas,
+    ac: SharedActionCache,
+    cache: Arc<DiskStore>,
+    cfg: ExecConfig,
+    metrics: Arc<Metrics>,
+}
+
+fn now() -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(SystemTime::now()))
+}
+
+fn ok_status() -> rpc::Status {
+    rpc::Status { code: 0, message: String::new(), details: vec![] }
+}
+
+/// Scratch folder, overlay and FUSE mount of one action; all undone on drop (also when the
+/// executor unwinds from a panic).
+struct Workspace {
+    dir: PathBuf,
+    overlay: Option<PathBuf>,
+    mount: Option<MountGuard>,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Some(o) = self.overlay.take() {
+            if let Err(e) = crate::fs::mount::detach(&o) {
+                tracing::error!(path = %o.display(), error = %e, "could not unmount the overlay");
+            }
+        }
+        drop(self.mount.take());
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch folder");
+        }
+    }
+}
+
+/// Files left as the input root had them keep their digest: the overlay's upper layer holds
+/// exactly what the command created or changed.
+struct OverlayUnchanged<'a> {
+    upper: &'a Path,
+    fetcher: &'a Fetcher,
+    input_root: Digest,
+}
+
+impl Unchanged for OverlayUnchanged<'_> {
+    fn digest(&self, rel: &Path) -> Option<Digest> {
+        if std::fs::symlink_metadata(self.upper.join(rel)).is_ok() {
+            return None;
+        }
+        let mut dir = self.fetcher.cached_dir(&self.input_root)?;
+        let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let (last, dirs) = parts.split_last()?;
+        for p in dirs {
+            let d = dir.dirs.iter().find(|e| &e.name == p)?.digest;
+            dir = self.fetcher.cached_dir(&d)?;
+        }
+        dir.files.iter().find(|f| &f.name == last).map(|f| f.digest)
+    }
+}
+
+impl Executor {
+    /// An executor over `cas` and `ac`, caching input blobs in `cache`.
+    pub fn new(
+        cas: SharedCas,
+        ac: SharedActionCache,
+        cache: Arc<DiskStore>,
+        cfg: ExecConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Executor { cas, ac, cache, cfg, metrics }
+    }
+
+    /// The metrics registry (cache hits, executions, failures).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    async fn message<M: Message + Default>(&self, d: Digest) -> Result<M> {
+        let bytes = match self.cas.read(&d).await {
+            Err(Error::MissingBlob(m)) => return Err(Error::MissingInputs(vec![m])),
+            other => other?,
+        };
+        M::decode(bytes.as_ref()).map_err(|e| Error::InvalidArgument(format!("{d} does not decode: {e}")))
+    }
+
+    /// Executes an Action. Errors before the command starts (missing or invalid Action,
+    /// Command or inputs) are returned as `Err`; everything after is in the Outcome.
+    pub async fn execute(&self, action_digest: Digest, skip_cache_lookup: bool) -> Result<Outcome> {
+        let mut meta = reapi::ExecutedActionMetadata {
+            worker: self.cfg.worker_name.clone(),
+            queued_timestamp: now(),
+            worker_start_timestamp: now(),
+            ..Default::default()
+        };
+        let action: reapi::Action = self.message(action_digest).await?;
+        if !skip_cache_lookup && !action.do_not_cache {
+            if let Some(r) = self.ac.get_action_result(&action_digest).await? {
+                self.metrics.add("casfs_exec_cache_hits_total", 1);
+                return Ok(Outcome { result: r, status: ok_status(), cached: true });
+            }
+        }
+        let command_digest = action
+            .command_digest
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("action has no command_digest".into()))
+            .and_then(|d| Ok(Digest::try_from(d)?))?;
+        let command: reapi::Command = self.message(command_digest).await?;
+        let spec = ActionSpec::new(action_digest, &action, command_digest, &command, &self.cfg.limits)?;
+        self.metrics.add("casfs_exec_actions_total", 1);
+
+        meta.input_fetch_start_timestamp = now();
+        let ws = self.prepare(&spec).await?;
+        meta.input_fetch_completed_timestamp = now();
+        let root = ws.dir.join("root");
+        let argv = resolve_argv0(&root, &spec)?;
+        let (stdout, stderr) = (ws.dir.join("stdout"), ws.dir.join("stderr"));
+        meta.execution_start_timestamp = now();
+        let job = Job {
+            root: &root,
+            cwd: format!("/{}", spec.working_directory),
+            argv: &argv,
+            env: &spec.env,
+            stdout: &stdout,
+            stderr: &stderr,
+            network: spec.network,
+            timeout: spec.timeout,
+        };
+        let exit = sandbox::run(&self.cfg.sandbox, job).await?;
+        meta.execution_completed_timestamp = now();
+
+        // A fetch that failed under the command is the infrastructure's fault, not the
+        // command's: report it as such and cache nothing (rule 2).
+        if let Some(m) = &ws.mount {
+            let f = m.fs().fetcher().failures();
+            if !f.missing.is_empty() {
+                return Err(Error::MissingInputs(f.missing));
+            }
+            if f.count > 0 {
+                return Err(Error::Unavailable(format!("{} input fetches failed while the action ran", f.count)));
+            }
+        }
+
+        meta.output_upload_start_timestamp = now();
+        let captured = {
+            let fetcher = ws.mount.as_ref().map(|m| m.fs().fetcher().clone());
+            let upper = ws.dir.join("upper");
+            let root = root.clone();
+            let spec2 = spec.clone();
+            tokio::task::spawn_blocking(move || -> Result<Captured> {
+                match &fetcher {
+                    Some(f) => {
+                        let u = OverlayUnchanged { upper: &upper, fetcher: f, input_root: spec2.input_root };
+                        capture(&root, &spec2.working_directory, &spec2.outputs, &u)
+                    }
+                    None => capture(&root, &spec2.working_directory, &spec2.outputs, &super::capture::HashEverything),
+                }
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("capture task: {e}")))??
+        };
+        let mut blobs = captured.blobs.clone();
+        let so = crate::digest::hash_file(&stdout).ctx(|| "hashing stdout".into())?;
+        let se = crate::digest::hash_file(&stderr).ctx(|| "hashing stderr".into())?;
+        blobs.insert(so, Source::File(stdout.clone()));
+        blobs.insert(se, Source::File(stderr.clone()));
+        self.upload(blobs).await?;
+        meta.output_upload_completed_timestamp = now();
+        meta.worker_completed_timestamp = now();
+
+        let (exit_code, status) = match exit {
+            Exit::Code(c) => (c, ok_status()),
+            Exit::TimedOut => (
+                -1,
+                rpc::Status {
+                    code: tonic::Code::DeadlineExceeded as i32,
+                    message: format!("the action ran longer than its {:?} timeout and was killed", spec.timeout),
+                    details: vec![],
+                },
+            ),
+        };
+        let result = reapi::ActionResult {
+            output_files: captured.files,
+            output_file_symlinks: captured.file_symlinks,
+            output_symlinks: captured.symlinks,
+            output_directories: captured.dirs,
+            output_directory_symlinks: captured.dir_symlinks,
+            exit_code,
+            stdout_digest: Some(so.to_proto()),
+            stderr_digest: Some(se.to_proto()),
+            execution_metadata: Some(meta),
+            ..Default::default()
+        };
+        if exit_code == 0 && status.code == 0 && !spec.do_not_cache {
+            self.ac.update_action_result(&action_digest, &result).await?;
+        }
+        tracing::info!(action = %action_digest, exit_code, hashed = captured.hashed_bytes, reused = captured.reused_files, "action done");
+        Ok(Outcome { result, status, cached: false })
+    }
+
+    async fn prepare(&self, spec: &ActionSpec) -> Result<Workspace> {
+        std::fs::create_dir_all(&self.cfg.work_dir).ctx(|| format!("creating {}", self.cfg.work_dir.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("action-")
+            .tempdir_in(&self.cfg.work_dir)
+            .ctx(|| format!("creating a scratch folder in {}", self.cfg.work_dir.display()))?
+            .keep();
+        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None };
+        for sub in ["lower", "upper", "work", "root"] {
+            std::fs::create_dir(dir.join(sub)).ctx(|| format!("creating {sub}"))?;
+        }
+        let mut cfg = MountConfig::new(dir.join("lower"));
+        cfg.fetch = self.cfg.fetch.clone();
+        cfg.fetch.batch_siblings = true;
+        let remotes = Remotes::single(self.cas.clone(), None);
+        ws.mount =
+            Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, self.cache.clone(), cfg, Metrics::new())?);
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            dir.join("lower").display(),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
+        let root = dir.join("root");
+        mount_overlay(&root, &opts)?;
+        ws.overlay = Some(root.clone());
+        let wd = root.join(&spec.working_directory);
+        if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(Error::InvalidArgument(format!(
+                "working directory {:?} is not a directory of the input root",
+                spec.working_directory
+            )));
+        }
+        for o in &spec.outputs {
+            if let Some(parent) = Path::new(&o.path).parent() {
+                std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
+            }
+        }
+        Ok(ws)
+    }
+
+    async fn upload(&self, blobs: std::collections::HashMap<Digest, Source>) -> Result<()> {
+        let digests: Vec<Digest> = blobs.keys().copied().collect();
+        let missing = self.cas.find_missing(&digests).await?;
+        let mut small = Vec::new();
+        for d in missing {
+            match &blobs[&d] {
+                Source::Bytes(b) => small.push((d, b.clone())),
+                Source::File(p) if d.size() <= 1 << 20 => {
+                    let data = std::fs::read(p).ctx(|| format!("reading output {}", p.display()))?;
+                    small.push((d, data.into()));
+                }
+                Source::File(p) => self.cas.write_file(&d, p).await?,
+            }
+        }
+        for (_, r) in self.cas.write_many(small).await? {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+fn mount_overlay(target: &Path, opts: &str) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let t = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidArgument("NUL in path".into()))?;
+    let o = std::ffi::CString::new(opts).map_err(|_| Error::InvalidArgument("NUL in overlay options".into()))?;
+    let rc = unsafe {
+        libc::mount(c"overlay".as_ptr(), t.as_ptr(), c"overlay".as_ptr(), 0, o.as_ptr() as *const libc::c_void)
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("mounting the overlay at {}", target.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// argv[0] as given when it has a slash; otherwise looked up in the Command's own PATH
+/// (entries relative to the working directory), inside the prepared root (rule 4).
+fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
+    let mut argv = spec.argv.clone();
+    if argv[0].contains('/') {
+        return Ok(argv);
+    }
+    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
+    for entry in path.split(':').filter(|e| !e.is_empty()) {
+        let in_root =
+            if entry.starts_with('/') { entry.to_string() } else { format!("/{}/{entry}", spec.working_directory) };
+        let candidate = format!("{}/{}", in_root.trim_end_matches('/'), argv[0]);
+        // Host tool folders are bound in at run time, so look there too.
+        let host = Path::new(&candidate);
+        if root.join(candidate.trim_start_matches('/')).is_file() || host.is_file() {
+            argv[0] = candidate;
+            return Ok(argv);
+        }
+    }
+    Err(Error::InvalidArgument(format!("{:?} not found in the command's PATH {path:?}", argv[0])))
+}

@@ -1,0 +1,260 @@
+//! The executor against a real `casfs serve`: a gcc compile matching a local one bit for bit,
+//! a cache hit, timeouts, containment of escapes, fork bombs and network use.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+
+use casfs::cas::{ActionCache, Cas, DiskStore, GrpcStore, RemoteConfig};
+use casfs::digest::Digest;
+use casfs::exec::{ExecConfig, Executor, Limits, SandboxConfig};
+use casfs::fs::FetchConfig;
+use casfs::metrics::Metrics;
+use casfs::proto::reapi;
+
+use crate::common::*;
+use crate::mount::fuse_unavailable;
+
+macro_rules! require_fuse {
+    () => {
+        if let Some(why) = fuse_unavailable() {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+    };
+}
+
+/// What an action runs and expects.
+#[derive(Default)]
+struct Act<'a> {
+    argv: &'a [&'a str],
+    output_files: &'a [&'a str],
+    output_paths: &'a [&'a str],
+    timeout: Option<Duration>,
+    network: bool,
+}
+
+async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
+    let root = casfs::transfer::upload_dir(client, input, false).await?.root;
+    let mut properties = vec![reapi::platform::Property { name: "OSFamily".into(), value: "linux".into() }];
+    if a.network {
+        properties.push(reapi::platform::Property { name: "network".into(), value: "true".into() });
+    }
+    let command = reapi::Command {
+        arguments: a.argv.iter().map(|s| s.to_string()).collect(),
+        environment_variables: vec![reapi::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/usr/bin:/bin".into(),
+        }],
+        output_files: a.output_files.iter().map(|s| s.to_string()).collect(),
+        output_paths: a.output_paths.iter().map(|s| s.to_string()).collect(),
+        platform: Some(reapi::Platform { properties }),
+        ..Default::default()
+    };
+    let cb = command.encode_to_vec();
+    let cd = Digest::of_bytes(&cb);
+    client.write(&cd, cb.into()).await?;
+    let action = reapi::Action {
+        command_digest: Some(cd.to_proto()),
+        input_root_digest: Some(root.to_proto()),
+        timeout: a.timeout.map(|t| prost_types::Duration { seconds: t.as_secs() as i64, nanos: 0 }),
+        ..Default::default()
+    };
+    let ab = action.encode_to_vec();
+    let ad = Digest::of_bytes(&ab);
+    client.write(&ad, ab.into()).await?;
+    Ok(ad)
+}
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    _server: ServeProcess,
+    client: Arc<GrpcStore>,
+    exec: Executor,
+    work: std::path::PathBuf,
+    url: String,
+}
+
+fn rig(pids_limit: u32) -> TestResult<Rig> {
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
+    let cache = Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?);
+    let work = tmp.path().join("work");
+    let cfg = ExecConfig {
+        work_dir: work.clone(),
+        limits: Limits { default_timeout: Duration::from_secs(120), max_timeout: Duration::from_secs(600) },
+        sandbox: SandboxConfig { pids_limit, ..SandboxConfig::default() },
+        worker_name: "test-worker".into(),
+        fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },
+    };
+    let exec = Executor::new(client.clone(), client.clone(), cache, cfg, Metrics::new());
+    let url = server.url.clone();
+    Ok(Rig { _tmp: tmp, _server: server, client, exec, work, url })
+}
+
+fn no_leftovers(r: &Rig) -> TestResult {
+    let left: Vec<_> = std::fs::read_dir(&r.work)?.collect();
+    assert!(left.is_empty(), "scratch folders left: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    let work = r.work.to_string_lossy();
+    assert!(!mounts.contains(work.as_ref()), "mounts left under {work}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcc_compile_matches_a_local_build_and_hits_the_cache() -> TestResult {
+    require_fuse!();
+    if std::process::Command::new("gcc").arg("--version").output().is_err() {
+        eprintln!("skipped: gcc is not installed");
+        return Ok(());
+    }
+    let r = rig(1024)?;
+    let src = r.work.parent().ok_or("parent")?.join("src");
+    std::fs::create_dir_all(src.join("greet"))?;
+    std::fs::write(src.join("greet/greet.h"), "const char *greet(void);\n")?;
+    std::fs::write(
+        src.join("greet/greet.c"),
+        "#include \"greet.h\"\nconst char *greet(void) { return \"hello from casfs\"; }\n",
+    )?;
+    std::fs::write(
+        src.join("main.c"),
+        "#include <stdio.h>\n#include \"greet/greet.h\"\nint main(void) { puts(greet()); return 0; }\n",
+    )?;
+    let argv = ["gcc", "-O2", "-o", "out/hello", "main.c", "greet/greet.c"];
+    let d = upload_action(&r.client, &src, &Act { argv: &argv, output_files: &["out/hello"], ..Default::default() })
+        .await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_eq!(o.status.code, 0, "{}", o.status.message);
+    assert_eq!(
+        o.result.exit_code,
+        0,
+        "stderr: {:?}",
+        String::from_utf8_lossy(
+            &r.client.read(&Digest::try_from(o.result.stderr_digest.as_ref().ok_or("stderr")?)?).await?
+        )
+    );
+    assert!(!o.cached);
+    let remote_bin =
+        r.client.read(&Digest::try_from(o.result.output_files[0].digest.as_ref().ok_or("digest")?)?).await?;
+    assert!(o.result.output_files[0].is_executable);
+
+    // The same compile, locally, in a copy of the sources.
+    let local = r.work.parent().ok_or("parent")?.join("local");
+    std::fs::create_dir_all(local.join("out"))?;
+    std::fs::create_dir_all(local.join("greet"))?;
+    for f in ["main.c", "greet/greet.c", "greet/greet.h"] {
+        std::fs::copy(src.join(f), local.join(f))?;
+    }
+    let st = std::process::Command::new("gcc").args(&argv[1..]).current_dir(&local).status()?;
+    assert!(st.success());
+    assert_eq!(std::fs::read(local.join("out/hello"))?, remote_bin.to_vec(), "remote and local binaries differ");
+    let run = std::process::Command::new(local.join("out/hello")).output()?;
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hello from casfs\n");
+
+    let again = r.exec.execute(d, false).await?;
+    assert!(again.cached);
+    assert_eq!(r.exec.metrics().get("casfs_exec_cache_hits_total"), 1);
+    let meta = again.result.execution_metadata.ok_or("metadata")?;
+    assert_eq!(meta.worker, "test-worker");
+    for t in [
+        meta.queued_timestamp,
+        meta.worker_start_timestamp,
+        meta.input_fetch_start_timestamp,
+        meta.execution_start_timestamp,
+        meta.execution_completed_timestamp,
+        meta.output_upload_completed_timestamp,
+        meta.worker_completed_timestamp,
+    ] {
+        assert!(t.is_some(), "a timestamp is missing");
+    }
+    no_leftovers(&r)
+}
+
+async fn stdout_of(r: &Rig, o: &casfs::exec::Outcome) -> TestResult<String> {
+    let d = Digest::try_from(o.result.stdout_digest.as_ref().ok_or("stdout")?)?;
+    Ok(String::from_utf8_lossy(&r.client.read(&d).await?).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_escapes_fork_bombs_and_network_are_contained() -> TestResult {
+    require_fuse!();
+    let r = rig(64)?;
+    let input = r.work.parent().ok_or("parent")?.join("input");
+    std::fs::create_dir_all(input.join("out"))?;
+    std::fs::write(input.join("data.txt"), "input data\n")?;
+
+    // sleep 1000 with a 2 s timeout: DEADLINE_EXCEEDED, stdout still attached.
+    let d = upload_action(
+        &r.client,
+        &input,
+        &Act {
+            argv: &["sh", "-c", "echo started; sleep 1000"],
+            timeout: Some(Duration::from_secs(2)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_eq!(o.status.code, tonic::Code::DeadlineExceeded as i32);
+    assert_eq!(stdout_of(&r, &o).await?, "started\n");
+    assert!(r.client.get_action_result(&d).await?.is_none(), "a timed-out action was cached");
+
+    // An output symlink to /etc/passwd is reported as a symlink; its target is never read.
+    let d = upload_action(
+        &r.client,
+        &input,
+        &Act { argv: &["ln", "-s", "/etc/passwd", "out/link"], output_files: &["out/link"], ..Default::default() },
+    )
+    .await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_eq!(o.result.exit_code, 0);
+    assert!(o.result.output_files.is_empty());
+    assert_eq!(o.result.output_file_symlinks[0].target, "/etc/passwd");
+    assert_eq!(o.result.output_symlinks[0].path, "out/link");
+
+    // A ../ output path is refused before anything runs.
+    let d =
+        upload_action(&r.client, &input, &Act { argv: &["true"], output_files: &["../escape"], ..Default::default() })
+            .await?;
+    let err = r.exec.execute(d, false).await.expect_err("../ output accepted");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Writing outside the working directory: host folders are read-only, the rest lands in
+    // the action's own layer and never on the host.
+    let marker = format!("/casfs-escape-{}", std::process::id());
+    let script = format!("echo x > {marker}; echo y > /usr/casfs-evil; echo done");
+    let d = upload_action(&r.client, &input, &Act { argv: &["sh", "-c", &script], ..Default::default() }).await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_eq!(stdout_of(&r, &o).await?, "done\n");
+    assert!(!Path::new(&marker).exists() && !Path::new("/usr/casfs-evil").exists(), "the command wrote on the host");
+
+    // A fork bomb stops at the pids limit and the timeout; nothing survives the action.
+    let d = upload_action(
+        &r.client,
+        &input,
+        &Act { argv: &["sh", "-c", "b() { b | b & }; b"], timeout: Some(Duration::from_secs(5)), ..Default::default() },
+    )
+    .await?;
+    let o = r.exec.execute(d, false).await?;
+    assert!(o.status.code == tonic::Code::DeadlineExceeded as i32 || o.result.exit_code != 0 || o.status.code == 0);
+
+    // No network unless the platform asks for it.
+    let port = r.url.rsplit(':').next().ok_or("port")?.to_string();
+    let probe =
+        format!("import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3); print('connected')");
+    let d = upload_action(&r.client, &input, &Act { argv: &["python3", "-c", &probe], ..Default::default() }).await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_ne!(o.result.exit_code, 0, "reached the network without network=true");
+    let d = upload_action(
+        &r.client,
+        &input,
+        &Act { argv: &["python3", "-c", &probe], network: true, ..Default::default() },
+    )
+    .await?;
+    let o = r.exec.execute(d, false).await?;
+    assert_eq!(stdout_of(&r, &o).await?, "connected\n");
+    no_leftovers(&r)
+}
