@@ -159,13 +159,13 @@ pub async fn upload_dir<C: Cas + ?Sized>(cas: &C, dir: &Path, progress: bool) ->
 
 /// Every file and symlink of a tree with its path, plus every directory path.
 #[derive(Default)]
-struct Layout {
-    dirs: Vec<PathBuf>,
-    files: HashMap<Digest, Vec<(PathBuf, bool)>>,
-    symlinks: Vec<(PathBuf, String)>,
+pub(crate) struct Layout {
+    pub(crate) dirs: Vec<PathBuf>,
+    pub(crate) files: HashMap<Digest, Vec<(PathBuf, bool)>>,
+    pub(crate) symlinks: Vec<(PathBuf, String)>,
 }
 
-fn lay_out(
+pub(crate) fn lay_out(
     dirs: &HashMap<Digest, Directory>,
     digest: &Digest,
     path: PathBuf,

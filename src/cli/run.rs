@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use casfs::cas::DiskStore;
-use casfs::exec::{ExecConfig, Executor, Limits, SandboxConfig};
+use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
@@ -41,6 +41,12 @@ pub struct RunArgs {
     /// Host folders bound read-only into the action's root (repeatable).
     #[arg(long = "host-dir", env = "CASFS_HOST_DIRS", value_delimiter = ',', default_values = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"])]
     pub host_dirs: Vec<PathBuf>,
+    /// How the input root is provided: auto, lazy (FUSE + overlayfs), eager (hard links).
+    #[arg(long, env = "CASFS_MATERIALIZE", value_enum, default_value = "auto")]
+    pub materialize: Materialize,
+    /// Run commands as this uid:gid instead of the executor's own.
+    #[arg(long, env = "CASFS_RUN_AS", value_parser = parse_ids)]
+    pub run_as: Option<(u32, u32)>,
     /// Skip the action cache lookup (the result is still cached).
     #[arg(long)]
     pub skip_cache_lookup: bool,
@@ -55,9 +61,10 @@ pub async fn run(args: RunArgs) -> CmdResult {
     let store = Arc::new(args.remote.store()?);
     let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
     let cfg = ExecConfig {
+        materialize: args.materialize,
         work_dir: args.work_dir.clone(),
         limits: Limits { default_timeout: args.default_timeout, max_timeout: args.max_timeout },
-        sandbox: SandboxConfig { host_dirs: args.host_dirs.clone(), pids_limit: args.pids_limit, run_as: None },
+        sandbox: SandboxConfig { host_dirs: args.host_dirs.clone(), pids_limit: args.pids_limit, run_as: args.run_as },
         worker_name: format!("casfs-run@{}", hostname()),
         fetch: FetchConfig::default(),
     };
@@ -71,6 +78,11 @@ pub async fn run(args: RunArgs) -> CmdResult {
     }
     print!("{}", casfs::fs::render::action_result_json(&outcome.result));
     Ok(Ok(()))
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').unwrap_or((s, s));
+    Ok((u.parse().map_err(|_| format!("bad uid in {s:?}"))?, g.parse().map_err(|_| format!("bad gid in {s:?}"))?))
 }
 
 fn hostname() -> String {

@@ -17,9 +17,39 @@ use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remotes, Root};
 use crate::metrics::Metrics;
 use crate::proto::{reapi, rpc};
 
+/// How the input root is made available to the command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Materialize {
+    /// `lazy` when FUSE and overlayfs work here, else `eager`.
+    Auto,
+    /// Mounted with casfs's FUSE filesystem, an overlayfs layer on top for writes: only what
+    /// the command reads is fetched.
+    Lazy,
+    /// Everything fetched first and laid out with hard links from the blob cache.
+    Eager,
+}
+
+impl Materialize {
+    /// The mode `Auto` stands for on this host.
+    pub fn resolve(self) -> Materialize {
+        if self != Materialize::Auto {
+            return self;
+        }
+        let fuse = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+        let overlay = std::fs::read_to_string("/proc/filesystems").map(|f| f.contains("overlay")).unwrap_or(false);
+        if fuse && overlay && unsafe { libc::geteuid() } == 0 {
+            Materialize::Lazy
+        } else {
+            Materialize::Eager
+        }
+    }
+}
+
 /// Executor settings.
 #[derive(Clone, Debug)]
 pub struct ExecConfig {
+    /// How input roots are provided.
+    pub materialize: Materialize,
     /// Scratch space for mounts, overlays and captured stdout/stderr.
     pub work_dir: PathBuf,
     /// Timeout bounds.
@@ -66,6 +96,7 @@ struct Workspace {
     dir: PathBuf,
     overlay: Option<PathBuf>,
     mount: Option<MountGuard>,
+    eager: Option<Arc<super::materialize::Materialized>>,
 }
 
 impl Drop for Workspace {
@@ -191,16 +222,20 @@ impl Executor {
         meta.output_upload_start_timestamp = now();
         let captured = {
             let fetcher = ws.mount.as_ref().map(|m| m.fs().fetcher().clone());
+            let eager = ws.eager.clone();
             let upper = ws.dir.join("upper");
             let root = root.clone();
             let spec2 = spec.clone();
             tokio::task::spawn_blocking(move || -> Result<Captured> {
-                match &fetcher {
-                    Some(f) => {
+                match (&fetcher, &eager) {
+                    (Some(f), _) => {
                         let u = OverlayUnchanged { upper: &upper, fetcher: f, input_root: spec2.input_root };
                         capture(&root, &spec2.working_directory, &spec2.outputs, &u)
                     }
-                    None => capture(&root, &spec2.working_directory, &spec2.outputs, &super::capture::HashEverything),
+                    (None, Some(m)) => capture(&root, &spec2.working_directory, &spec2.outputs, m.as_ref()),
+                    (None, None) => {
+                        capture(&root, &spec2.working_directory, &spec2.outputs, &super::capture::HashEverything)
+                    }
                 }
             })
             .await
@@ -252,9 +287,15 @@ impl Executor {
             .tempdir_in(&self.cfg.work_dir)
             .ctx(|| format!("creating a scratch folder in {}", self.cfg.work_dir.display()))?
             .keep();
-        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None };
+        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None, eager: None };
         for sub in ["lower", "upper", "work", "root"] {
             std::fs::create_dir(dir.join(sub)).ctx(|| format!("creating {sub}"))?;
+        }
+        if self.cfg.materialize.resolve() == Materialize::Eager {
+            let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
+            ws.eager = Some(Arc::new(m));
+            self.create_output_parents(&dir.join("root"), spec)?;
+            return Ok(ws);
         }
         let mut cfg = MountConfig::new(dir.join("lower"));
         cfg.fetch = self.cfg.fetch.clone();
@@ -271,6 +312,11 @@ impl Executor {
         let root = dir.join("root");
         mount_overlay(&root, &opts)?;
         ws.overlay = Some(root.clone());
+        self.create_output_parents(&root, spec)?;
+        Ok(ws)
+    }
+
+    fn create_output_parents(&self, root: &Path, spec: &ActionSpec) -> Result<()> {
         let wd = root.join(&spec.working_directory);
         if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
             return Err(Error::InvalidArgument(format!(
@@ -283,7 +329,7 @@ impl Executor {
                 std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
             }
         }
-        Ok(ws)
+        Ok(())
     }
 
     async fn upload(&self, blobs: std::collections::HashMap<Digest, Source>) -> Result<()> {

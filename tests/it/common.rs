@@ -31,9 +31,15 @@ impl ServeProcess {
 
     /// Starts a server listening on `listen`.
     pub fn start_on(storage: &Path, listen: &str) -> TestResult<Self> {
+        Self::start_with(storage, listen, &[])
+    }
+
+    /// Starts a server with extra `casfs serve` arguments.
+    pub fn start_with(storage: &Path, listen: &str, extra: &[&str]) -> TestResult<Self> {
         let mut child = Command::new(casfs_bin())
             .args(["serve", "--listen", listen, "--storage"])
             .arg(storage)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .env("CASFS_LOG", "warn")

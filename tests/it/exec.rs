@@ -9,7 +9,7 @@ use prost::Message;
 
 use casfs::cas::{ActionCache, Cas, DiskStore, GrpcStore, RemoteConfig};
 use casfs::digest::Digest;
-use casfs::exec::{ExecConfig, Executor, Limits, SandboxConfig};
+use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 use casfs::proto::reapi;
@@ -78,12 +78,17 @@ struct Rig {
 }
 
 fn rig(pids_limit: u32) -> TestResult<Rig> {
+    rig_with(pids_limit, Materialize::Lazy)
+}
+
+fn rig_with(pids_limit: u32, materialize: Materialize) -> TestResult<Rig> {
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
     let cache = Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?);
     let work = tmp.path().join("work");
     let cfg = ExecConfig {
+        materialize,
         work_dir: work.clone(),
         limits: Limits { default_timeout: Duration::from_secs(120), max_timeout: Duration::from_secs(600) },
         sandbox: SandboxConfig { pids_limit, ..SandboxConfig::default() },
@@ -257,4 +262,95 @@ async fn timeouts_escapes_fork_bombs_and_network_are_contained() -> TestResult {
     let o = r.exec.execute(d, false).await?;
     assert_eq!(stdout_of(&r, &o).await?, "connected\n");
     no_leftovers(&r)
+}
+
+/// An ActionResult without what legitimately differs between two runs.
+fn comparable(mut r: reapi::ActionResult) -> reapi::ActionResult {
+    r.execution_metadata = None;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_and_eager_give_identical_results() -> TestResult {
+    require_fuse!();
+    let lazy = rig_with(1024, Materialize::Lazy)?;
+    let eager = rig_with(1024, Materialize::Eager)?;
+    let input = lazy.work.parent().ok_or("parent")?.join("input");
+    std::fs::create_dir_all(input.join("src/sub"))?;
+    std::fs::write(input.join("src/a.txt"), "alpha\n")?;
+    std::fs::write(input.join("src/sub/b.txt"), "beta\n")?;
+    std::fs::write(input.join("tool.sh"), "#!/bin/sh\necho tool ran \"$@\"\n")?;
+    std::fs::set_permissions(input.join("tool.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let script = "mkdir -p out/dir/nested && cp src/a.txt out/dir/ && cat src/sub/b.txt > out/dir/nested/b2 && \
+                  ln -s a.txt out/dir/link && ./tool.sh x > out/log && cp -r src out/copy && echo to-stderr >&2";
+    let argv1 = ["sh", "-c", script];
+    let acts: Vec<Act> = vec![
+        Act { argv: &argv1, output_paths: &["out/dir", "out/log", "out/copy", "src"], ..Default::default() },
+        Act { argv: &["sh", "-c", "echo failing; exit 3"], output_files: &["nothing"], ..Default::default() },
+    ];
+    for a in &acts {
+        let dl = upload_action(&lazy.client, &input, a).await?;
+        let de = upload_action(&eager.client, &input, a).await?;
+        assert_eq!(dl, de);
+        let ol = lazy.exec.execute(dl, true).await?;
+        let oe = eager.exec.execute(de, true).await?;
+        assert_eq!(ol.status, oe.status);
+        assert_eq!(comparable(ol.result.clone()), comparable(oe.result), "lazy and eager disagree");
+        assert!(!ol.result.output_directories.is_empty() || ol.result.exit_code == 3);
+    }
+    no_leftovers(&lazy)?;
+    no_leftovers(&eager)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let input = tmp.path().join("input");
+    for d in 0..1000 {
+        let dir = input.join(format!("dir-{d:03}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:02}")), format!("content of dir {d} file {f}\n"))?;
+        }
+    }
+    let log = tmp.path().join("access.log");
+    let server = ServeProcess::start_with(
+        &tmp.path().join("storage"),
+        "127.0.0.1:0",
+        &["--access-log", log.to_str().ok_or("path")?],
+    )?;
+    let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
+    let script = "cat dir-00*/* > out/all && wc -l < out/all";
+    let d = upload_action(
+        &client,
+        &input,
+        &Act { argv: &["sh", "-c", script], output_files: &["out/all"], ..Default::default() },
+    )
+    .await?;
+    std::fs::write(&log, b"")?;
+    let cfg = ExecConfig {
+        materialize: Materialize::Lazy,
+        work_dir: tmp.path().join("work"),
+        limits: Limits::default(),
+        sandbox: SandboxConfig::default(),
+        worker_name: "test".into(),
+        fetch: FetchConfig::default(),
+    };
+    let exec = Executor::new(
+        client.clone(),
+        client.clone(),
+        Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?),
+        cfg,
+        Metrics::new(),
+    );
+    let o = exec.execute(d, false).await?;
+    assert_eq!(o.result.exit_code, 0);
+    let out = client.read(&Digest::try_from(o.result.output_files[0].digest.as_ref().ok_or("digest")?)?).await?;
+    assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1000);
+    let reads = std::fs::read_to_string(&log)?.lines().filter(|l| l.starts_with("read ")).count();
+    eprintln!("input root of 101,001 blobs (100,000 files, 1,001 Directories): {reads} blobs read by the executor");
+    // 1,000 files + the root and 10 Directories + Action + Command, and nothing else.
+    assert!((1000..=1020).contains(&reads), "{reads} blobs fetched for a 1% read");
+    Ok(())
 }
