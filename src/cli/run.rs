@@ -69,7 +69,15 @@ pub async fn run(args: RunArgs) -> CmdResult {
         fetch: FetchConfig::default(),
     };
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
-    let outcome = exec.execute(digest, args.skip_cache_lookup).await?;
+    exec.clean_stale()?;
+    // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
+    // are undone by their guards before we exit.
+    let outcome = tokio::select! {
+        o = exec.execute(digest, args.skip_cache_lookup) => o?,
+        _ = super::serve::shutdown_signal() => {
+            return Err(casfs::error::Error::Unavailable("interrupted; the action was stopped and cleaned up".into()));
+        }
+    };
     if outcome.status.code != 0 {
         eprintln!("casfs: status {}: {}", outcome.status.code, outcome.status.message);
     }

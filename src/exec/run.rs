@@ -149,6 +149,30 @@ impl Executor {
         Executor { cas, ac, cache, cfg, metrics }
     }
 
+    /// Removes what a killed executor left in its work folder: overlays and mounts are
+    /// detached, scratch folders deleted. Call once at start.
+    pub fn clean_stale(&self) -> Result<usize> {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.work_dir) else { return Ok(0) };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let p = e.path();
+            if !e.file_name().to_string_lossy().starts_with("action-") {
+                continue;
+            }
+            for sub in ["root", "lower"] {
+                if crate::fs::mount::is_mounted(&p.join(sub)) {
+                    crate::fs::mount::detach(&p.join(sub))?;
+                }
+            }
+            std::fs::remove_dir_all(&p).ctx(|| format!("removing stale {}", p.display()))?;
+            n += 1;
+        }
+        if n > 0 {
+            tracing::warn!(count = n, dir = %self.cfg.work_dir.display(), "removed scratch folders of a previous executor");
+        }
+        Ok(n)
+    }
+
     /// The metrics registry (cache hits, executions, failures).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

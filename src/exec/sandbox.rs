@@ -87,6 +87,23 @@ struct ChildPlan {
 
 const STACK: usize = 1 << 20;
 
+// SAFETY: the raw pointers point into CStrings the plan owns; moving the plan between
+// threads moves neither those buffers nor changes what the pointers refer to.
+unsafe impl Send for ChildPlan {}
+
+/// Clones the child into its namespaces; returns its pid.
+fn spawn_child(plan: &ChildPlan, flags: i32) -> Result<i32> {
+    let mut stack = vec![0u8; STACK];
+    let plan_ptr = plan as *const ChildPlan as *mut libc::c_void;
+    // SAFETY: the child runs `child_main` on its own stack with a copy of our address space
+    // (no CLONE_VM); `plan` and `stack` outlive the clone call.
+    let pid = unsafe { libc::clone(child_main, stack.as_mut_ptr().add(STACK) as *mut libc::c_void, flags, plan_ptr) };
+    if pid < 0 {
+        return Err(Error::io("starting the sandboxed command (clone)", std::io::Error::last_os_error()));
+    }
+    Ok(pid)
+}
+
 /// The pids cgroup (v1 controller or v2 unified) an action runs in; removed on drop.
 struct PidsCgroup(PathBuf);
 
@@ -302,14 +319,7 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
     if !job.network {
         flags |= libc::CLONE_NEWNET;
     }
-    let mut stack = vec![0u8; STACK];
-    let plan_ptr = &*plan as *const ChildPlan as *mut libc::c_void;
-    // SAFETY: the child runs `child_main` on its own stack with a copy of our address space
-    // (no CLONE_VM); `plan` and `stack` outlive the clone call.
-    let pid = unsafe { libc::clone(child_main, stack.as_mut_ptr().add(STACK) as *mut libc::c_void, flags, plan_ptr) };
-    if pid < 0 {
-        return Err(Error::io("starting the sandboxed command (clone)", std::io::Error::last_os_error()));
-    }
+    let pid = spawn_child(&plan, flags)?;
     if let Some(cg) = &cgroup {
         if let Err(e) = cg.add(pid) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -317,6 +327,9 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
             return Err(e);
         }
     }
+    // Whatever happens from here (timeout, the caller dropping this future on shutdown, a
+    // panic), the action's processes do not outlive it.
+    let mut guard = ChildGuard { pid, reaped: false };
     // Release the child.
     unsafe { libc::write(sync_write.as_raw_fd(), b"g".as_ptr() as *const libc::c_void, 1) };
     drop(sync_write);
@@ -331,8 +344,27 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
             Exit::TimedOut
         }
     };
+    guard.reaped = true;
     drop(cgroup);
     Ok(exit)
+}
+
+/// Kills and reaps the action's PID 1 unless it was already reaped.
+struct ChildGuard {
+    pid: i32,
+    reaped: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(self.pid, &mut status, 0);
+            }
+        }
+    }
 }
 
 /// Waits for `pid` without blocking the runtime; returns its exit code (128 + signal).

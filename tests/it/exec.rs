@@ -354,3 +354,101 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     assert!((1000..=1020).contains(&reads), "{reads} blobs fetched for a 1% read");
     Ok(())
 }
+
+fn free_port() -> TestResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let input = tmp.path().join("input");
+    std::fs::create_dir_all(&input)?;
+    std::fs::write(input.join("data.txt"), "needed later\n")?;
+    std::fs::write(input.join("gone.txt"), "deleted from the server\n")?;
+    let storage = tmp.path().join("storage");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut server = ServeProcess::start_on(&storage, &listen)?;
+    let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
+    let cfg = ExecConfig {
+        materialize: Materialize::Lazy,
+        work_dir: tmp.path().join("work"),
+        limits: Limits::default(),
+        sandbox: SandboxConfig::default(),
+        worker_name: "test".into(),
+        fetch: FetchConfig { deadline: Duration::from_secs(3), ..FetchConfig::default() },
+    };
+    let exec = Arc::new(Executor::new(
+        client.clone(),
+        client.clone(),
+        Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?),
+        cfg,
+        Metrics::new(),
+    ));
+
+    // A blob missing from the CAS while the command reads it: FAILED_PRECONDITION MISSING.
+    let gone = Digest::of_bytes(b"deleted from the server\n");
+    let d = upload_action(&client, &input, &Act { argv: &["cat", "gone.txt"], ..Default::default() }).await?;
+    let hex = gone.hash_hex();
+    std::fs::remove_file(storage.join("cas").join(&hex[..2]).join(&hex))?;
+    drop(server);
+    server = ServeProcess::start_on(&storage, &listen)?;
+    let err = exec.execute(d, false).await.expect_err("missing input reported as success");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let status = err.to_rpc_status();
+    let pf = casfs::proto::rpc::PreconditionFailure::decode(status.details[0].value.as_slice())?;
+    assert_eq!(pf.violations[0].r#type, "MISSING");
+    assert_eq!(pf.violations[0].subject, format!("blobs/{hex}/{}", gone.size()));
+
+    // The CAS going away while the command waits to read: UNAVAILABLE, never cached.
+    let d = upload_action(&client, &input, &Act { argv: &["sh", "-c", "sleep 2; cat data.txt"], ..Default::default() })
+        .await?;
+    let e2 = exec.clone();
+    let run = tokio::spawn(async move { e2.execute(d, false).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill();
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await??
+        .expect_err("CAS outage reported as the command's result");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    let _server = ServeProcess::start_on(&storage, &listen)?;
+    assert!(client.get_action_result(&d).await?.is_none());
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("work"))?.collect();
+    assert!(left.is_empty(), "scratch left: {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_casfs_run_cleans_up() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
+    let input = tmp.path().join("input");
+    std::fs::create_dir_all(&input)?;
+    let d = upload_action(&client, &input, &Act { argv: &["sleep", "1000"], ..Default::default() }).await?;
+    let work = tmp.path().join("work");
+    let mut child = std::process::Command::new(casfs_bin())
+        .args(["run", &d.to_string(), "--remote", &server.url, "--work-dir"])
+        .arg(&work)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .spawn()?;
+    // Wait until the command runs (its scratch folder exists and is mounted).
+    for _ in 0..200 {
+        if std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait()?;
+    assert!(!status.success());
+    assert!(!std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()), "mounts left");
+    assert_eq!(std::fs::read_dir(&work)?.count(), 0, "scratch left");
+    let sleepers = std::process::Command::new("pgrep").args(["-x", "sleep", "-a"]).output()?;
+    assert!(!String::from_utf8_lossy(&sleepers.stdout).contains("sleep 1000"), "the action's process survived");
+    Ok(())
+}
