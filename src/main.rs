@@ -23,6 +23,14 @@ enum Cmd {
     Serve(cli::serve::ServeArgs),
     /// Mount a Directory digest read-only, fetching lazily and verifying every blob.
     Mount(cli::mount::MountArgs),
+    /// Build an Action from a command line (uploading its inputs) and print its digest.
+    Action(cli::make_action::ActionArgs),
+    /// Print the digest (HASH/SIZE) of local files, hashed as casfs hashes outputs.
+    Digest {
+        /// Files to hash.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
     Run(cli::run::RunArgs),
     /// Upload a local directory; prints the root Directory digest (HASH/SIZE).
@@ -110,6 +118,15 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
         Cmd::Serve(args) => cli::serve::serve(args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
         Cmd::Run(args) => cli::run::run(args).await,
+        Cmd::Action(args) => cli::make_action::create(args).await,
+        Cmd::Digest { files } => {
+            for f in files {
+                let d = casfs::digest::hash_file(&f)
+                    .map_err(|e| casfs::Error::io(format!("hashing {}", f.display()), e))?;
+                println!("{d}  {}", f.display());
+            }
+            Ok(Ok(()))
+        }
         Cmd::Upload { dir, remote } => {
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
