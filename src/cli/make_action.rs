@@ -84,7 +84,7 @@ pub async fn create(args: ActionArgs) -> CmdResult {
         .iter()
         .map(|p| pair(p, "--platform").map(|(name, value)| reapi::platform::Property { name, value }))
         .collect::<Result<Vec<_>>>()?;
-    let platform = (!properties.is_empty()).then(|| reapi::Platform { properties });
+    let platform = (!properties.is_empty()).then_some(reapi::Platform { properties });
     let command = reapi::Command {
         arguments: args.argv.clone(),
         environment_variables: env
