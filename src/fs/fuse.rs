@@ -39,6 +39,7 @@ pub struct FuseAdapter {
     fs: Arc<CasFs>,
     rt: tokio::runtime::Handle,
     mode: OpenMode,
+    no_opendir: bool,
     backing: Arc<Mutex<Backing>>,
 }
 
@@ -56,7 +57,7 @@ fn errno(e: &Error) -> Errno {
 impl FuseAdapter {
     /// An adapter that runs fetches on `rt`.
     pub fn new(fs: Arc<CasFs>, rt: tokio::runtime::Handle, mode: OpenMode) -> Self {
-        FuseAdapter { fs, rt, mode, backing: Arc::default() }
+        FuseAdapter { fs, rt, mode, no_opendir: false, backing: Arc::default() }
     }
 
     fn timed(&self, op: &str) -> OpTimer {
@@ -105,6 +106,9 @@ impl Filesystem for FuseAdapter {
                 OpenMode::Open
             };
         }
+        // Directories are never opened either, whatever the file mode: the kernel then keeps
+        // their listings cached by itself and saves a round trip per directory open.
+        self.no_opendir = want(config, InitFlags::FUSE_NO_OPENDIR_SUPPORT, "no_opendir");
         if self.mode == OpenMode::Passthrough {
             // Depth 1 lets overlayfs stack on this mount while files pass through.
             if !(want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough") && config.set_max_stack_depth(1).is_ok()) {
@@ -252,11 +256,16 @@ impl Filesystem for FuseAdapter {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        // Nothing to flush on a read-only mount; ENOSYS makes the kernel stop sending
+        // FLUSH on every close (a round trip per file otherwise).
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _t = self.timed("opendir");
+        if self.no_opendir {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.getattr(ino.0) {
             Ok(a) if a.kind == Kind::Dir => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
@@ -365,6 +374,12 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _t = self.timed("getxattr");
+        // Security labels and ACLs are not kept: say "not supported" rather than "absent",
+        // so ls and friends remember that for the whole mount (coreutils caches ENOTSUP per
+        // device) instead of asking once per file.
+        if name.as_encoded_bytes().starts_with(b"security.") || name.as_encoded_bytes().starts_with(b"system.") {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         let value = match name_str(name).map(|n| self.fs.getxattr(ino.0, n)) {
             Some(Ok(Some(v))) => v,
             Some(Ok(None)) | None => return reply.error(Errno::NO_XATTR),
