@@ -141,7 +141,7 @@ fn a_100k_file_tree_mounts_and_diffs_clean() -> TestResult {
 fn http_get(addr: &str, path: &str) -> TestResult<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
