@@ -151,8 +151,13 @@ async fn disk_store_survives_restart_and_evicts_lru() -> TestResult {
         .collect();
     {
         let d = DiskStore::open(dir.path(), 0)?;
-        for (digest, data) in &blobs {
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (i, (digest, data)) in blobs.iter().enumerate() {
             d.write(digest, data.clone()).await?;
+            // File systems stamp mtimes coarsely; give each blob a distinct one so the
+            // recency order the store rebuilds at open is the write order.
+            let f = std::fs::File::options().write(true).open(d.blob_path(digest))?;
+            f.set_modified(base + std::time::Duration::from_secs(i as u64))?;
         }
         assert_eq!(d.total_bytes(), 10_000);
     }
