@@ -189,16 +189,9 @@ fn fetches_only_what_is_touched() -> TestResult {
     drop(server);
     // Restart with an access log, so only the mount's reads are recorded.
     let log = tmp.path().join("access.log");
-    let mut child = Command::new(casfs_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--storage"])
-        .arg(&storage)
-        .arg("--access-log")
-        .arg(&log)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
-    let url = line.trim().trim_start_matches("casfs: serving on ").to_string();
+    // A server that is killed on drop, even when an assertion fails.
+    let server = ServeProcess::start_with(&storage, "127.0.0.1:0", &["--access-log", log.to_str().ok_or("path")?])?;
+    let url = server.url.clone();
     let mnt = tmp.path().join("mnt");
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let m = MountProcess::start(
@@ -230,8 +223,7 @@ fn fetches_only_what_is_touched() -> TestResult {
     assert!(metrics.contains("casfs_fetch_blobs_total 1"), "{metrics}");
     assert!(metrics.contains("casfs_fuse_op_seconds_count{op=\"lookup\"}"), "{metrics}");
     drop(m);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     Ok(())
 }
 
