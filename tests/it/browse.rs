@@ -14,16 +14,7 @@ use casfs::proto::reapi;
 use casfs::tree::build_local_tree;
 
 use crate::common::*;
-use crate::mount::{fuse_unavailable, MountProcess};
-
-macro_rules! require_fuse {
-    () => {
-        if let Some(why) = fuse_unavailable() {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-    };
-}
+use crate::mount::MountProcess;
 
 fn mode_of(p: &Path) -> TestResult<u32> {
     Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)

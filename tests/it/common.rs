@@ -239,3 +239,29 @@ pub fn diff_r(a: &Path, b: &Path) -> TestResult {
     }
     Ok(())
 }
+
+/// Why real mounts cannot run here, if they cannot.
+pub fn fuse_unavailable() -> Option<String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (these tests mount directly)".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        return Some(format!("/dev/fuse unusable: {e}"));
+    }
+    None
+}
+
+/// Returns early from a test, saying why, where real mounts cannot run.
+macro_rules! require_fuse {
+    () => {
+        if let Some(why) = $crate::common::fuse_unavailable() {
+            eprintln!("skipped: {why}");
+            return Ok(());
+        }
+    };
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> TestResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -15,16 +15,6 @@ use casfs::metrics::Metrics;
 use casfs::proto::reapi;
 
 use crate::common::*;
-use crate::mount::fuse_unavailable;
-
-macro_rules! require_fuse {
-    () => {
-        if let Some(why) = fuse_unavailable() {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-    };
-}
 
 /// What an action runs and expects.
 #[derive(Default)]
@@ -264,6 +254,18 @@ async fn timeouts_escapes_fork_bombs_and_network_are_contained() -> TestResult {
     no_leftovers(&r)
 }
 
+/// A lazy executor working in `work`.
+fn lazy_config(work: &Path, fetch: FetchConfig) -> ExecConfig {
+    ExecConfig {
+        materialize: Materialize::Lazy,
+        work_dir: work.to_path_buf(),
+        limits: Limits::default(),
+        sandbox: SandboxConfig::default(),
+        worker_name: "test".into(),
+        fetch,
+    }
+}
+
 /// An ActionResult without what legitimately differs between two runs.
 fn comparable(mut r: reapi::ActionResult) -> reapi::ActionResult {
     r.execution_metadata = None;
@@ -329,14 +331,7 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     )
     .await?;
     std::fs::write(&log, b"")?;
-    let cfg = ExecConfig {
-        materialize: Materialize::Lazy,
-        work_dir: tmp.path().join("work"),
-        limits: Limits::default(),
-        sandbox: SandboxConfig::default(),
-        worker_name: "test".into(),
-        fetch: FetchConfig::default(),
-    };
+    let cfg = lazy_config(&tmp.path().join("work"), FetchConfig::default());
     let exec = Executor::new(
         client.clone(),
         client.clone(),
@@ -355,10 +350,6 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     Ok(())
 }
 
-fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     require_fuse!();
@@ -371,14 +362,10 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let mut server = ServeProcess::start_on(&storage, &listen)?;
     let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
-    let cfg = ExecConfig {
-        materialize: Materialize::Lazy,
-        work_dir: tmp.path().join("work"),
-        limits: Limits::default(),
-        sandbox: SandboxConfig::default(),
-        worker_name: "test".into(),
-        fetch: FetchConfig { deadline: Duration::from_secs(3), ..FetchConfig::default() },
-    };
+    let cfg = lazy_config(
+        &tmp.path().join("work"),
+        FetchConfig { deadline: Duration::from_secs(3), ..FetchConfig::default() },
+    );
     let exec = Arc::new(Executor::new(
         client.clone(),
         client.clone(),

@@ -1,7 +1,8 @@
 //! Integration tests: one binary, real servers on loopback, real processes.
 
-mod browse;
+#[macro_use]
 mod common;
+mod browse;
 mod conformance;
 mod exec;
 mod fs_core;

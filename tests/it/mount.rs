@@ -14,26 +14,6 @@ use casfs::tree::{DirEntry, Directory, FileEntry};
 
 use crate::common::*;
 
-/// Why real mounts cannot run here, if they cannot.
-pub fn fuse_unavailable() -> Option<String> {
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (these tests mount directly)".into());
-    }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-        return Some(format!("/dev/fuse unusable: {e}"));
-    }
-    None
-}
-
-macro_rules! require_fuse {
-    () => {
-        if let Some(why) = fuse_unavailable() {
-            eprintln!("skipped: {why}");
-            return Ok(());
-        }
-    };
-}
-
 /// A `casfs mount` daemon; unmounted (SIGTERM) on drop.
 pub struct MountProcess {
     pub pid: i32,
@@ -281,10 +261,6 @@ fn walk_files(p: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[test]

@@ -104,10 +104,6 @@ async fn remote_headers_reach_the_server() -> TestResult {
     Ok(())
 }
 
-fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_until_the_server_comes_up() -> TestResult {
     let tmp = tempfile::tempdir()?;
