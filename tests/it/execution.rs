@@ -322,3 +322,47 @@ fn scratch_folders(dir: &Path) -> TestResult<Vec<String>> {
         .filter(|n| n.starts_with("action-"))
         .collect())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_apis_testing_contract_holds() -> TestResult {
+    // Port 8980 with no flags, instance `remote-execution`, platform OSFamily=linux.
+    let tmp = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(casfs_bin())
+        .args(["serve", "--storage"])
+        .arg(tmp.path().join("storage"))
+        .stdout(std::process::Stdio::piped())
+        .env("CASFS_LOG", "warn")
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
+    let guard = scopeguard(child);
+    if !line.contains("127.0.0.1:8980") {
+        eprintln!("skipped: port 8980 is taken on this machine ({line:?})");
+        return Ok(());
+    }
+    let mut cfg = RemoteConfig::new("grpc://127.0.0.1:8980");
+    cfg.instance_name = "remote-execution".into();
+    let client = GrpcStore::new(&cfg)?;
+    std::fs::create_dir_all(tmp.path().join("in"))?;
+    std::fs::write(tmp.path().join("in/data.txt"), "contract\n")?;
+    let act = Act { argv: &["cat", "data.txt"], ..Default::default() };
+    let action = upload_action(&client, &tmp.path().join("in"), &act).await?;
+    let resp = casfs::exec::client::execute(&client, action, false, |_, _| {}).await?;
+    assert_eq!(resp.status.map(|s| s.code), Some(0));
+    let stdout = resp.result.ok_or("no result")?.stdout_digest.ok_or("no stdout")?;
+    assert_eq!(&client.read(&Digest::try_from(&stdout)?).await?[..], b"contract\n");
+    drop(guard);
+    Ok(())
+}
+
+/// Kills a child process when dropped.
+fn scopeguard(child: std::process::Child) -> impl Drop {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    Kill(child)
+}
