@@ -21,6 +21,14 @@ use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
 
+/// Streams at least this large are hashed and written on two threads at once.
+const PIPELINE_MIN: u64 = 4 << 20;
+/// Chunks buffered between the network and each of those threads.
+const PIPELINE_DEPTH: usize = 8;
+/// Blobs up to this size are read whole, many per blocking task, rather than streamed.
+const WHOLE_READ_MAX: u64 = 1 << 20;
+/// Blocking tasks one batch read is spread over.
+const READ_TASKS: usize = 8;
 /// How stale a blob's mtime may get before a read refreshes it (bounds the extra syscalls).
 const TOUCH_AFTER: Duration = Duration::from_secs(600);
 
@@ -78,6 +86,10 @@ impl DiskStore {
         let root = root.into();
         for sub in ["cas", "ac", "tmp"] {
             let p = root.join(sub);
+            std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+        }
+        for shard in 0..=255u8 {
+            let p = root.join("cas").join(format!("{shard:02x}"));
             std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
         }
         let tmp = root.join("tmp");
@@ -166,9 +178,17 @@ impl DiskStore {
     /// Moves a verified temporary file into place and records it.
     fn commit(&self, digest: &Digest, tmp: tempfile::TempPath) -> Result<()> {
         let dest = self.blob_path(digest);
-        let shard = dest.parent().expect("blob path has a shard");
-        std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
-        tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
+        // Shards are made at open; make one again only if something removed it since.
+        let tmp = match tmp.persist(&dest) {
+            Ok(()) => None,
+            Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => Some(e.path),
+            Err(e) => return Err(Error::io(format!("storing {digest}"), e.error)),
+        };
+        if let Some(tmp) = tmp {
+            let shard = dest.parent().ok_or_else(|| Error::Internal(format!("no shard for {digest}")))?;
+            std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
+            tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
+        }
         self.lru.lock().unwrap().insert(*digest);
         self.evict(Some(digest));
         Ok(())
@@ -192,6 +212,21 @@ impl DiskStore {
             out.write_all(&buf[..n]).ctx(|| format!("writing blob {digest}"))?;
         }
         check(digest, hasher)?;
+        self.commit(digest, tmp)
+    }
+
+    /// Stores bytes the caller has already checked against `digest` (blocking; no second
+    /// hashing). Only for bytes that were verified on their way in.
+    pub fn insert_verified(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        if data.len() as u64 != digest.size() {
+            return Err(Error::Internal(format!("{} bytes offered as {digest}", data.len())));
+        }
+        let (mut file, tmp) = self.temp()?;
+        file.write_all(data).ctx(|| format!("writing blob {digest}"))?;
+        drop(file);
         self.commit(digest, tmp)
     }
 
@@ -232,6 +267,76 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    /// `write_stream` for large blobs: hashing and writing each run on their own blocking
+    /// thread, fed the same chunks (no copies), so receiving, hashing and writing overlap.
+    /// The blob still becomes visible only after the whole hash matched.
+    async fn write_stream_pipelined(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
+        let (file, tmp) = self.temp()?;
+        let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+        let (write_tx, mut write_rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+        let hashing = tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::new();
+            while let Some(c) = hash_rx.blocking_recv() {
+                hasher.update(&c);
+            }
+            hasher
+        });
+        let writing = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut file = file;
+            while let Some(c) = write_rx.blocking_recv() {
+                file.write_all(&c)?;
+            }
+            Ok(())
+        });
+        let fed: Result<()> = async {
+            let mut total = 0u64;
+            while let Some(chunk) = data.next().await {
+                let chunk = chunk?;
+                total += chunk.len() as u64;
+                if total > digest.size() {
+                    return Err(Error::InvalidArgument(format!("more than {} bytes sent for {digest}", digest.size())));
+                }
+                // A closed channel means the writer failed: its error is reported below.
+                if write_tx.send(chunk.clone()).await.is_err() || hash_tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop((hash_tx, write_tx));
+        let joined = |e: tokio::task::JoinError| Error::Internal(format!("writing blob {digest}: {e}"));
+        let hasher = hashing.await.map_err(joined)?;
+        let written = writing.await.map_err(joined)?;
+        fed?;
+        written.ctx(|| format!("writing blob {digest}"))?;
+        check(digest, hasher)?;
+        self.commit(digest, tmp)
+    }
+}
+
+/// Reads and verifies a whole small blob (blocking). A file of the wrong length is a blob
+/// the store does not have.
+fn read_whole(path: &Path, digest: &Digest) -> Result<Bytes> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::MissingBlob(*digest)),
+        Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
+    };
+    let meta = file.metadata().ctx(|| format!("reading blob {digest}"))?;
+    if meta.len() != digest.size() {
+        return Err(Error::MissingBlob(*digest));
+    }
+    if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > TOUCH_AFTER) {
+        let _ = file.set_modified(SystemTime::now());
+    }
+    let mut buf = Vec::with_capacity(digest.size() as usize);
+    file.read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
+    super::verify(digest, &buf)?;
+    Ok(buf.into())
+}
+
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
     if actual != *digest {
@@ -250,6 +355,66 @@ impl Cas for DiskStore {
             .filter(|d| !d.is_empty_blob() && !lru.ticks.contains_key(d) && seen.insert(**d))
             .copied()
             .collect())
+    }
+
+    async fn read(&self, digest: &Digest) -> Result<Bytes> {
+        if digest.is_empty_blob() {
+            return Ok(Bytes::new());
+        }
+        if digest.size() <= WHOLE_READ_MAX {
+            let mut out = self.read_many(std::slice::from_ref(digest)).await?;
+            return out.pop().map(|(_, r)| r).unwrap_or(Err(Error::MissingBlob(*digest)));
+        }
+        let mut stream = self.read_stream(digest, 0, 0).await?;
+        let mut buf = Vec::with_capacity(digest.size() as usize);
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
+        super::verify(digest, &buf)?;
+        Ok(buf.into())
+    }
+
+    /// Small blobs are read in one blocking task for the whole batch (one thread hop, not
+    /// one per blob); large ones are streamed.
+    async fn read_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes>)>> {
+        let (small, large): (Vec<Digest>, Vec<Digest>) =
+            digests.iter().partition(|d| d.size() <= WHOLE_READ_MAX || d.is_empty_blob());
+        let jobs: Vec<(Digest, PathBuf)> = small.iter().map(|d| (*d, self.blob_path(d))).collect();
+        // Several blocking tasks at once keep the disk busy when the blobs are not in the
+        // page cache (one small random read after another is slow on most disks).
+        let per_task = jobs.len().div_ceil(READ_TASKS).max(1);
+        let tasks: Vec<_> = jobs
+            .chunks(per_task)
+            .map(|chunk| {
+                let chunk = chunk.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(d, p)| (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d) }))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(digests.len());
+        for t in tasks {
+            out.extend(t.await.map_err(|e| Error::Internal(format!("reading blobs: {e}")))?);
+        }
+        {
+            let mut lru = self.lru.lock().unwrap();
+            for (d, r) in &out {
+                match r {
+                    Ok(_) => {
+                        lru.touch(d);
+                    }
+                    Err(Error::MissingBlob(_)) => lru.remove(d),
+                    Err(_) => {}
+                }
+            }
+        }
+        for d in large {
+            out.push((d, self.read(&d).await));
+        }
+        Ok(out)
     }
 
     async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream> {
@@ -271,9 +436,16 @@ impl Cas for DiskStore {
             let mut pos = offset;
             while pos < end {
                 let want = ((end - pos) as usize).min(CHUNK);
-                let mut buf = vec![0u8; want];
-                match file.read_exact(&mut buf) {
-                    Ok(()) => {}
+                // read_to_end fills spare capacity: no zeroing of each chunk first.
+                let mut buf = Vec::with_capacity(want);
+                match (&mut file).take(want as u64).read_to_end(&mut buf) {
+                    Ok(n) if n == want => {}
+                    Ok(_) => {
+                        let _ = tx.blocking_send(Err(Error::Internal(format!(
+                            "blob {digest} is shorter than its digest says"
+                        ))));
+                        return;
+                    }
                     Err(e) => {
                         let _ = tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
                         return;
@@ -291,6 +463,9 @@ impl Cas for DiskStore {
     async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
+        }
+        if digest.size() >= PIPELINE_MIN {
+            return self.write_stream_pipelined(digest, data).await;
         }
         let (file, tmp) = self.temp()?;
         let mut file = tokio::fs::File::from_std(file);
