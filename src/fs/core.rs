@@ -362,14 +362,45 @@ impl CasFs {
         })
     }
 
-    /// Reads without waiting when the bytes are at hand (`None`: call [`CasFs::read`]).
-    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>>> {
+    /// Makes a file's content readable (fetched once, verified): small files land in memory,
+    /// large ones in the disk cache. Cheaper than [`CasFs::fetch_file`] when no path is needed.
+    pub async fn load_file(&self, ino: u64) -> Result<()> {
+        let NodeKind::File { digest, inst, .. } = self.node(ino)? else {
+            return Err(errno_err(libc::EINVAL, "not a CAS file"));
+        };
+        let parent_dir = match self.inodes.get(self.inodes.last_parent(ino)) {
+            Some(NodeKind::Dir { digest, .. }) => Some(digest),
+            _ => None,
+        };
+        self.fetch.load(digest, inst, parent_dir).await.map_err(|e| {
+            tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot fetch file");
+            shared_err(&e)
+        })
+    }
+
+    /// Reads from memory only: made-up files and small blobs held in memory (`None`: the
+    /// bytes are elsewhere, try [`CasFs::read_now`]).
+    pub fn read_mem(&self, ino: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let slice = |data: &[u8]| {
+            let start = (offset as usize).min(data.len());
+            let end = start.saturating_add(size as usize).min(data.len());
+            data[start..end].to_vec()
+        };
         match self.node(ino) {
-            Ok(NodeKind::Synth { data, .. }) => {
-                let start = (offset as usize).min(data.len());
-                let end = start.saturating_add(size as usize).min(data.len());
-                Some(Ok(data[start..end].to_vec()))
-            }
+            Ok(NodeKind::Synth { data, .. }) => Some(slice(&data)),
+            Ok(NodeKind::File { digest, .. }) => self.fetch.bytes_now(&digest).map(|b| slice(&b)),
+            _ => None,
+        }
+    }
+
+    /// Reads without waiting on a fetch when the bytes are at hand (`None`: call
+    /// [`CasFs::read`]). May read the disk cache.
+    pub fn read_now(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>>> {
+        if let Some(data) = self.read_mem(ino, offset, size) {
+            return Some(Ok(data));
+        }
+        match self.node(ino) {
+            Ok(NodeKind::Synth { .. }) => None,
             Ok(NodeKind::File { digest, .. }) => {
                 self.fetch.local_path(&digest).map(|p| self.read_local(&digest, &p, offset, size))
             }
@@ -383,9 +414,9 @@ impl CasFs {
         if let Some(r) = self.read_now(ino, offset, size) {
             return r;
         }
-        let digest = self.file_digest(ino)?;
-        let path = self.fetch_file(ino).await?;
-        self.read_local(&digest, &path, offset, size)
+        self.load_file(ino).await?;
+        self.read_now(ino, offset, size)
+            .unwrap_or_else(|| Err(Error::Internal("fetched blob left the cache at once".into())))
     }
 
     /// Reads from a file already in the local cache.

@@ -1,6 +1,7 @@
 //! Lazy, verified fetching for the filesystem: a bounded cache of validated Directories, the
 //! persistent local blob cache, one fetch per digest however many readers wait, and batched
-//! fetching of small sibling files.
+//! fetching of small sibling files. Small blobs are served from memory at once and reach
+//! the disk cache in the background (`hot`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
+use super::hot::HotBlobs;
 use crate::cas::{Cas, DiskStore, SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -32,11 +34,18 @@ pub struct FetchConfig {
     pub dir_cache_bytes: u64,
     /// Fetch the small files of a directory together once a second one is read.
     pub batch_siblings: bool,
+    /// Bytes of small blobs (and Directories) kept in memory for immediate reads.
+    pub mem_cache_bytes: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig { deadline: Duration::from_secs(30), dir_cache_bytes: 256 << 20, batch_siblings: true }
+        FetchConfig {
+            deadline: Duration::from_secs(30),
+            dir_cache_bytes: 256 << 20,
+            batch_siblings: true,
+            mem_cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -139,6 +148,7 @@ impl Remotes {
 pub struct Fetcher {
     remotes: Remotes,
     local: Arc<DiskStore>,
+    hot: Arc<HotBlobs>,
     dirs: moka::sync::Cache<Digest, Arc<Directory>>,
     dir_flight: SingleFlight<Arc<Directory>>,
     blob_flight: SingleFlight<()>,
@@ -146,6 +156,9 @@ pub struct Fetcher {
     empty_file: PathBuf,
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
+    /// Hit counters of the read path, looked up once.
+    mem_hits: Arc<std::sync::atomic::AtomicU64>,
+    disk_hits: Arc<std::sync::atomic::AtomicU64>,
     failures: Mutex<FetchFailures>,
 }
 
@@ -170,6 +183,7 @@ impl Fetcher {
         std::fs::write(&empty_file, b"").map_err(|e| Error::io("creating the empty backing file", e))?;
         Ok(Arc::new(Fetcher {
             remotes,
+            hot: HotBlobs::new(local.clone(), cfg.mem_cache_bytes),
             local,
             dirs,
             dir_flight: SingleFlight::new(),
@@ -177,6 +191,8 @@ impl Fetcher {
             reads_per_dir: moka::sync::Cache::new(100_000),
             empty_file,
             cfg,
+            mem_hits: metrics.counter("casfs_blob_memory_hits_total"),
+            disk_hits: metrics.counter("casfs_blob_cache_hits_total"),
             metrics,
             failures: Mutex::new(FetchFailures::default()),
         }))
@@ -240,7 +256,9 @@ impl Fetcher {
     }
 
     async fn fetch_dir(&self, digest: Digest, inst: u16) -> Result<Arc<Directory>> {
-        let bytes = if self.local.contains(&digest) {
+        let bytes = if let Some(b) = self.hot.get(&digest) {
+            b
+        } else if self.local.contains(&digest) {
             self.local.read(&digest).await?
         } else {
             let started = Instant::now();
@@ -248,7 +266,8 @@ impl Fetcher {
             self.metrics.add("casfs_fetch_dirs_total", 1);
             self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
             self.metrics.histogram("casfs_fetch_seconds{kind=\"dir\"}").observe(started.elapsed());
-            self.local.write(&digest, bytes.clone()).await?;
+            // `read` returned verified bytes.
+            self.hot.insert(digest, bytes.clone());
             bytes
         };
         Ok(Arc::new(Directory::decode(&digest, &bytes)?))
@@ -269,15 +288,28 @@ impl Fetcher {
             return Some(self.empty_file.clone());
         }
         if self.local.touch(digest) {
-            self.metrics.add("casfs_blob_cache_hits_total", 1);
+            self.disk_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Some(self.local.blob_path(digest));
         }
         None
     }
 
-    /// Makes a blob local (fetched once, verified) and returns its path. `parent` is the
-    /// Directory it was found in: once two files of one directory are read, the directory's
-    /// other small files come along in one batch.
+    /// The bytes of a small blob held in memory now (no fetch, no disk).
+    pub fn bytes_now(&self, digest: &Digest) -> Option<bytes::Bytes> {
+        let hit = self.hot.get(digest);
+        if hit.is_some() {
+            self.mem_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Waits until every blob fetched so far is in the disk cache (blocking).
+    pub fn flush(&self) {
+        self.hot.flush()
+    }
+
+    /// Makes a blob local (fetched once, verified) and returns its path in the disk cache.
+    /// `parent` is the Directory it was found in (see [`Fetcher::load`]).
     pub async fn blob(
         self: &Arc<Self>,
         digest: Digest,
@@ -286,6 +318,28 @@ impl Fetcher {
     ) -> std::result::Result<PathBuf, Arc<Error>> {
         if let Some(p) = self.local_path(&digest) {
             return Ok(p);
+        }
+        self.load(digest, inst, parent).await?;
+        if !self.local.contains(&digest) {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || this.hot.persist(&digest))
+                .await
+                .map_err(|e| Arc::new(Error::Internal(format!("storing {digest}: {e}"))))?;
+        }
+        Ok(self.local.blob_path(&digest))
+    }
+
+    /// Makes a blob local (fetched once, verified): small ones in memory (on disk soon),
+    /// large ones in the disk cache. `parent` is the Directory it was found in: once two files
+    /// of one directory are read, the directory's other small files come along in one batch.
+    pub async fn load(
+        self: &Arc<Self>,
+        digest: Digest,
+        inst: u16,
+        parent: Option<Digest>,
+    ) -> std::result::Result<(), Arc<Error>> {
+        if digest.is_empty_blob() || self.hot.contains(&digest) || self.local.touch(&digest) {
+            return Ok(());
         }
         self.metrics.add("casfs_blob_cache_misses_total", 1);
         let this = self.clone();
@@ -298,8 +352,7 @@ impl Fetcher {
                 }
                 .boxed()
             })
-            .await?;
-        Ok(self.local.blob_path(&digest))
+            .await
     }
 
     async fn fetch_blob(&self, digest: Digest, inst: u16, parent: Option<Digest>) -> Result<()> {
@@ -317,7 +370,9 @@ impl Fetcher {
                     Ok(bytes) => {
                         self.metrics.add("casfs_fetch_blobs_total", 1);
                         self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
-                        self.local.write(&d, bytes).await
+                        // `read_many` returns verified bytes only.
+                        self.hot.insert(d, bytes);
+                        Ok(())
                     }
                     Err(e) => Err(e),
                 };
@@ -359,14 +414,22 @@ impl Fetcher {
     /// A whole (verified) message blob such as an Action, Command or Tree, through the local
     /// cache.
     pub async fn message(self: &Arc<Self>, digest: Digest, inst: u16) -> Result<Vec<u8>> {
-        let path = self.blob(digest, inst, None).await.map_err(|e| super::core::shared_err(&e))?;
+        if digest.is_empty_blob() {
+            return Ok(Vec::new());
+        }
+        self.load(digest, inst, None).await.map_err(|e| super::core::shared_err(&e))?;
+        if let Some(b) = self.hot.get(&digest) {
+            return Ok(b.to_vec());
+        }
+        let path = self.local.blob_path(&digest);
         std::fs::read(&path).map_err(|e| Error::io(format!("reading cached {digest}"), e))
     }
 
     /// Registers a Directory that arrived inside another message (a Tree): stored in the
     /// local cache (its digest was computed from these bytes) and the Directory cache.
     pub async fn insert_dir(&self, digest: Digest, bytes: bytes::Bytes, dir: Directory) -> Result<()> {
-        self.local.write(&digest, bytes).await?;
+        crate::cas::verify(&digest, &bytes)?;
+        self.hot.insert(digest, bytes);
         self.dirs.insert(digest, Arc::new(dir));
         Ok(())
     }
@@ -374,7 +437,7 @@ impl Fetcher {
     /// Whether instance `inst` holds a blob (for lookups that must not answer for absent
     /// content).
     pub async fn exists(&self, digest: Digest, inst: u16) -> Result<bool> {
-        if self.local.contains(&digest) {
+        if self.local.contains(&digest) || self.hot.contains(&digest) {
             return Ok(true);
         }
         let cas = self.remotes.get(inst)?.cas;
@@ -404,7 +467,12 @@ impl Fetcher {
         let mut seen = std::collections::HashSet::from([*me]);
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.local.contains(&d) {
+            if d.size() > SMALL_BLOB
+                || d.is_empty_blob()
+                || !seen.insert(d)
+                || self.local.contains(&d)
+                || self.hot.contains(&d)
+            {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

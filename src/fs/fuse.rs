@@ -41,7 +41,14 @@ pub struct FuseAdapter {
     mode: OpenMode,
     no_opendir: bool,
     backing: Arc<Mutex<Backing>>,
+    /// Per-operation counter and histogram, looked up once (no locking or allocation per
+    /// request).
+    op_metrics: Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>, Arc<crate::metrics::Histogram>)>,
 }
+
+/// The operations whose counts and latencies are recorded.
+const TIMED_OPS: [&str; 9] =
+    ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "readdirplus", "getxattr"];
 
 #[derive(Default)]
 struct Backing {
@@ -57,13 +64,33 @@ fn errno(e: &Error) -> Errno {
 impl FuseAdapter {
     /// An adapter that runs fetches on `rt`.
     pub fn new(fs: Arc<CasFs>, rt: tokio::runtime::Handle, mode: OpenMode) -> Self {
-        FuseAdapter { fs, rt, mode, no_opendir: false, backing: Arc::default() }
+        let m = fs.fetcher().metrics().clone();
+        let op_metrics = TIMED_OPS
+            .iter()
+            .map(|op| {
+                (
+                    *op,
+                    m.counter(&format!("casfs_fuse_ops_total{{op=\"{op}\"}}")),
+                    m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}")),
+                )
+            })
+            .collect();
+        FuseAdapter { fs, rt, mode, no_opendir: false, backing: Arc::default(), op_metrics }
     }
 
-    fn timed(&self, op: &str) -> OpTimer {
-        let m = self.fs.fetcher().metrics();
-        m.add(&format!("casfs_fuse_ops_total{{op=\"{op}\"}}"), 1);
-        OpTimer { hist: m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}")), start: Instant::now() }
+    fn timed(&self, op: &'static str) -> OpTimer {
+        let hist = match self.op_metrics.iter().find(|(name, _, _)| *name == op) {
+            Some((_, count, hist)) => {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                hist.clone()
+            }
+            None => {
+                let m = self.fs.fetcher().metrics();
+                m.add(&format!("casfs_fuse_ops_total{{op=\"{op}\"}}"), 1);
+                m.histogram(&format!("casfs_fuse_op_seconds{{op=\"{op}\"}}"))
+            }
+        };
+        OpTimer { hist, start: Instant::now() }
     }
 }
 
@@ -220,9 +247,10 @@ impl Filesystem for FuseAdapter {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
                     let _t = t;
-                    let res = match fs.fetch_file(ino.0).await {
-                        // The bytes are local now; read them off the runtime's threads.
-                        Ok(_) => tokio::task::spawn_blocking(move || {
+                    let res = match fs.load_file(ino.0).await.map(|()| fs.read_mem(ino.0, offset, size)) {
+                        Ok(Some(data)) => Ok(data),
+                        // The bytes are on disk now; read them off the runtime's threads.
+                        Ok(None) => tokio::task::spawn_blocking(move || {
                             fs.read_now(ino.0, offset, size)
                                 .unwrap_or_else(|| Err(Error::Internal("fetched blob left the cache at once".into())))
                         })

@@ -7,6 +7,7 @@ pub mod browse;
 pub mod core;
 pub mod fetch;
 pub mod fuse;
+pub mod hot;
 pub mod inode;
 pub mod mount;
 pub mod render;

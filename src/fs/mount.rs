@@ -77,6 +77,8 @@ impl MountGuard {
         if is_mounted(&self.mountpoint) {
             detach(&self.mountpoint)?;
         }
+        // Blobs served from memory must be in the disk cache before the daemon goes away.
+        self.fs.fetcher().flush();
         Ok(())
     }
 }
