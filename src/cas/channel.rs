@@ -87,6 +87,8 @@ pub fn connect(cfg: &RemoteConfig) -> Result<Conn> {
             .keep_alive_timeout(Duration::from_secs(20))
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
+            // Blob downloads arrive in 1 MiB messages: larger frames mean fewer of them.
+            .max_frame_size(Some(1 << 20))
     };
     if let Some(path) = url.strip_prefix("unix://").or_else(|| url.strip_prefix("unix:")) {
         let path = PathBuf::from(path);
