@@ -67,6 +67,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         sandbox: SandboxConfig { host_dirs: args.host_dirs.clone(), pids_limit: args.pids_limit, run_as: args.run_as },
         worker_name: format!("casfs-run@{}", hostname()),
         fetch: FetchConfig::default(),
+        cache_results: true,
     };
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
     exec.clean_stale()?;

@@ -60,6 +60,9 @@ pub struct ExecConfig {
     pub worker_name: String,
     /// Fetch deadline and caches of input mounts.
     pub fetch: FetchConfig,
+    /// Write successful results to the action cache. Off when a scheduler that writes the
+    /// cache itself (BuildGrid, on lease completion) would do the same write again.
+    pub cache_results: bool,
 }
 
 /// The result of one execution, as Execute reports it.
@@ -297,7 +300,7 @@ impl Executor {
             execution_metadata: Some(meta),
             ..Default::default()
         };
-        if exit_code == 0 && status.code == 0 && !spec.do_not_cache {
+        if self.cfg.cache_results && exit_code == 0 && status.code == 0 && !spec.do_not_cache {
             self.ac.update_action_result(&action_digest, &result).await?;
         }
         tracing::info!(action = %action_digest, exit_code, hashed = captured.hashed_bytes, reused = captured.reused_files, "action done");

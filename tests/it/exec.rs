@@ -84,6 +84,7 @@ fn rig_with(pids_limit: u32, materialize: Materialize) -> TestResult<Rig> {
         sandbox: SandboxConfig { pids_limit, ..SandboxConfig::default() },
         worker_name: "test-worker".into(),
         fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },
+        cache_results: true,
     };
     let exec = Executor::new(client.clone(), client.clone(), cache, cfg, Metrics::new());
     let url = server.url.clone();
@@ -263,6 +264,7 @@ fn lazy_config(work: &Path, fetch: FetchConfig) -> ExecConfig {
         sandbox: SandboxConfig::default(),
         worker_name: "test".into(),
         fetch,
+        cache_results: true,
     }
 }
 
