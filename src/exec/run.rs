@@ -176,7 +176,8 @@ impl Executor {
         Ok(n)
     }
 
-    /// The metrics registry (cache hits, executions, failures).
+    /// The metrics registry (cache hits, executions, failures, and the input mounts' fetch
+    /// counters and latencies).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -328,8 +329,10 @@ impl Executor {
         cfg.fetch = self.cfg.fetch.clone();
         cfg.fetch.batch_siblings = true;
         let remotes = Remotes::single(self.cas.clone(), None);
-        ws.mount =
-            Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, self.cache.clone(), cfg, Metrics::new())?);
+        // Fetch counters and latencies land in the executor's registry, so a worker's
+        // /metrics shows what its actions read from the CAS.
+        let metrics = self.metrics.clone();
+        ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, self.cache.clone(), cfg, metrics)?);
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             dir.join("lower").display(),
