@@ -1,14 +1,17 @@
 //! `casfs run`: execute one Action by digest and print its ActionResult.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
-use casfs::exec::Executor;
+use casfs::cas::DiskStore;
+use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
+use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
-use super::executor::{hostname, ExecutorArgs};
-use super::{digest_arg, CmdResult, RemoteArgs};
+use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -17,11 +20,63 @@ pub struct RunArgs {
     pub digest: String,
     #[command(flatten)]
     pub remote: RemoteArgs,
+    /// Local blob cache shared with mounts.
+    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = super::default_storage().with_file_name("blobs"))]
+    pub cache_dir: PathBuf,
+    /// Bound of the local blob cache.
+    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
     #[command(flatten)]
-    pub exec: ExecutorArgs,
+    pub exec: ExecArgs,
     /// Skip the action cache lookup (the result is still cached).
     #[arg(long)]
     pub skip_cache_lookup: bool,
+}
+
+/// Executor options shared by `casfs run`, `casfs serve` and `casfs worker`.
+#[derive(Args, Clone, Debug)]
+pub struct ExecArgs {
+    /// Scratch space for input mounts, overlays and captured output [default: casfs-exec in
+    /// the temp folder; for `serve`, `exec` in its storage folder].
+    #[arg(long, env = "CASFS_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Timeout of actions that set none.
+    #[arg(long, env = "CASFS_DEFAULT_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub default_timeout: Duration,
+    /// Longest timeout an action may ask for.
+    #[arg(long, env = "CASFS_MAX_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub max_timeout: Duration,
+    /// Most processes an action may run at once (0 = no limit).
+    #[arg(long, env = "CASFS_PIDS_LIMIT", default_value_t = 1024)]
+    pub pids_limit: u32,
+    /// Host folders bound read-only into the action's root (repeatable).
+    #[arg(long = "host-dir", env = "CASFS_HOST_DIRS", value_delimiter = ',', default_values = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"])]
+    pub host_dirs: Vec<PathBuf>,
+    /// How the input root is provided: auto, lazy (FUSE + overlayfs), eager (hard links).
+    #[arg(long, env = "CASFS_MATERIALIZE", value_enum, default_value = "auto")]
+    pub materialize: Materialize,
+    /// Run commands as this uid:gid instead of the executor's own.
+    #[arg(long, env = "CASFS_RUN_AS", value_parser = parse_ids)]
+    pub run_as: Option<(u32, u32)>,
+}
+
+impl ExecArgs {
+    /// The executor configuration these flags describe; `work_dir` unless --work-dir is given.
+    pub fn config(&self, worker_name: String, work_dir: PathBuf) -> ExecConfig {
+        ExecConfig {
+            materialize: self.materialize,
+            work_dir: self.work_dir.clone().unwrap_or(work_dir),
+            limits: Limits { default_timeout: self.default_timeout, max_timeout: self.max_timeout },
+            sandbox: SandboxConfig {
+                host_dirs: self.host_dirs.clone(),
+                pids_limit: self.pids_limit,
+                run_as: self.run_as,
+            },
+            worker_name,
+            fetch: FetchConfig::default(),
+            cache_results: true,
+        }
+    }
 }
 
 /// Runs the action and prints `status` and the ActionResult as JSON.
@@ -31,8 +86,8 @@ pub async fn run(args: RunArgs) -> CmdResult {
         Err(u) => return Ok(Err(u)),
     };
     let store = Arc::new(args.remote.store()?);
-    let cache = args.exec.cache()?;
-    let cfg = args.exec.config(format!("casfs-run@{}", hostname()), "casfs-exec");
+    let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
+    let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
     exec.clean_stale()?;
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
@@ -51,4 +106,16 @@ pub async fn run(args: RunArgs) -> CmdResult {
     }
     print!("{}", casfs::fs::render::action_result_json(&outcome.result));
     Ok(Ok(()))
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').unwrap_or((s, s));
+    Ok((u.parse().map_err(|_| format!("bad uid in {s:?}"))?, g.parse().map_err(|_| format!("bad gid in {s:?}"))?))
+}
+
+/// This machine's name, for ExecutedActionMetadata.worker.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
