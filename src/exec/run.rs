@@ -253,7 +253,7 @@ impl Executor {
         let ws = self.prepare(&spec).await?;
         meta.input_fetch_completed_timestamp = now();
         let root = ws.dir.join("root");
-        let argv = resolve_argv0(&root, &spec)?;
+        let argv = super::blocking(|| resolve_argv0(&root, &spec))?;
         let (stdout, stderr) = (ws.dir.join("stdout"), ws.dir.join("stderr"));
         meta.execution_start_timestamp = now();
         let job = Job {
@@ -356,7 +356,7 @@ impl Executor {
         if self.cfg.materialize.resolve() == Materialize::Eager {
             let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
             ws.eager = Some(Arc::new(m));
-            self.create_output_parents(&dir.join("root"), spec)?;
+            super::blocking(|| self.create_output_parents(&dir.join("root"), spec))?;
             return Ok(ws);
         }
         let mut cfg = MountConfig::new(dir.join("lower"));
@@ -374,9 +374,10 @@ impl Executor {
             dir.join("work").display()
         );
         let root = dir.join("root");
-        mount_overlay(&root, &opts)?;
+        // The kernel looks up the FUSE root while mounting the overlay on it.
+        super::blocking(|| mount_overlay(&root, &opts))?;
         ws.overlay = Some(root.clone());
-        self.create_output_parents(&root, spec)?;
+        super::blocking(|| self.create_output_parents(&root, spec))?;
         Ok(ws)
     }
 
