@@ -122,7 +122,7 @@ impl Runner {
     fn finish(&self, job: &Job, o: Outcome) -> Lease {
         if let Some(m) = &o.result.execution_metadata {
             let phase = |name: &str, a: &Option<prost_types::Timestamp>, b: &Option<prost_types::Timestamp>| {
-                let t = |x: &Option<prost_types::Timestamp>| x.clone().and_then(|x| SystemTime::try_from(x).ok());
+                let t = |x: &Option<prost_types::Timestamp>| x.and_then(|x| SystemTime::try_from(x).ok());
                 if let (Some(a), Some(b)) = (t(a), t(b)) {
                     if let Ok(d) = b.duration_since(a) {
                         self.metrics.histogram(&format!("casfs_worker_phase_seconds{{phase=\"{name}\"}}")).observe(d);
@@ -148,7 +148,11 @@ mod tests {
     use super::*;
 
     fn with_payload(type_url: &str, value: Vec<u8>) -> Lease {
-        Lease { id: "i/job".into(), payload: Some(prost_types::Any { type_url: type_url.into(), value }), ..Default::default() }
+        Lease {
+            id: "i/job".into(),
+            payload: Some(prost_types::Any { type_url: type_url.into(), value }),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -160,8 +164,11 @@ mod tests {
         assert_eq!(j.action_bytes.as_deref(), Some(action.as_slice()));
 
         let d = Digest::of_bytes(b"x");
-        let j = decode(&with_payload("type.googleapis.com/build.bazel.remote.execution.v2.Digest", d.to_proto().encode_to_vec()))
-            .expect("digest payload");
+        let j = decode(&with_payload(
+            "type.googleapis.com/build.bazel.remote.execution.v2.Digest",
+            d.to_proto().encode_to_vec(),
+        ))
+        .expect("digest payload");
         assert_eq!((j.action, j.action_bytes), (d, None));
     }
 

@@ -16,7 +16,7 @@ enum Slot {
     /// Its action runs.
     Running,
     /// Done; the completed lease waits to be reported.
-    Done(Lease),
+    Done(Box<Lease>),
 }
 
 /// What was sent in one call, to tell confirmed reports from ones made meanwhile.
@@ -79,7 +79,7 @@ impl Ledger {
     pub fn complete(&mut self, lease: Lease) -> bool {
         match self.slots.get_mut(&lease.id) {
             Some(slot @ Slot::Running) => {
-                *slot = Slot::Done(lease);
+                *slot = Slot::Done(Box::new(lease));
                 true
             }
             _ => false,
@@ -89,7 +89,7 @@ impl Ledger {
     /// Records a lease refused without running (shutting down, over capacity, bad payload):
     /// it is reported as completed with `lease`'s status so the scheduler can place it.
     pub fn refuse(&mut self, lease: Lease) {
-        self.slots.insert(lease.id.clone(), Slot::Done(lease));
+        self.slots.insert(lease.id.clone(), Slot::Done(Box::new(lease)));
     }
 
     /// The leases to put in the next call, and the record of what was sent.
@@ -104,7 +104,7 @@ impl Ledger {
                 }
                 Slot::Done(l) => {
                     sent.done.insert(id.clone());
-                    leases.push(l.clone());
+                    leases.push(l.as_ref().clone());
                 }
             }
         }

@@ -1,7 +1,8 @@
-//! The Bots service client: CreateBotSession and UpdateBotSession with deadlines, and the
-//! classification of their failures into "retry", "session gone" and "give up".
+//! The Bots service client: CreateBotSession and UpdateBotSession with deadlines, the
+//! classification of their failures into "retry", "session gone" and "give up", and the
+//! pacing of calls (heartbeats within the session's keepalive, backoff after failures).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prost::Message;
 
@@ -140,13 +141,43 @@ fn answer(r: tonic::Response<rwapi::BotSession>) -> Answer {
         let Ok(bytes) = v.to_bytes() else { continue };
         let Ok(m) = reapi::ExecuteOperationMetadata::decode(bytes.as_ref()) else { continue };
         let Some(d) = m.action_digest.as_ref().and_then(|d| Digest::try_from(d).ok()) else { continue };
-        let at = m
-            .partial_execution_metadata
-            .and_then(|p| p.queued_timestamp)
-            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let at =
+            m.partial_execution_metadata.and_then(|p| p.queued_timestamp).and_then(|t| SystemTime::try_from(t).ok());
         queued.push((d, at));
     }
     Answer { session: r.into_inner(), queued }
+}
+
+/// A third of the session's remaining lifetime, at most `max`, at least half a second.
+pub(super) fn heartbeat(expires: Option<SystemTime>, max: Duration) -> Duration {
+    let left = match expires {
+        Some(e) => e.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+        None => max * 3,
+    };
+    (left / 3).clamp(Duration::from_millis(500), max.max(Duration::from_millis(500)))
+}
+
+/// Exponential backoff with jitter: 200 ms doubling up to a maximum.
+pub(super) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new(max: Duration) -> Self {
+        Backoff { next: Duration::from_millis(200), max }
+    }
+
+    pub(super) fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = Duration::from_millis(rand::random::<u64>() % (d.as_millis() as u64 / 4 + 1));
+        d + jitter
+    }
+
+    pub(super) fn reset(&mut self) {
+        self.next = Duration::from_millis(200);
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +194,24 @@ mod tests {
         assert!(matches!(t(tonic::Code::InvalidArgument, true), CallError::Fatal(_)));
         assert!(matches!(t(tonic::Code::Unimplemented, false), CallError::Fatal(_)));
         assert!(matches!(t(tonic::Code::FailedPrecondition, true), CallError::Fatal(_)));
+    }
+
+    #[test]
+    fn heartbeat_stays_within_the_keepalive() {
+        let in_ = |s| Some(SystemTime::now() + Duration::from_secs(s));
+        assert!(heartbeat(in_(9), Duration::from_secs(30)) <= Duration::from_secs(3));
+        assert_eq!(heartbeat(in_(600), Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(heartbeat(Some(SystemTime::UNIX_EPOCH), Duration::from_secs(30)), Duration::from_millis(500));
+        assert_eq!(heartbeat(None, Duration::from_secs(30)), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_bound_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        assert!(waits[0] < Duration::from_millis(300));
+        assert!(waits[5] >= Duration::from_secs(2) && waits[5] <= Duration::from_millis(2501));
+        b.reset();
+        assert!(b.next() < Duration::from_millis(300));
     }
 }
