@@ -16,6 +16,7 @@ pub mod mount;
 pub mod run;
 pub mod serve;
 pub mod transfer;
+pub mod worker;
 
 /// How to reach the REAPI server.
 #[derive(Args, Clone)]
