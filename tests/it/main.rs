@@ -10,3 +10,4 @@ mod golden;
 mod mount;
 mod remote;
 mod roundtrip;
+mod worker;
