@@ -18,15 +18,16 @@ use crate::common::*;
 
 /// What an action runs and expects.
 #[derive(Default)]
-struct Act<'a> {
-    argv: &'a [&'a str],
-    output_files: &'a [&'a str],
-    output_paths: &'a [&'a str],
-    timeout: Option<Duration>,
-    network: bool,
+pub(crate) struct Act<'a> {
+    pub argv: &'a [&'a str],
+    pub output_files: &'a [&'a str],
+    pub output_paths: &'a [&'a str],
+    pub timeout: Option<Duration>,
+    pub network: bool,
+    pub do_not_cache: bool,
 }
 
-async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
+pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
     let root = casfs::transfer::upload_dir(client, input, false).await?.root;
     let mut properties = vec![reapi::platform::Property { name: "OSFamily".into(), value: "linux".into() }];
     if a.network {
@@ -50,6 +51,7 @@ async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestRes
         command_digest: Some(cd.to_proto()),
         input_root_digest: Some(root.to_proto()),
         timeout: a.timeout.map(|t| prost_types::Duration { seconds: t.as_secs() as i64, nanos: 0 }),
+        do_not_cache: a.do_not_cache,
         ..Default::default()
     };
     let ab = action.encode_to_vec();
