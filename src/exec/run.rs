@@ -187,12 +187,14 @@ impl Executor {
     }
 
     /// Removes what a killed executor left in its work folder: overlays and mounts are
-    /// detached, scratch folders deleted. Call once at start.
+    /// detached, scratch folders deleted; the processes of any dead executor's actions are
+    /// killed and their cgroups removed. Call once at start.
     ///
     /// Executors sharing a work folder hold a shared lock on it; the cleaning happens only
     /// when no other live executor holds one, so it never removes a running action's folder.
     pub fn clean_stale(&self) -> Result<usize> {
         use std::os::fd::AsRawFd;
+        super::sandbox::reap_orphans();
         let dir = &self.cfg.work_dir;
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("locking {}", dir.display()))?;

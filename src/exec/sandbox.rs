@@ -136,6 +136,45 @@ impl PidsCgroup {
     }
 }
 
+/// Kills the processes of actions whose executor died (SIGKILL, crash) and removes their
+/// pids cgroups: `casfs-PID-N` where no process PID exists any more. Returns how many
+/// processes were killed. Cgroups of live executors are never touched.
+pub fn reap_orphans() -> usize {
+    let mut killed = 0;
+    for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+        let Ok(rd) = std::fs::read_dir(base) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix("casfs-").and_then(|r| r.split('-').next()) else { continue };
+            let Ok(owner) = owner.parse::<u32>() else { continue };
+            if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            let dir = e.path();
+            for _ in 0..50 {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                        killed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Err(err) = std::fs::remove_dir(&dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %err, "could not remove a dead executor's cgroup");
+            }
+        }
+    }
+    if killed > 0 {
+        tracing::warn!(processes = killed, "killed the processes of actions whose executor died");
+    }
+    killed
+}
+
 impl Drop for PidsCgroup {
     fn drop(&mut self) {
         for _ in 0..50 {

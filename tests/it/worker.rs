@@ -453,3 +453,45 @@ async fn sigterm_drains_and_a_second_signal_abandons() -> TestResult {
     assert_eq!(mounts_under(&dir), 0);
     Ok(())
 }
+
+/// Pids whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain(std::iter::once(0))).collect();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_leaves_nothing_once_restarted() -> TestResult {
+    require_fuse!();
+    let r = rig().await?;
+    // A duration no other test uses, to find this action's process.
+    let (_, slow) = action(&r.client, "exec sleep 613", &[]).await?;
+    r.fake.with(|s| s.queue.push_back(lease("i/orphan", &slow)));
+    let mut w = WorkerProc::start(r.tmp.path(), &r.url, &r.cas_url, &[])?;
+    wait_until(60, "the action to start", || !processes(&["sleep", "613"]).is_empty()).await?;
+    w.signal(libc::SIGKILL);
+    w.wait_exit(10)?;
+    let work = r.tmp.path().join("work");
+    let orphans = processes(&["sleep", "613"]);
+    let scratch =
+        std::fs::read_dir(&work)?.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("action-"));
+    assert_eq!(scratch.count(), 1, "the killed worker's scratch folder is left");
+    assert!(mounts_under(&work) >= 1, "and its mounts");
+    assert_eq!(orphans.len(), 1, "and its action's process");
+
+    let w2 = WorkerProc::start(r.tmp.path(), &r.url, &r.cas_url, &[])?;
+    wait_until(30, "the new session", || r.fake.with(|s| s.sessions == 2)).await?;
+    wait_until(10, "the orphan to be killed", || processes(&["sleep", "613"]).is_empty()).await?;
+    assert_eq!(mounts_under(&work), 0, "stale mounts cleared");
+    let left: Vec<_> = std::fs::read_dir(&work)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("action-"))
+        .collect();
+    assert!(left.is_empty(), "stale scratch folders cleared: {left:?}");
+    wait_until(10, "the restarted worker to attach", || w2.metric("casfs_worker_connected") == 1).await?;
+    Ok(())
+}
