@@ -153,6 +153,7 @@ impl Bot {
             match r {
                 Ok(a) => {
                     backoff.reset();
+                    self.gauge("casfs_worker_connected", 1);
                     s.version = a.session.version.clone();
                     s.expires = expiry(&a.session);
                     s.told_terminating = status == BotStatus::BotTerminating;
@@ -165,6 +166,7 @@ impl Bot {
                 }
                 Err(CallError::Transient(st)) => {
                     self.runner.metrics().add("casfs_worker_update_errors_total", 1);
+                    self.gauge("casfs_worker_connected", 0);
                     if stop != StopLevel::Run && self.ledger.is_empty() {
                         tracing::info!(code = ?st.code(), "scheduler unreachable while draining; nothing left to report");
                         return Ok(());
