@@ -404,12 +404,20 @@ impl Executor {
         if self.cfg.materialize.resolve() == Materialize::Eager {
             let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
             ws.eager = Some(Arc::new(m));
-            create_output_parents(&dir.join("root"), spec)?;
+            if let Some(ids) = self.cfg.sandbox.run_as {
+                give_dirs(&dir.join("root"), ids)?;
+            }
+            create_output_parents(&dir.join("root"), spec, self.cfg.sandbox.run_as)?;
             return Ok(ws);
         }
         let mut cfg = MountConfig::new(dir.join("lower"));
         cfg.fetch = self.cfg.fetch.clone();
         cfg.fetch.batch_siblings = true;
+        let run_as = self.cfg.sandbox.run_as;
+        if let Some((uid, gid)) = run_as {
+            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
+            (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
+        }
         let remotes = Remotes::single(self.cas.clone(), None);
         let cache = self.cache.clone();
         let metrics = self.metrics.clone();
@@ -429,7 +437,7 @@ impl Executor {
             let root = dir.join("root");
             mount_overlay(&root, &opts)?;
             ws.overlay = Some(root.clone());
-            create_output_parents(&root, &spec)?;
+            create_output_parents(&root, &spec, run_as)?;
             Ok(ws)
         })
         .await
@@ -506,8 +514,25 @@ fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
     Err(Error::InvalidArgument(format!("{:?} not found in the command's PATH {path:?}", argv[0])))
 }
 
-/// Checks the working directory exists and creates the parents of every output (rule 8).
-fn create_output_parents(root: &Path, spec: &ActionSpec) -> Result<()> {
+/// Hands every folder under `root` to `ids` (uid, gid), so a command running as that user
+/// can create files anywhere in its input root (files stay read-only, as the cache has them).
+fn give_dirs(root: &Path, ids: (u32, u32)) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::os::unix::fs::lchown(&d, Some(ids.0), Some(ids.1)).ctx(|| format!("chown {}", d.display()))?;
+        for e in std::fs::read_dir(&d).ctx(|| format!("listing {}", d.display()))? {
+            let e = e.ctx(|| format!("listing {}", d.display()))?;
+            if e.file_type().ctx(|| format!("stat {}", e.path().display()))?.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the working directory exists and creates the parents of every output (rule 8),
+/// owned by the command's user when it runs as another one.
+fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u32)>) -> Result<()> {
     let wd = root.join(&spec.working_directory);
     if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
         return Err(Error::InvalidArgument(format!(
@@ -518,6 +543,16 @@ fn create_output_parents(root: &Path, spec: &ActionSpec) -> Result<()> {
     for o in &spec.outputs {
         if let Some(parent) = Path::new(&o.path).parent() {
             std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
+            if let Some((uid, gid)) = run_as {
+                let mut p = wd.clone();
+                for c in parent.components() {
+                    p.push(c);
+                    use std::os::unix::fs::MetadataExt;
+                    if std::fs::symlink_metadata(&p).map(|m| m.uid() != uid).unwrap_or(false) {
+                        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).ctx(|| format!("chown {}", p.display()))?;
+                    }
+                }
+            }
         }
     }
     Ok(())
