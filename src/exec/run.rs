@@ -216,6 +216,9 @@ impl Executor {
             if !e.file_name().to_string_lossy().starts_with("action-") {
                 continue;
             }
+            // A thread of the dead executor may still wait on its own FUSE mount (and keep
+            // the process from dying): abort that connection first.
+            crate::fs::mount::abort_fuse(&p.join("lower"));
             for sub in ["root", "lower"] {
                 if crate::fs::mount::is_mounted(&p.join(sub)) {
                     crate::fs::mount::detach(&p.join(sub))?;
