@@ -19,6 +19,10 @@ use crate::exec::Executor;
 use crate::proto::google::devtools::remoteworkers::v1test2::{self as rwapi, BotStatus, Lease};
 use crate::proto::rpc;
 
+/// How long a call in flight may still take once a lease has finished, before it is
+/// dropped so that the result can be reported.
+const REPORT_GRACE: Duration = Duration::from_millis(250);
+
 /// How far a worker is asked to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StopLevel {
@@ -144,12 +148,7 @@ impl Bot {
             let (leases, sent) = self.ledger.report();
             let msg = self.message(&s.name, &s.version, status, leases);
             let started = Instant::now();
-            let r = tokio::select! {
-                r = self.bots.update(msg, self.cfg.long_poll) => r,
-                // A finished lease is reported at once, even while a long poll waits.
-                Some(l) = self.done_rx.recv() => { self.finished(l); continue; }
-                _ = shutdown.changed() => continue,
-            };
+            let Some(r) = self.call(msg, &mut shutdown).await else { continue };
             match r {
                 Ok(a) => {
                     backoff.reset();
@@ -189,6 +188,38 @@ impl Bot {
                         self.pause(wait, &mut shutdown).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// One UpdateBotSession. A lease finishing meanwhile is recorded at once; the call is
+    /// then given a moment to return (a plain heartbeat does) before it is dropped as a long
+    /// poll, so the result goes out without waiting for work to arrive. `None` when the call
+    /// was dropped for that or for a change of the stop level.
+    async fn call(
+        &mut self,
+        msg: rwapi::BotSession,
+        shutdown: &mut Shutdown,
+    ) -> Option<std::result::Result<Answer, CallError>> {
+        let bots = self.bots.clone();
+        let call = bots.update(msg, self.cfg.long_poll);
+        tokio::pin!(call);
+        let mut give_up: Option<tokio::time::Instant> = None;
+        loop {
+            let grace = async move {
+                match give_up {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut call => return Some(r),
+                Some(l) = self.done_rx.recv() => {
+                    self.finished(l);
+                    give_up.get_or_insert_with(|| tokio::time::Instant::now() + REPORT_GRACE);
+                }
+                _ = grace => return None,
+                _ = shutdown.changed() => return None,
             }
         }
     }

@@ -2,7 +2,7 @@
 //! cancellation, session loss, infrastructure failures as statuses, SIGTERM drain/abandon.
 //! (scripts/interop-farm runs the same worker under a real BuildGrid.)
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -31,7 +31,8 @@ struct State {
     sessions: u32,
     session: String,
     queue: VecDeque<Lease>,
-    held: BTreeSet<String>,
+    /// Leases handed out and not yet completed or taken away (BuildGrid's view).
+    held: BTreeMap<String, Lease>,
     /// Completed leases accepted, in order.
     completed: Vec<Lease>,
     /// Completed leases for ids not held (a second report of the same result).
@@ -48,6 +49,11 @@ struct State {
     seen_active: BTreeSet<String>,
     /// Bot status of every update.
     statuses: Vec<i32>,
+    /// Hold calls that hand out nothing this long (BuildGrid's long poll during execution).
+    hold: Option<Duration>,
+    /// When each lease was handed out and when its completion was accepted.
+    handed_at: BTreeMap<String, Instant>,
+    done_at: BTreeMap<String, Instant>,
 }
 
 #[derive(Clone, Default)]
@@ -94,7 +100,8 @@ impl Bots for Fake {
             .and_then(|w| w.configs.iter().find(|c| c.key == "capacity"))
             .and_then(|c| c.value.parse().ok())
             .unwrap_or(1);
-        let answer = self.with(|st| -> Result<(Vec<Lease>, String), Status> {
+        let answer = self.with(|st| -> Result<(Vec<Lease>, String, Option<Duration>), Status> {
+            let mut handed = false;
             st.statuses.push(s.status);
             if s.leases.iter().any(|l| l.state == LeaseState::Completed as i32) {
                 st.completion_calls += 1;
@@ -111,29 +118,42 @@ impl Bots for Fake {
             let mut answer = Vec::new();
             for l in &s.leases {
                 if l.state == LeaseState::Completed as i32 {
-                    if st.held.remove(&l.id) {
+                    if st.held.remove(&l.id).is_some() {
+                        st.done_at.insert(l.id.clone(), Instant::now());
                         st.completed.push(l.clone());
                     } else {
                         st.stray_completions += 1;
                     }
                 } else if l.state == LeaseState::Active as i32 {
                     st.seen_active.insert(l.id.clone());
-                    if st.held.contains(&l.id) && !st.cancel.contains(&l.id) {
+                    if st.held.contains_key(&l.id) && !st.cancel.contains(&l.id) {
                         answer.push(l.clone());
                     } else {
                         st.held.remove(&l.id);
                     }
                 }
             }
+            // Like BuildGrid, hand out again what the bot holds but did not mention (the
+            // answer that carried it was lost).
+            for (id, l) in &st.held {
+                if !s.leases.iter().any(|x| &x.id == id) && !st.cancel.contains(id) {
+                    answer.push(l.clone());
+                }
+            }
             while s.status == BotStatus::Ok as i32 && st.held.len() < capacity {
                 let Some(l) = st.queue.pop_front() else { break };
-                st.held.insert(l.id.clone());
+                st.held.insert(l.id.clone(), l.clone());
+                st.handed_at.insert(l.id.clone(), Instant::now());
+                handed = true;
                 answer.push(l);
             }
-            Ok((answer, st.session.clone()))
+            let hold = if handed { None } else { st.hold };
+            Ok((answer, st.session.clone(), hold))
         })?;
-        let (leases, name) = answer;
-        if leases.is_empty() {
+        let (leases, name, hold) = answer;
+        if let Some(h) = hold {
+            tokio::time::sleep(h).await;
+        } else if leases.is_empty() {
             // A short long poll.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -493,5 +513,44 @@ async fn a_killed_worker_leaves_nothing_once_restarted() -> TestResult {
         .collect();
     assert!(left.is_empty(), "stale scratch folders cleared: {left:?}");
     wait_until(10, "the restarted worker to attach", || w2.metric("casfs_worker_connected") == 1).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_runs_that_many_leases_at_once() -> TestResult {
+    require_fuse!();
+    let r = rig().await?;
+    let (_, a) = action(&r.client, "sleep 3; cat in.txt", &[]).await?;
+    r.fake.with(|s| {
+        for i in 0..4 {
+            s.queue.push_back(lease(&format!("i/{i}"), &a));
+        }
+    });
+    let w = WorkerProc::start(r.tmp.path(), &r.url, &r.cas_url, &["--concurrency", "3"])?;
+    wait_until(60, "three leases running", || w.metric("casfs_worker_leases_running") == 3).await?;
+    assert_eq!(r.fake.with(|s| s.held.len()), 3, "the capacity sent is 3");
+    wait_until(60, "all four completed", || r.fake.with(|s| s.completed.len() == 4)).await?;
+    let completed = r.fake.with(|s| s.completed.clone());
+    for l in &completed {
+        assert_eq!(code_of(l), 0);
+        assert_eq!(result_of(l)?.exit_code, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_is_reported_at_once_even_while_the_scheduler_holds_the_call() -> TestResult {
+    require_fuse!();
+    let r = rig().await?;
+    let (_, a) = action(&r.client, "sleep 1", &[]).await?;
+    r.fake.with(|s| {
+        s.hold = Some(Duration::from_secs(8));
+        s.queue.push_back(lease("i/held", &a));
+    });
+    let _w = WorkerProc::start(r.tmp.path(), &r.url, &r.cas_url, &["--concurrency", "2"])?;
+    wait_until(60, "the completion", || r.fake.with(|s| s.done_at.contains_key("i/held"))).await?;
+    let took = r.fake.with(|s| s.done_at["i/held"] - s.handed_at["i/held"]);
+    // 1 s of command, a moment to finish the call in flight, not the 8 s hold.
+    assert!(took < Duration::from_secs(4), "reported {took:?} after it was handed out");
     Ok(())
 }
