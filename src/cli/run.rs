@@ -37,7 +37,8 @@ pub struct RunArgs {
 #[derive(Args, Clone, Debug)]
 pub struct ExecArgs {
     /// Scratch space for input mounts, overlays and captured output [default: casfs-exec in
-    /// the temp folder; for `serve`, `exec` in its storage folder].
+    /// the temp folder; for `serve`, `exec` in its storage folder; for `worker`,
+    /// casfs-worker in the temp folder].
     #[arg(long, env = "CASFS_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
     /// Timeout of actions that set none.
