@@ -16,6 +16,7 @@ pub mod mount;
 pub mod run;
 pub mod serve;
 pub mod transfer;
+pub mod worker;
 
 /// How to reach the REAPI server.
 #[derive(Args, Clone)]
@@ -23,6 +24,13 @@ pub struct RemoteArgs {
     /// Server URL: grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or unix:PATH.
     #[arg(long, env = "CASFS_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     pub remote: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Connection options for any remote (instance, headers, TLS, retries, deadlines).
+#[derive(Args, Clone)]
+pub struct ConnArgs {
     /// REAPI instance name.
     #[arg(long, env = "CASFS_INSTANCE_NAME", default_value = "")]
     pub instance_name: String,
@@ -99,7 +107,14 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 impl RemoteArgs {
     /// A gRPC store client for these options.
     pub fn store(&self) -> Result<GrpcStore> {
-        let mut cfg = RemoteConfig::new(&self.remote);
+        GrpcStore::new(&self.conn.config(&self.remote)?)
+    }
+}
+
+impl ConnArgs {
+    /// The client config for the server at `url`.
+    pub fn config(&self, url: &str) -> Result<RemoteConfig> {
+        let mut cfg = RemoteConfig::new(url);
         cfg.instance_name = self.instance_name.clone();
         cfg.tls_ca_file = self.tls_ca_file.clone();
         cfg.tls_client_identity = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
@@ -108,7 +123,7 @@ impl RemoteArgs {
         for h in &self.remote_headers {
             cfg.headers.push(casfs::cas::channel::parse_header(h)?);
         }
-        GrpcStore::new(&cfg)
+        Ok(cfg)
     }
 }
 

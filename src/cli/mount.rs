@@ -175,7 +175,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         let remote_args = args.remote.clone();
         let factory: RemoteFactory = Arc::new(move |instance: &str| {
             let mut r = remote_args.clone();
-            r.instance_name = instance.to_string();
+            r.conn.instance_name = instance.to_string();
             let store = Arc::new(r.store()?);
             Ok(Remote { cas: store.clone(), ac: Some(store) })
         });

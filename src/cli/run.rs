@@ -78,6 +78,7 @@ impl ExecArgs {
             },
             worker_name,
             fetch: FetchConfig::default(),
+            cache_results: true,
         }
     }
 }
