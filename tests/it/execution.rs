@@ -366,3 +366,28 @@ fn scopeguard(child: std::process::Child) -> impl Drop {
     }
     Kill(child)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_command_without_path_is_found_and_its_environment_stays_empty() -> TestResult {
+    // What Pants sends first: `env -0` with no environment at all.
+    let r = rig(&[])?;
+    let command = reapi::Command { arguments: vec!["env".into(), "-0".into()], ..Default::default() };
+    let cb = command.encode_to_vec();
+    let cd = Digest::of_bytes(&cb);
+    r.client.write(&cd, cb.into()).await?;
+    let empty = casfs::tree::Directory::default().encode().0;
+    let action = reapi::Action {
+        command_digest: Some(cd.to_proto()),
+        input_root_digest: Some(empty.to_proto()),
+        ..Default::default()
+    };
+    let ab = action.encode_to_vec();
+    let ad = Digest::of_bytes(&ab);
+    r.client.write(&ad, ab.into()).await?;
+    let resp = last_response(&r.execute_all(ad, false).await?)?;
+    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{:?}", resp.status);
+    let result = resp.result.ok_or("no result")?;
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(r.read(&result.stdout_digest).await?, "", "nothing inherited");
+    Ok(())
+}
