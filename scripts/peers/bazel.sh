@@ -11,6 +11,8 @@
 #   bazel_run 4 OUTPUT_BASE build //...  # one Bazel command with the common startup flags
 #   bazel_shutdown 4 OUTPUT_BASE
 #
+# BAZEL_TIMEOUT=SECONDS makes bazel_run give up on a command (timeout(1)) after that long.
+#
 # Both versions build the sample workspace (tests/bazel/workspace) fully offline: the
 # external repositories Bazel would download for C++ builds and tests (rules_cc, rules_java
 # and remote_coverage_tools, found by building with the network unplugged) are replaced by
@@ -151,13 +153,33 @@ bazel_run() {
     bin="$(bazel_bin "$ver")" || return 2
     root="$(bazel_user_root "$ver")" || return 2
     mkdir -p "$root" "$ob" || return 1
-    (cd "$BAZEL_WORKSPACE" && "$bin" --nohome_rc --nosystem_rc --noworkspace_rc \
-        --output_user_root="$root" --output_base="$ob" --max_idle_secs=600 "$@")
+    local startup=(--nohome_rc --nosystem_rc --noworkspace_rc
+        --output_user_root="$root" --output_base="$ob" --max_idle_secs=600)
+    # Debian's bazel-4 is not a self-extracting binary: its install base is unpacked under
+    # /usr/share/bazel, which its /etc/bazel/bazelrc (skipped by --nosystem_rc, as it also
+    # turns on the noisy --sandbox_debug) points at.
+    [ "$ver" = 4 ] && startup+=(--install_base=/usr/share/bazel --trust_install_base)
+    local to=()
+    [ -n "${BAZEL_TIMEOUT:-}" ] && to=(timeout -k 10 "$BAZEL_TIMEOUT")
+    (cd "$BAZEL_WORKSPACE" && "${to[@]}" "$bin" "${startup[@]}" "$@")
 }
 
-# bazel_shutdown 2|4 OUTPUT_BASE: stops that output base's server (if any).
+# bazel_shutdown 2|4 OUTPUT_BASE: stops that output base's server (if any); if it has not
+# gone after `bazel shutdown`, kills exactly the PID it recorded.
 bazel_shutdown() {
     local ver="$1" ob="$2"
-    [ -f "$ob/server/server.pid.txt" ] || return 0
-    bazel_run "$ver" "$ob" shutdown >/dev/null 2>&1 || true
+    local pidfile="$ob/server/server.pid.txt"
+    [ -f "$pidfile" ] || return 0
+    local pid
+    pid="$(cat "$pidfile" 2>/dev/null)"
+    BAZEL_TIMEOUT=60 bazel_run "$ver" "$ob" shutdown >/dev/null 2>&1 || true
+    case "$pid" in
+        '' | *[!0-9]*) return 0 ;;
+    esac
+    local _
+    for _ in $(seq 1 50); do   # up to 5s
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -TERM "$pid" 2>/dev/null || true
 }
