@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the embedded REAPI server (CAS, ByteStream, ActionCache, Capabilities) on local disk.
+    /// Run the embedded REAPI server (CAS, ByteStream, ActionCache, Execution) on local disk.
     Serve(cli::serve::ServeArgs),
     /// Mount a Directory digest read-only, fetching lazily and verifying every blob.
     Mount(cli::mount::MountArgs),
@@ -33,6 +33,8 @@ enum Cmd {
     },
     /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
     Run(cli::run::RunArgs),
+    /// Run a command line on a remote Execution service (inputs uploaded) and show its result.
+    Execute(cli::execute::ExecuteArgs),
     /// Upload a local directory; prints the root Directory digest (HASH/SIZE).
     Upload {
         /// The directory to upload.
@@ -119,6 +121,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
         Cmd::Run(args) => cli::run::run(args).await,
         Cmd::Action(args) => cli::make_action::create(args).await,
+        Cmd::Execute(args) => cli::execute::execute(args).await,
         Cmd::Digest { files } => {
             for f in files {
                 let d = casfs::digest::hash_file(&f)

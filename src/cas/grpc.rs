@@ -67,6 +67,16 @@ impl GrpcStore {
         }
     }
 
+    /// The connection, for other services on the same server (Execution).
+    pub fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    /// The instance name calls carry.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     /// ByteStream resource name for reading a blob.
     pub fn read_resource(&self, d: &Digest) -> String {
         format!("{}blobs/{}/{}", self.prefix(), d.hash_hex(), d.size())

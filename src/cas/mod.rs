@@ -131,6 +131,41 @@ pub type SharedCas = Arc<dyn Cas>;
 /// Shared action-cache handle.
 pub type SharedActionCache = Arc<dyn ActionCache>;
 
+/// Every blob digest an ActionResult points at (outputs, trees, stdout/stderr).
+pub fn referenced_blobs(r: &reapi::ActionResult) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for f in &r.output_files {
+        if let Some(d) = &f.digest {
+            out.push(Digest::try_from(d)?);
+        }
+    }
+    for d in &r.output_directories {
+        for x in [&d.tree_digest, &d.root_directory_digest].into_iter().flatten() {
+            out.push(Digest::try_from(x)?);
+        }
+    }
+    for x in [&r.stdout_digest, &r.stderr_digest].into_iter().flatten() {
+        out.push(Digest::try_from(x)?);
+    }
+    Ok(out)
+}
+
+/// The cached result of `action`, served only while every blob it references still exists
+/// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again).
+pub async fn verified_action_result(
+    cas: &dyn Cas,
+    ac: &dyn ActionCache,
+    action: &Digest,
+) -> Result<Option<reapi::ActionResult>> {
+    let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
+    let refs = referenced_blobs(&result)?;
+    if let Some(m) = cas.find_missing(&refs).await?.first() {
+        tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
+        return Ok(None);
+    }
+    Ok(Some(result))
+}
+
 /// Checks that `data` hashes to `digest`.
 pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
     let actual = Digest::of_bytes(data);

@@ -7,12 +7,12 @@ use std::time::Duration;
 use clap::Args;
 use prost::Message;
 
-use casfs::cas::Cas;
+use casfs::cas::{Cas, GrpcStore};
 use casfs::digest::Digest;
 use casfs::error::{Error, Result};
 use casfs::proto::reapi;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
+use super::{digest_arg, parse_duration, CmdResult, RemoteArgs, Usage};
 
 /// Options of `casfs action`.
 #[derive(Args)]
@@ -64,8 +64,17 @@ fn pair(s: &str, what: &str) -> Result<(String, String)> {
 /// digest.
 pub async fn create(args: ActionArgs) -> CmdResult {
     let store = args.remote.store()?;
+    match upload_action(&args, &store).await? {
+        Ok(d) => println!("{d}"),
+        Err(u) => return Ok(Err(u)),
+    }
+    Ok(Ok(()))
+}
+
+/// Uploads the input root, Command and Action that `args` describe; the Action's digest.
+pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> Result<std::result::Result<Digest, Usage>> {
     let root = match (&args.input, &args.input_root) {
-        (Some(dir), _) => casfs::transfer::upload_dir(&store, dir, false).await?.root,
+        (Some(dir), _) => casfs::transfer::upload_dir(store, dir, false).await?.root,
         (None, Some(d)) => match digest_arg(d) {
             Ok(d) => d,
             Err(u) => return Ok(Err(u)),
@@ -114,6 +123,5 @@ pub async fn create(args: ActionArgs) -> CmdResult {
     let ab = action.encode_to_vec();
     let ad = Digest::of_bytes(&ab);
     store.write(&ad, ab.into()).await?;
-    println!("{ad}");
-    Ok(Ok(()))
+    Ok(Ok(ad))
 }

@@ -10,6 +10,7 @@ use casfs::digest::Digest;
 use casfs::error::Result;
 
 pub mod action;
+pub mod execute;
 pub mod make_action;
 pub mod mount;
 pub mod run;

@@ -26,9 +26,20 @@ pub struct RunArgs {
     /// Bound of the local blob cache.
     #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
-    /// Scratch space for input mounts, overlays and captured output.
-    #[arg(long, env = "CASFS_WORK_DIR", default_value_os_t = std::env::temp_dir().join("casfs-exec"))]
-    pub work_dir: PathBuf,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+    /// Skip the action cache lookup (the result is still cached).
+    #[arg(long)]
+    pub skip_cache_lookup: bool,
+}
+
+/// Executor options shared by `casfs run`, `casfs serve` and `casfs worker`.
+#[derive(Args, Clone, Debug)]
+pub struct ExecArgs {
+    /// Scratch space for input mounts, overlays and captured output [default: casfs-exec in
+    /// the temp folder; for `serve`, `exec` in its storage folder].
+    #[arg(long, env = "CASFS_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
     /// Timeout of actions that set none.
     #[arg(long, env = "CASFS_DEFAULT_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
     pub default_timeout: Duration,
@@ -47,9 +58,24 @@ pub struct RunArgs {
     /// Run commands as this uid:gid instead of the executor's own.
     #[arg(long, env = "CASFS_RUN_AS", value_parser = parse_ids)]
     pub run_as: Option<(u32, u32)>,
-    /// Skip the action cache lookup (the result is still cached).
-    #[arg(long)]
-    pub skip_cache_lookup: bool,
+}
+
+impl ExecArgs {
+    /// The executor configuration these flags describe; `work_dir` unless --work-dir is given.
+    pub fn config(&self, worker_name: String, work_dir: PathBuf) -> ExecConfig {
+        ExecConfig {
+            materialize: self.materialize,
+            work_dir: self.work_dir.clone().unwrap_or(work_dir),
+            limits: Limits { default_timeout: self.default_timeout, max_timeout: self.max_timeout },
+            sandbox: SandboxConfig {
+                host_dirs: self.host_dirs.clone(),
+                pids_limit: self.pids_limit,
+                run_as: self.run_as,
+            },
+            worker_name,
+            fetch: FetchConfig::default(),
+        }
+    }
 }
 
 /// Runs the action and prints `status` and the ActionResult as JSON.
@@ -60,14 +86,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
     };
     let store = Arc::new(args.remote.store()?);
     let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
-    let cfg = ExecConfig {
-        materialize: args.materialize,
-        work_dir: args.work_dir.clone(),
-        limits: Limits { default_timeout: args.default_timeout, max_timeout: args.max_timeout },
-        sandbox: SandboxConfig { host_dirs: args.host_dirs.clone(), pids_limit: args.pids_limit, run_as: args.run_as },
-        worker_name: format!("casfs-run@{}", hostname()),
-        fetch: FetchConfig::default(),
-    };
+    let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
     exec.clean_stale()?;
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
@@ -93,7 +112,8 @@ fn parse_ids(s: &str) -> Result<(u32, u32), String> {
     Ok((u.parse().map_err(|_| format!("bad uid in {s:?}"))?, g.parse().map_err(|_| format!("bad gid in {s:?}"))?))
 }
 
-fn hostname() -> String {
+/// This machine's name, for ExecutedActionMetadata.worker.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

@@ -3,14 +3,19 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
 use casfs::cas::DiskStore;
 use casfs::error::Error;
+use casfs::exec::Executor;
+use casfs::metrics::Metrics;
+use casfs::server::scheduler::{Scheduler, SchedulerConfig};
 use casfs::server::{Backend, Bound, Listen};
 
-use super::{default_storage, parse_size, CmdResult, Usage};
+use super::run::ExecArgs;
+use super::{default_storage, parse_duration, parse_size, CmdResult, Usage};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -36,6 +41,23 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "CASFS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve storage only: no Execution service.
+    #[arg(long, env = "CASFS_NO_EXECUTION")]
+    no_execution: bool,
+    /// Actions executing at once; more wait in a queue [default: number of cores].
+    #[arg(long, env = "CASFS_MAX_CONCURRENT_ACTIONS")]
+    max_concurrent_actions: Option<usize>,
+    /// Actions allowed to wait in the queue before Execute answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CASFS_MAX_QUEUED_ACTIONS", default_value_t = 10_000)]
+    max_queued_actions: usize,
+    /// How long a finished operation can still be waited on.
+    #[arg(long, env = "CASFS_OPERATION_RETENTION", default_value = "10m", value_parser = parse_duration)]
+    operation_retention: Duration,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9102).
+    #[arg(long, env = "CASFS_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -72,7 +94,29 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         Some(p) => Arc::new(casfs::server::access_log::AccessLog::open(store.clone(), p)?),
         None => store.clone(),
     };
-    let backend = Backend { cas, ac: store };
+    let mut backend = Backend::new(cas.clone(), store.clone());
+    let metrics = Metrics::new();
+    if let Some(addr) = &args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
+        tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
+    }
+    if !args.no_execution {
+        let name = format!("casfs-serve@{}", super::run::hostname());
+        let cfg = args.exec.config(name, args.storage.join("exec"));
+        // The store is also the executor's blob cache: inputs are already local.
+        let exec = Arc::new(Executor::new(cas.clone(), store.clone(), store.clone(), cfg, metrics.clone()));
+        exec.clean_stale()?;
+        let mut sc = SchedulerConfig {
+            max_queued: args.max_queued_actions,
+            retention: args.operation_retention,
+            ..Default::default()
+        };
+        if let Some(n) = args.max_concurrent_actions {
+            sc.max_concurrent = n.max(1);
+        }
+        tracing::info!(max_concurrent = sc.max_concurrent, materialize = ?args.exec.materialize.resolve(), "execution enabled");
+        backend.execution = Some(Scheduler::new(exec, cas, store, sc, metrics));
+    }
     bound.serve_with(backend, tls, shutdown_signal()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))

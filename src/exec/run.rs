@@ -73,6 +73,15 @@ pub struct Outcome {
     pub cached: bool,
 }
 
+/// Per-execution options.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Do not serve the result from the action cache (it is still written there).
+    pub skip_cache_lookup: bool,
+    /// When the action entered the queue (reported as `queued_timestamp`).
+    pub queued: SystemTime,
+}
+
 /// Runs Actions against one CAS and action cache.
 pub struct Executor {
     cas: SharedCas,
@@ -80,6 +89,7 @@ pub struct Executor {
     cache: Arc<DiskStore>,
     cfg: ExecConfig,
     metrics: Arc<Metrics>,
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 fn now() -> Option<prost_types::Timestamp> {
@@ -146,12 +156,30 @@ impl Executor {
         cfg: ExecConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Executor { cas, ac, cache, cfg, metrics }
+        Executor { cas, ac, cache, cfg, metrics, lock: Default::default() }
     }
 
     /// Removes what a killed executor left in its work folder: overlays and mounts are
     /// detached, scratch folders deleted. Call once at start.
+    ///
+    /// Executors sharing a work folder hold a shared lock on it; the cleaning happens only
+    /// when no other live executor holds one, so it never removes a running action's folder.
     pub fn clean_stale(&self) -> Result<usize> {
+        use std::os::fd::AsRawFd;
+        let dir = &self.cfg.work_dir;
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("locking {}", dir.display()))?;
+        let alone = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let n = if alone { self.remove_stale()? } else { 0 };
+        // Shared from now on: other executors may use the folder, none may clean it.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH) } != 0 {
+            return Err(Error::io(format!("locking {}", dir.display()), std::io::Error::last_os_error()));
+        }
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+        Ok(n)
+    }
+
+    fn remove_stale(&self) -> Result<usize> {
         let Ok(rd) = std::fs::read_dir(&self.cfg.work_dir) else { return Ok(0) };
         let mut n = 0;
         for e in rd.flatten() {
@@ -189,15 +217,21 @@ impl Executor {
     /// Executes an Action. Errors before the command starts (missing or invalid Action,
     /// Command or inputs) are returned as `Err`; everything after is in the Outcome.
     pub async fn execute(&self, action_digest: Digest, skip_cache_lookup: bool) -> Result<Outcome> {
+        self.execute_with(action_digest, RunOptions { skip_cache_lookup, queued: SystemTime::now() }).await
+    }
+
+    /// [`Executor::execute`] for an action that waited in a queue since `opts.queued`.
+    pub async fn execute_with(&self, action_digest: Digest, opts: RunOptions) -> Result<Outcome> {
         let mut meta = reapi::ExecutedActionMetadata {
             worker: self.cfg.worker_name.clone(),
-            queued_timestamp: now(),
+            queued_timestamp: Some(prost_types::Timestamp::from(opts.queued)),
             worker_start_timestamp: now(),
             ..Default::default()
         };
         let action: reapi::Action = self.message(action_digest).await?;
-        if !skip_cache_lookup && !action.do_not_cache {
-            if let Some(r) = self.ac.get_action_result(&action_digest).await? {
+        if !opts.skip_cache_lookup && !action.do_not_cache {
+            let found = crate::cas::verified_action_result(self.cas.as_ref(), self.ac.as_ref(), &action_digest).await;
+            if let Some(r) = found? {
                 self.metrics.add("casfs_exec_cache_hits_total", 1);
                 return Ok(Outcome { result: r, status: ok_status(), cached: true });
             }

@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{status, Backend};
+use crate::cas::{referenced_blobs, verified_action_result};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::Result;
 use crate::proto::reapi::action_cache_server::ActionCache;
@@ -16,25 +17,6 @@ impl AcService {
     pub(super) fn new(backend: Backend) -> Self {
         AcService { backend }
     }
-}
-
-/// Every blob digest an ActionResult points at (outputs, trees, stdout/stderr).
-pub fn referenced_blobs(r: &ActionResult) -> Result<Vec<Digest>> {
-    let mut out = Vec::new();
-    for f in &r.output_files {
-        if let Some(d) = &f.digest {
-            out.push(Digest::try_from(d)?);
-        }
-    }
-    for d in &r.output_directories {
-        for x in [&d.tree_digest, &d.root_directory_digest].into_iter().flatten() {
-            out.push(Digest::try_from(x)?);
-        }
-    }
-    for x in [&r.stdout_digest, &r.stderr_digest].into_iter().flatten() {
-        out.push(Digest::try_from(x)?);
-    }
-    Ok(out)
 }
 
 fn action_digest(d: &Option<reapi::Digest>, function: i32) -> Result<Digest, Status> {
@@ -51,16 +33,11 @@ impl ActionCache for AcService {
     ) -> Result<Response<ActionResult>, Status> {
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
-        let Some(result) = self.backend.ac.get_action_result(&action).await.map_err(status)? else {
-            return Err(Status::not_found(format!("no action result for {action}")));
-        };
-        let refs = referenced_blobs(&result).map_err(status)?;
-        let missing = self.backend.cas.find_missing(&refs).await.map_err(status)?;
-        if let Some(m) = missing.first() {
-            tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
-            return Err(Status::not_found(format!("action result for {action} refers to missing blob {m}")));
+        let found = verified_action_result(self.backend.cas.as_ref(), self.backend.ac.as_ref(), &action).await;
+        match found.map_err(status)? {
+            Some(result) => Ok(Response::new(result)),
+            None => Err(Status::not_found(format!("no action result for {action}"))),
         }
-        Ok(Response::new(result))
     }
 
     async fn update_action_result(

@@ -8,14 +8,16 @@ use crate::proto::reapi::capabilities_server::Capabilities;
 use crate::proto::reapi::{self, symlink_absolute_path_strategy};
 use crate::proto::semver::SemVer;
 
-pub(super) struct CapabilitiesService;
+pub(super) struct CapabilitiesService {
+    pub(super) exec_enabled: bool,
+}
 
 fn version(major: i32, minor: i32) -> Option<SemVer> {
     Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
 }
 
-/// The capabilities the embedded server advertises.
-pub fn server_capabilities() -> reapi::ServerCapabilities {
+/// The capabilities the embedded server advertises (`exec_enabled` when it executes actions).
+pub fn server_capabilities(exec_enabled: bool) -> reapi::ServerCapabilities {
     let functions: Vec<i32> = DigestFunction::ALL.iter().map(|f| f.proto_value()).collect();
     reapi::ServerCapabilities {
         cache_capabilities: Some(reapi::CacheCapabilities {
@@ -34,7 +36,7 @@ pub fn server_capabilities() -> reapi::ServerCapabilities {
         }),
         execution_capabilities: Some(reapi::ExecutionCapabilities {
             digest_function: DigestFunction::Sha256.proto_value(),
-            exec_enabled: false,
+            exec_enabled,
             execution_priority_capabilities: None,
             supported_node_properties: vec![],
             digest_functions: functions,
@@ -51,6 +53,6 @@ impl Capabilities for CapabilitiesService {
         &self,
         _req: Request<reapi::GetCapabilitiesRequest>,
     ) -> Result<Response<reapi::ServerCapabilities>, Status> {
-        Ok(Response::new(server_capabilities()))
+        Ok(Response::new(server_capabilities(self.exec_enabled)))
     }
 }

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
@@ -14,13 +15,16 @@ use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::reapi::action_cache_server::ActionCacheServer;
 use crate::proto::reapi::capabilities_server::CapabilitiesServer;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
 pub mod access_log;
 mod bytestream;
 mod capabilities;
 mod cas;
+pub mod execution;
 pub mod resource;
+pub mod scheduler;
 
 /// Largest total of blob bytes one batch request may carry; advertised in Capabilities and
 /// enforced. Below the 4 MiB gRPC message limit so a full batch still fits one message.
@@ -37,6 +41,15 @@ pub struct Backend {
     pub cas: SharedCas,
     /// Action results.
     pub ac: SharedActionCache,
+    /// The Execution service's scheduler; `None` serves storage only.
+    pub execution: Option<Arc<scheduler::Scheduler>>,
+}
+
+impl Backend {
+    /// A storage-only backend (no Execution service).
+    pub fn new(cas: SharedCas, ac: SharedActionCache) -> Self {
+        Backend { cas, ac, execution: None }
+    }
 }
 
 /// Where the server listens.
@@ -78,7 +91,8 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let ac = ActionCacheServer::new(ac::AcService::new(backend.clone())).max_decoding_message_size(MAX_MESSAGE);
-    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService);
+    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService { exec_enabled: backend.execution.is_some() });
+    let exec = backend.execution.clone().map(|s| ExecutionServer::new(execution::ExecutionService::new(s)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
         let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
@@ -92,7 +106,8 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         .add_service(cas)
         .add_service(bs)
         .add_service(ac)
-        .add_service(caps))
+        .add_service(caps)
+        .add_optional_service(exec))
 }
 
 /// A bound, not yet serving, listener; lets callers learn the port before serving.

@@ -106,13 +106,13 @@ pub async fn serve_in_process(backend: Backend) -> TestResult<InProcessServer> {
 /// A backend over a fresh memory store.
 pub fn memory_backend() -> (Arc<MemoryStore>, Backend) {
     let m = Arc::new(MemoryStore::new());
-    (m.clone(), Backend { cas: m.clone(), ac: m })
+    (m.clone(), Backend::new(m.clone(), m))
 }
 
 /// A backend over a disk store in `dir`.
 pub fn disk_backend(dir: &Path) -> TestResult<(Arc<DiskStore>, Backend)> {
     let d = Arc::new(DiskStore::open(dir, 0)?);
-    Ok((d.clone(), Backend { cas: d.clone(), ac: d }))
+    Ok((d.clone(), Backend::new(d.clone(), d)))
 }
 
 /// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.

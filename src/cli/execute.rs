@@ -1,0 +1,138 @@
+//! `casfs execute`: build an Action from a command line, upload it with its inputs, run it
+//! on a remote Execution service, wait, and show (or download) the result.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use casfs::cas::{Cas, GrpcStore};
+use casfs::digest::Digest;
+use casfs::error::{Error, IoContext, Result};
+use casfs::exec::client::{execute as remote_execute, stage_name};
+use casfs::proto::reapi;
+
+use super::make_action::{upload_action, ActionArgs};
+use super::CmdResult;
+
+/// Options of `casfs execute`.
+#[derive(Args)]
+pub struct ExecuteArgs {
+    /// Run even if the action cache has a result.
+    #[arg(long)]
+    pub skip_cache_lookup: bool,
+    /// Download the outputs into this folder (created if missing).
+    #[arg(long)]
+    pub download: Option<PathBuf>,
+    /// Print the ActionResult as JSON instead of the command's stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub action: ActionArgs,
+}
+
+/// Runs the action remotely. Exits with the command's exit code (1 when the server reports
+/// a failure such as a timeout or missing inputs).
+pub async fn execute(args: ExecuteArgs) -> CmdResult {
+    let store = args.action.remote.store()?;
+    let action = match upload_action(&args.action, &store).await? {
+        Ok(d) => d,
+        Err(u) => return Ok(Err(u)),
+    };
+    eprintln!("casfs: action {action}");
+    let resp = remote_execute(&store, action, args.skip_cache_lookup, |name, stage| {
+        eprintln!("casfs: {name} {}", stage_name(stage));
+    })
+    .await?;
+    let status = resp.status.clone().unwrap_or_default();
+    let Some(result) = resp.result else {
+        return Err(Error::remote(
+            "Execute",
+            tonic::Status::new(tonic::Code::from_i32(status.code), status.message.clone()),
+        ));
+    };
+    if args.json {
+        print!("{}", casfs::fs::render::action_result_json(&result));
+    } else {
+        let out = output(&store, &result.stdout_raw, &result.stdout_digest).await?;
+        std::io::stdout().write_all(&out).ctx(|| "writing stdout".into())?;
+    }
+    let err = output(&store, &result.stderr_raw, &result.stderr_digest).await?;
+    std::io::stderr().write_all(&err).ctx(|| "writing stderr".into())?;
+    if let Some(dir) = &args.download {
+        download(&store, &result, dir).await?;
+    }
+    eprintln!(
+        "casfs: exit code {}{}; {} files, {} dirs, {} symlinks",
+        result.exit_code,
+        if resp.cached_result { " (cached)" } else { "" },
+        result.output_files.len(),
+        result.output_directories.len(),
+        result.output_symlinks.len() + result.output_file_symlinks.len() + result.output_directory_symlinks.len()
+    );
+    let _ = std::io::stdout().flush();
+    if status.code != 0 {
+        eprintln!("casfs: status {:?}: {}", tonic::Code::from_i32(status.code), status.message);
+        std::process::exit(1);
+    }
+    if result.exit_code != 0 {
+        std::process::exit(result.exit_code.clamp(1, 255));
+    }
+    Ok(Ok(()))
+}
+
+async fn output(store: &GrpcStore, raw: &[u8], digest: &Option<reapi::Digest>) -> Result<Vec<u8>> {
+    if !raw.is_empty() {
+        return Ok(raw.to_vec());
+    }
+    match digest {
+        Some(d) => Ok(store.read(&Digest::try_from(d)?).await?.to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Writes the outputs of `r` under `dir`: files with their executable bit, directories from
+/// their root Directory, symlinks as symlinks.
+async fn download(store: &GrpcStore, r: &reapi::ActionResult, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for f in &r.output_files {
+        let path = safe_join(dir, &f.path)?;
+        let d =
+            Digest::try_from(f.digest.as_ref().ok_or_else(|| Error::InvalidArgument("file without digest".into()))?)?;
+        make_parent(&path)?;
+        store.read_to_file(&d, &path).await?;
+        let mode = if f.is_executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .ctx(|| format!("chmod {}", path.display()))?;
+    }
+    for d in &r.output_directories {
+        let path = safe_join(dir, &d.path)?;
+        match &d.root_directory_digest {
+            Some(root) => {
+                casfs::transfer::download_dir(store, &Digest::try_from(root)?, &path, false).await?;
+            }
+            None => eprintln!("casfs: output directory {} has no root_directory_digest; not downloaded", d.path),
+        }
+    }
+    let links = r.output_symlinks.iter().chain(&r.output_file_symlinks).chain(&r.output_directory_symlinks);
+    for l in links {
+        let path = safe_join(dir, &l.path)?;
+        make_parent(&path)?;
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&l.target, &path).ctx(|| format!("symlink {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn make_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) => std::fs::create_dir_all(p).ctx(|| format!("creating {}", p.display())),
+        None => Ok(()),
+    }
+}
+
+/// `dir/rel`, refusing output paths that would land outside `dir`.
+fn safe_join(dir: &Path, rel: &str) -> Result<PathBuf> {
+    casfs::exec::spec::check_relative(rel, "output path")?;
+    Ok(dir.join(rel))
+}

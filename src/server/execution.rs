@@ -1,0 +1,112 @@
+//! The Execution service: Execute and WaitExecution as streams of long-running Operations
+//! over the in-process scheduler.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::scheduler::{OpState, Operation, Request as Job, Scheduler};
+use super::status;
+use crate::digest::{Digest, DigestFunction};
+use crate::proto::longrunning;
+use crate::proto::reapi::execution_server::Execution;
+use crate::proto::reapi::{self, execution_stage::Value as Stage};
+
+const METADATA_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
+const RESPONSE_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
+
+/// Operation stream returned by Execute and WaitExecution.
+pub type OperationStream = Pin<Box<dyn Stream<Item = Result<longrunning::Operation, Status>> + Send>>;
+
+pub(super) struct ExecutionService {
+    scheduler: Arc<Scheduler>,
+}
+
+impl ExecutionService {
+    pub(super) fn new(scheduler: Arc<Scheduler>) -> Self {
+        ExecutionService { scheduler }
+    }
+}
+
+/// The Operation message for one state of `op`.
+pub fn operation(op: &Operation, state: &OpState) -> longrunning::Operation {
+    let meta = reapi::ExecuteOperationMetadata {
+        stage: state.stage as i32,
+        action_digest: Some(op.action.to_proto()),
+        digest_function: DigestFunction::Sha256.proto_value(),
+        ..Default::default()
+    };
+    let result = state.response.as_ref().map(|r| {
+        longrunning::operation::Result::Response(prost_types::Any {
+            type_url: RESPONSE_TYPE.into(),
+            value: r.encode_to_vec(),
+        })
+    });
+    longrunning::Operation {
+        name: op.name.clone(),
+        metadata: Some(prost_types::Any { type_url: METADATA_TYPE.into(), value: meta.encode_to_vec() }),
+        done: state.stage == Stage::Completed,
+        result,
+    }
+}
+
+/// Streams the current state of `op`, then every change, ending after COMPLETED.
+fn follow(op: Arc<Operation>) -> OperationStream {
+    let rx = op.watch();
+    let s = futures::stream::unfold((op, rx, false, None::<Stage>), |(op, mut rx, ended, last)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            let state = rx.borrow_and_update().clone();
+            // Only stage changes are worth a message; a closed channel cannot happen while
+            // `op` holds the sender, but ends the stream cleanly if it ever does.
+            if Some(state.stage) != last {
+                let done = state.stage == Stage::Completed;
+                return Some((Ok(operation(&op, &state)), (op, rx, done, Some(state.stage))));
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    Box::pin(s)
+}
+
+fn action_digest(req: &reapi::ExecuteRequest) -> Result<Digest, Status> {
+    let f = DigestFunction::from_proto(req.digest_function).map_err(|e| status(e.into()))?;
+    if f != DigestFunction::Sha256 {
+        return Err(Status::invalid_argument(format!("digest function {f:?} is not supported for execution")));
+    }
+    let d = req.action_digest.as_ref().ok_or_else(|| Status::invalid_argument("action_digest is required"))?;
+    Digest::try_from(d).map_err(|e| status(e.into()))
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(&self, req: Request<reapi::ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
+        let req = req.into_inner();
+        let action = action_digest(&req)?;
+        let job = Job { action, skip_cache_lookup: req.skip_cache_lookup };
+        let op = self.scheduler.submit(job).await.map_err(status)?;
+        tracing::debug!(operation = %op.name, %action, "execute");
+        Ok(Response::new(follow(op)))
+    }
+
+    async fn wait_execution(
+        &self,
+        req: Request<reapi::WaitExecutionRequest>,
+    ) -> Result<Response<OperationStream>, Status> {
+        let name = req.into_inner().name;
+        match self.scheduler.find(&name) {
+            Some(op) => Ok(Response::new(follow(op))),
+            None => Err(Status::not_found(format!("no operation named {name:?}"))),
+        }
+    }
+}

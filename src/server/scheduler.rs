@@ -1,0 +1,232 @@
+//! The in-process scheduler behind the Execution service: operations, in-flight
+//! deduplication, a bounded number of concurrent actions and a queue in front of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::cas::{verified_action_result, SharedActionCache, SharedCas};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::exec::{Executor, RunOptions};
+use crate::metrics::Metrics;
+use crate::proto::reapi::{self, execution_stage::Value as Stage};
+use crate::proto::rpc;
+
+/// Scheduler settings.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Actions executing at once; further ones wait in the queue.
+    pub max_concurrent: usize,
+    /// Actions allowed to wait; beyond that Execute answers RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+    /// How long a finished operation stays available to WaitExecution.
+    pub retention: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        SchedulerConfig { max_concurrent: cores, max_queued: 10_000, retention: Duration::from_secs(600) }
+    }
+}
+
+/// What a watcher of an operation sees.
+#[derive(Clone, Debug)]
+pub struct OpState {
+    /// The operation's current stage.
+    pub stage: Stage,
+    /// Set exactly when the stage is `Completed`.
+    pub response: Option<reapi::ExecuteResponse>,
+}
+
+/// One operation: its name, its action and a channel carrying its state.
+pub struct Operation {
+    /// Unique name (`operations/<uuid>`).
+    pub name: String,
+    /// The action it executes.
+    pub action: Digest,
+    state: watch::Sender<OpState>,
+    finished: Mutex<Option<Instant>>,
+}
+
+impl Operation {
+    /// A receiver that sees the current state and every later change.
+    pub fn watch(&self) -> watch::Receiver<OpState> {
+        self.state.subscribe()
+    }
+
+    fn set(&self, stage: Stage, response: Option<reapi::ExecuteResponse>) {
+        if stage == Stage::Completed {
+            *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+        self.state.send_replace(OpState { stage, response });
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    ops: HashMap<String, Arc<Operation>>,
+    in_flight: HashMap<Digest, Arc<Operation>>,
+    queued: usize,
+}
+
+/// Accepts actions, runs them on the executor, tracks their operations.
+pub struct Scheduler {
+    exec: Arc<Executor>,
+    cas: SharedCas,
+    ac: SharedActionCache,
+    cfg: SchedulerConfig,
+    permits: Arc<Semaphore>,
+    table: Mutex<Table>,
+    metrics: Arc<Metrics>,
+}
+
+/// What Execute asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    /// The Action to run.
+    pub action: Digest,
+    /// Run even if the action cache has a result.
+    pub skip_cache_lookup: bool,
+}
+
+impl Scheduler {
+    /// A scheduler running actions on `exec`, looking results up in `ac` (verified against `cas`).
+    pub fn new(
+        exec: Arc<Executor>,
+        cas: SharedCas,
+        ac: SharedActionCache,
+        cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let permits = Arc::new(Semaphore::new(cfg.max_concurrent.max(1)));
+        Arc::new(Scheduler { exec, cas, ac, cfg, permits, table: Mutex::new(Table::default()), metrics })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The operation named `name`, if it is running or finished recently.
+    pub fn find(&self, name: &str) -> Option<Arc<Operation>> {
+        self.table().ops.get(name).cloned()
+    }
+
+    /// Number of operations held (running, queued and retained).
+    pub fn operations(&self) -> usize {
+        self.table().ops.len()
+    }
+
+    /// Starts (or joins) the execution of `req`. Identical cacheable actions in flight share
+    /// one operation; `do_not_cache` ones never do (rule 12).
+    pub async fn submit(self: &Arc<Self>, req: Request) -> Result<Arc<Operation>> {
+        // The Action is read first: do_not_cache decides whether it may join another run.
+        // A missing Action is reported in the operation's response, not as an RPC error.
+        let do_not_cache = match self.cas.read(&req.action).await {
+            Ok(bytes) => {
+                <reapi::Action as prost::Message>::decode(bytes.as_ref()).map(|a| a.do_not_cache).unwrap_or(true)
+            }
+            Err(Error::MissingBlob(_)) => true,
+            Err(e) => return Err(e),
+        };
+        let op = {
+            let mut t = self.table();
+            self.reap(&mut t);
+            if !do_not_cache {
+                if let Some(op) = t.in_flight.get(&req.action) {
+                    self.metrics.add("casfs_exec_merged_total", 1);
+                    return Ok(op.clone());
+                }
+            }
+            if t.queued >= self.cfg.max_queued {
+                return Err(Error::ResourceExhausted(format!("{} actions are already queued", t.queued)));
+            }
+            let (state, _) = watch::channel(OpState { stage: Stage::CacheCheck, response: None });
+            let op = Arc::new(Operation {
+                name: format!("operations/{}", uuid::Uuid::new_v4()),
+                action: req.action,
+                state,
+                finished: Mutex::new(None),
+            });
+            t.ops.insert(op.name.clone(), op.clone());
+            if !do_not_cache {
+                t.in_flight.insert(req.action, op.clone());
+            }
+            t.queued += 1;
+            op
+        };
+        let me = self.clone();
+        let op2 = op.clone();
+        tokio::spawn(async move {
+            let response = me.run(&op2, req, do_not_cache).await;
+            {
+                let mut t = me.table();
+                if t.in_flight.get(&req.action).is_some_and(|o| Arc::ptr_eq(o, &op2)) {
+                    t.in_flight.remove(&req.action);
+                }
+            }
+            op2.set(Stage::Completed, Some(response));
+        });
+        Ok(op)
+    }
+
+    async fn run(&self, op: &Operation, req: Request, do_not_cache: bool) -> reapi::ExecuteResponse {
+        let queued_at = SystemTime::now();
+        let dequeue = |me: &Self| me.table().queued -= 1;
+        if !req.skip_cache_lookup && !do_not_cache {
+            match verified_action_result(self.cas.as_ref(), self.ac.as_ref(), &req.action).await {
+                Ok(Some(result)) => {
+                    dequeue(self);
+                    self.metrics.add("casfs_exec_cache_hits_total", 1);
+                    return response(Some(result), true, ok());
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(action = %req.action, error = %e, "action cache lookup failed; executing"),
+            }
+        }
+        op.set(Stage::Queued, None);
+        let permit = self.permits.clone().acquire_owned().await;
+        dequeue(self);
+        let Ok(_permit) = permit else {
+            return response(None, false, Error::Unavailable("the scheduler is shutting down".into()).to_rpc_status());
+        };
+        op.set(Stage::Executing, None);
+        let started = Instant::now();
+        let opts = RunOptions { skip_cache_lookup: true, queued: queued_at };
+        let out = match self.exec.execute_with(req.action, opts).await {
+            Ok(o) => response(Some(o.result), o.cached, o.status),
+            Err(e) => {
+                tracing::info!(action = %req.action, error = %e, "action not executed");
+                response(None, false, e.to_rpc_status())
+            }
+        };
+        self.metrics.histogram("casfs_exec_duration_seconds").observe(started.elapsed());
+        out
+    }
+
+    /// Drops finished operations older than the retention period.
+    fn reap(&self, t: &mut Table) {
+        let keep = self.cfg.retention;
+        t.ops.retain(|_, op| match *op.finished.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(at) => at.elapsed() < keep,
+            None => true,
+        });
+    }
+}
+
+fn ok() -> rpc::Status {
+    rpc::Status { code: 0, message: String::new(), details: vec![] }
+}
+
+fn response(result: Option<reapi::ActionResult>, cached: bool, status: rpc::Status) -> reapi::ExecuteResponse {
+    reapi::ExecuteResponse {
+        result,
+        cached_result: cached,
+        status: Some(status),
+        server_logs: HashMap::new(),
+        message: String::new(),
+    }
+}
