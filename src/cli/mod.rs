@@ -32,6 +32,12 @@ pub struct RemoteArgs {
     /// PEM CA bundle for grpcs:// (system roots when unset).
     #[arg(long, env = "CASFS_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for servers that require one (needs --tls-client-key).
+    #[arg(long, env = "CASFS_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, env = "CASFS_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
     /// Retries of a call that failed with UNAVAILABLE (exponential backoff).
     #[arg(long, env = "CASFS_RETRIES", default_value_t = 5)]
     pub retries: u32,
@@ -96,6 +102,7 @@ impl RemoteArgs {
         let mut cfg = RemoteConfig::new(&self.remote);
         cfg.instance_name = self.instance_name.clone();
         cfg.tls_ca_file = self.tls_ca_file.clone();
+        cfg.tls_client_identity = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
         for h in &self.remote_headers {

@@ -66,7 +66,11 @@ impl ExecArgs {
         ExecConfig {
             materialize: self.materialize,
             work_dir: self.work_dir.clone().unwrap_or(work_dir),
-            limits: Limits { default_timeout: self.default_timeout, max_timeout: self.max_timeout },
+            // An action without a timeout gets the default, never more than the maximum.
+            limits: Limits {
+                default_timeout: self.default_timeout.min(self.max_timeout),
+                max_timeout: self.max_timeout,
+            },
             sandbox: SandboxConfig {
                 host_dirs: self.host_dirs.clone(),
                 pids_limit: self.pids_limit,

@@ -28,8 +28,9 @@ pub struct ServeArgs {
     /// Bound on stored blob bytes, least recently used evicted first (e.g. 10G; 0 = none).
     #[arg(long, env = "CASFS_STORAGE_SIZE", default_value = "10G", value_parser = parse_size)]
     storage_size: u64,
-    /// Allow a listen address other than loopback. There is no authentication: put the
-    /// server behind TLS client auth or a proxy before exposing it.
+    /// Allow a listen address other than loopback. Without --tls-client-ca or
+    /// --auth-token-file anyone who reaches it may read, write and execute (logged as a
+    /// warning).
     #[arg(long, env = "CASFS_ALLOW_REMOTE_CLIENTS")]
     allow_remote_clients: bool,
     /// Append one line per blob read or written (`read HASH/SIZE`) to this file.
@@ -41,6 +42,12 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "CASFS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Require TLS client certificates signed by this PEM CA bundle (needs --tls-cert).
+    #[arg(long, env = "CASFS_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Require `authorization: Bearer TOKEN` on every call, TOKEN read from this file.
+    #[arg(long, env = "CASFS_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
     /// Serve storage only: no Execution service.
     #[arg(long, env = "CASFS_NO_EXECUTION")]
     no_execution: bool,
@@ -72,8 +79,8 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
                 "refusing to listen on {addr}: not loopback (pass --allow-remote-clients; there is no authentication)"
             ))));
         }
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening beyond loopback without authentication");
+        if !addr.ip().is_loopback() && args.tls_client_ca.is_none() && args.auth_token_file.is_none() {
+            tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
         }
     }
     let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
@@ -82,6 +89,10 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
             cert_pem: std::fs::read(c).map_err(|e| Error::io(format!("reading {}", c.display()), e))?,
             key_pem: std::fs::read(k).map_err(|e| Error::io(format!("reading {}", k.display()), e))?,
+            client_ca_pem: match &args.tls_client_ca {
+                Some(p) => Some(std::fs::read(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?),
+                None => None,
+            },
         }),
         _ => None,
     };
@@ -95,6 +106,13 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         None => store.clone(),
     };
     let mut backend = Backend::new(cas.clone(), store.clone());
+    if let Some(p) = &args.auth_token_file {
+        let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+        if token.trim().is_empty() {
+            return Ok(Err(Usage(format!("{} holds no token", p.display()))));
+        }
+        backend.auth_token = Some(token.trim().to_string());
+    }
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;

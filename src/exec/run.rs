@@ -107,10 +107,21 @@ struct Workspace {
     overlay: Option<PathBuf>,
     mount: Option<MountGuard>,
     eager: Option<Arc<super::materialize::Materialized>>,
+    closed: bool,
 }
 
-impl Drop for Workspace {
-    fn drop(&mut self) {
+impl Workspace {
+    /// Undoes everything off the async workers: unmounting waits on the FUSE session, whose
+    /// requests are served by those same workers.
+    async fn close(mut self) {
+        let _ = tokio::task::spawn_blocking(move || self.cleanup()).await;
+    }
+
+    fn cleanup(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
         if let Some(o) = self.overlay.take() {
             if let Err(e) = crate::fs::mount::detach(&o) {
                 tracing::error!(path = %o.display(), error = %e, "could not unmount the overlay");
@@ -119,6 +130,19 @@ impl Drop for Workspace {
         drop(self.mount.take());
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch folder");
+        }
+    }
+}
+
+impl Drop for Workspace {
+    /// On cancellation or unwinding: clean up here, letting the runtime move its other tasks
+    /// (FUSE replies among them) to another worker while this one blocks.
+    fn drop(&mut self) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.cleanup())
+            }
+            _ => self.cleanup(),
         }
     }
 }
@@ -246,10 +270,32 @@ impl Executor {
         self.metrics.add("casfs_exec_actions_total", 1);
 
         meta.input_fetch_start_timestamp = now();
+        // The lazy mount would only notice a missing root at the first lookup.
+        if let Some(m) = self.cas.find_missing(&[spec.input_root]).await?.first() {
+            return Err(Error::MissingInputs(vec![*m]));
+        }
         let ws = self.prepare(&spec).await?;
+        let out = self.run_prepared(&ws, spec, action_digest, meta).await;
+        ws.close().await;
+        out
+    }
+
+    /// Runs the command in a prepared workspace, captures and uploads its outputs.
+    async fn run_prepared(
+        &self,
+        ws: &Workspace,
+        spec: ActionSpec,
+        action_digest: Digest,
+        mut meta: reapi::ExecutedActionMetadata,
+    ) -> Result<Outcome> {
         meta.input_fetch_completed_timestamp = now();
         let root = ws.dir.join("root");
-        let argv = resolve_argv0(&root, &spec)?;
+        let argv = {
+            let (root, spec) = (root.clone(), spec.clone());
+            tokio::task::spawn_blocking(move || resolve_argv0(&root, &spec))
+                .await
+                .map_err(|e| Error::Internal(format!("argv task: {e}")))??
+        };
         let (stdout, stderr) = (ws.dir.join("stdout"), ws.dir.join("stderr"));
         meta.execution_start_timestamp = now();
         let job = Job {
@@ -345,49 +391,48 @@ impl Executor {
             .tempdir_in(&self.cfg.work_dir)
             .ctx(|| format!("creating a scratch folder in {}", self.cfg.work_dir.display()))?
             .keep();
-        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None, eager: None };
+        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None, eager: None, closed: false };
         for sub in ["lower", "upper", "work", "root"] {
             std::fs::create_dir(dir.join(sub)).ctx(|| format!("creating {sub}"))?;
         }
         if self.cfg.materialize.resolve() == Materialize::Eager {
             let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
             ws.eager = Some(Arc::new(m));
-            self.create_output_parents(&dir.join("root"), spec)?;
+            if let Some(ids) = self.cfg.sandbox.run_as {
+                give_dirs(&dir.join("root"), ids)?;
+            }
+            create_output_parents(&dir.join("root"), spec, self.cfg.sandbox.run_as)?;
             return Ok(ws);
         }
         let mut cfg = MountConfig::new(dir.join("lower"));
         cfg.fetch = self.cfg.fetch.clone();
         cfg.fetch.batch_siblings = true;
+        let run_as = self.cfg.sandbox.run_as;
+        if let Some((uid, gid)) = run_as {
+            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
+            (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
+        }
         let remotes = Remotes::single(self.cas.clone(), None);
-        ws.mount =
-            Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, self.cache.clone(), cfg, Metrics::new())?);
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            dir.join("lower").display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        );
-        let root = dir.join("root");
-        mount_overlay(&root, &opts)?;
-        ws.overlay = Some(root.clone());
-        self.create_output_parents(&root, spec)?;
-        Ok(ws)
-    }
-
-    fn create_output_parents(&self, root: &Path, spec: &ActionSpec) -> Result<()> {
-        let wd = root.join(&spec.working_directory);
-        if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::InvalidArgument(format!(
-                "working directory {:?} is not a directory of the input root",
-                spec.working_directory
-            )));
-        }
-        for o in &spec.outputs {
-            if let Some(parent) = Path::new(&o.path).parent() {
-                std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
-            }
-        }
-        Ok(())
+        let cache = self.cache.clone();
+        let spec = spec.clone();
+        // Mounting and the first lookups through the mount are answered by FUSE handlers
+        // running on the async workers: never block one of them waiting for that.
+        tokio::task::spawn_blocking(move || -> Result<Workspace> {
+            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, cache, cfg, Metrics::new())?);
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                dir.join("lower").display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            );
+            let root = dir.join("root");
+            mount_overlay(&root, &opts)?;
+            ws.overlay = Some(root.clone());
+            create_output_parents(&root, &spec, run_as)?;
+            Ok(ws)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("prepare task: {e}")))?
     }
 
     async fn upload(&self, blobs: std::collections::HashMap<Digest, Source>) -> Result<()> {
@@ -411,14 +456,24 @@ impl Executor {
     }
 }
 
+/// Mounts the writable layer. `volatile` (Linux 5.10+) skips the sync of the upper layer's
+/// whole filesystem at unmount: the layer is scratch, thrown away with the action, and that
+/// sync costs seconds when the disk has unrelated dirty data. Older kernels get the plain
+/// mount.
 fn mount_overlay(target: &Path, opts: &str) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let t = std::ffi::CString::new(target.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidArgument("NUL in path".into()))?;
-    let o = std::ffi::CString::new(opts).map_err(|_| Error::InvalidArgument("NUL in overlay options".into()))?;
-    let rc = unsafe {
-        libc::mount(c"overlay".as_ptr(), t.as_ptr(), c"overlay".as_ptr(), 0, o.as_ptr() as *const libc::c_void)
+    let mount = |opts: &str| -> Result<i32> {
+        let o = std::ffi::CString::new(opts).map_err(|_| Error::InvalidArgument("NUL in overlay options".into()))?;
+        Ok(unsafe {
+            libc::mount(c"overlay".as_ptr(), t.as_ptr(), c"overlay".as_ptr(), 0, o.as_ptr() as *const libc::c_void)
+        })
     };
+    let mut rc = mount(&format!("{opts},volatile"))?;
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        rc = mount(opts)?;
+    }
     if rc != 0 {
         return Err(Error::io(
             format!("mounting the overlay at {}", target.display()),
@@ -448,4 +503,48 @@ fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
         }
     }
     Err(Error::InvalidArgument(format!("{:?} not found in the command's PATH {path:?}", argv[0])))
+}
+
+/// Hands every folder under `root` to `ids` (uid, gid), so a command running as that user
+/// can create files anywhere in its input root (files stay read-only, as the cache has them).
+fn give_dirs(root: &Path, ids: (u32, u32)) -> Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::os::unix::fs::lchown(&d, Some(ids.0), Some(ids.1)).ctx(|| format!("chown {}", d.display()))?;
+        for e in std::fs::read_dir(&d).ctx(|| format!("listing {}", d.display()))? {
+            let e = e.ctx(|| format!("listing {}", d.display()))?;
+            if e.file_type().ctx(|| format!("stat {}", e.path().display()))?.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the working directory exists and creates the parents of every output (rule 8),
+/// owned by the command's user when it runs as another one.
+fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u32)>) -> Result<()> {
+    let wd = root.join(&spec.working_directory);
+    if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(Error::InvalidArgument(format!(
+            "working directory {:?} is not a directory of the input root",
+            spec.working_directory
+        )));
+    }
+    for o in &spec.outputs {
+        if let Some(parent) = Path::new(&o.path).parent() {
+            std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
+            if let Some((uid, gid)) = run_as {
+                let mut p = wd.clone();
+                for c in parent.components() {
+                    p.push(c);
+                    use std::os::unix::fs::MetadataExt;
+                    if std::fs::symlink_metadata(&p).map(|m| m.uid() != uid).unwrap_or(false) {
+                        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).ctx(|| format!("chown {}", p.display()))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -23,6 +23,9 @@ pub struct FsConfig {
     pub uid: u32,
     /// Group of every node.
     pub gid: u32,
+    /// Permission bits of directories: 0o555; an executor running commands as another
+    /// user makes them 0o755 with that user as owner, so an overlay on top is writable.
+    pub dir_perm: u16,
     /// Name of the text digest xattr (`hash/size`).
     pub digest_xattr: String,
     /// Name of the raw-hash xattr, as Bazel's `--unix_digest_hash_attribute_name` reads it.
@@ -36,6 +39,7 @@ impl Default for FsConfig {
             mtime: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(946_684_800),
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
+            dir_perm: 0o555,
             digest_xattr: "user.reapi.digest".into(),
             hash_xattr: "user.sha256".into(),
         }

@@ -465,7 +465,7 @@ fn file_attr_static(fs: &CasFs, a: &Attr) -> FileAttr {
             Kind::File => FileType::RegularFile,
             Kind::Symlink => FileType::Symlink,
         },
-        perm: a.perm,
+        perm: if a.kind == Kind::Dir { cfg.dir_perm } else { a.perm },
         nlink: 1,
         uid: cfg.uid,
         gid: cfg.gid,

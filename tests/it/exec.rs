@@ -18,15 +18,16 @@ use crate::common::*;
 
 /// What an action runs and expects.
 #[derive(Default)]
-struct Act<'a> {
-    argv: &'a [&'a str],
-    output_files: &'a [&'a str],
-    output_paths: &'a [&'a str],
-    timeout: Option<Duration>,
-    network: bool,
+pub(crate) struct Act<'a> {
+    pub argv: &'a [&'a str],
+    pub output_files: &'a [&'a str],
+    pub output_paths: &'a [&'a str],
+    pub timeout: Option<Duration>,
+    pub network: bool,
+    pub do_not_cache: bool,
 }
 
-async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
+pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
     let root = casfs::transfer::upload_dir(client, input, false).await?.root;
     let mut properties = vec![reapi::platform::Property { name: "OSFamily".into(), value: "linux".into() }];
     if a.network {
@@ -50,6 +51,7 @@ async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestRes
         command_digest: Some(cd.to_proto()),
         input_root_digest: Some(root.to_proto()),
         timeout: a.timeout.map(|t| prost_types::Duration { seconds: t.as_secs() as i64, nanos: 0 }),
+        do_not_cache: a.do_not_cache,
         ..Default::default()
     };
     let ab = action.encode_to_vec();
@@ -72,6 +74,10 @@ fn rig(pids_limit: u32) -> TestResult<Rig> {
 }
 
 fn rig_with(pids_limit: u32, materialize: Materialize) -> TestResult<Rig> {
+    rig_as(pids_limit, materialize, None)
+}
+
+fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>) -> TestResult<Rig> {
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
@@ -81,7 +87,7 @@ fn rig_with(pids_limit: u32, materialize: Materialize) -> TestResult<Rig> {
         materialize,
         work_dir: work.clone(),
         limits: Limits { default_timeout: Duration::from_secs(120), max_timeout: Duration::from_secs(600) },
-        sandbox: SandboxConfig { pids_limit, ..SandboxConfig::default() },
+        sandbox: SandboxConfig { pids_limit, run_as, ..SandboxConfig::default() },
         worker_name: "test-worker".into(),
         fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },
     };
@@ -434,8 +440,38 @@ async fn sigterm_of_casfs_run_cleans_up() -> TestResult {
     let status = child.wait()?;
     assert!(!status.success());
     assert!(!std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()), "mounts left");
-    assert_eq!(std::fs::read_dir(&work)?.count(), 0, "scratch left");
+    let scratch = std::fs::read_dir(&work)?.flatten().filter(|e| e.file_name() != ".lock").count();
+    assert_eq!(scratch, 0, "scratch left");
     let sleepers = std::process::Command::new("pgrep").args(["-x", "sleep", "-a"]).output()?;
     assert!(!String::from_utf8_lossy(&sleepers.stdout).contains("sleep 1000"), "the action's process survived");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_as_another_user_can_write_outputs_but_not_inputs() -> TestResult {
+    require_fuse!();
+    for mode in [Materialize::Lazy, Materialize::Eager] {
+        let r = rig_as(1024, mode, Some((65534, 65534)))?;
+        let input = r.work.with_file_name("input-run-as");
+        std::fs::create_dir_all(input.join("src"))?;
+        std::fs::write(input.join("src/in.txt"), "input\n")?;
+        let script = "id -u > out/deep/uid; cat src/in.txt > src/copy.txt; cp src/copy.txt out/deep/; \
+                      if echo x >> src/in.txt; then echo input-writable; else echo input-protected; fi";
+        let act = Act {
+            argv: &["sh", "-c", script],
+            output_paths: &["out/deep/uid", "out/deep/copy.txt"],
+            ..Default::default()
+        };
+        let action = upload_action(&r.client, &input, &act).await?;
+        let o = r.exec.execute(action, true).await?;
+        assert_eq!(o.result.exit_code, 0, "{mode:?}: {}", stdout_of(&r, &o).await?);
+        let files: std::collections::HashMap<_, _> =
+            o.result.output_files.iter().map(|f| (f.path.clone(), f.digest.clone())).collect();
+        let uid = Digest::try_from(files.get("out/deep/uid").ok_or("no uid output")?.as_ref().ok_or("digest")?)?;
+        assert_eq!(&r.client.read(&uid).await?[..], b"65534\n", "{mode:?}");
+        assert!(files.contains_key("out/deep/copy.txt"), "{mode:?}");
+        assert_eq!(stdout_of(&r, &o).await?, "input-protected\n", "{mode:?}: inputs stay read-only");
+        no_leftovers(&r)?;
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod common;
 mod browse;
 mod conformance;
 mod exec;
+mod execution;
 mod fs_core;
 mod golden;
 mod mount;
