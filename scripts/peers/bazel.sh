@@ -160,7 +160,8 @@ bazel_run() {
     # turns on the noisy --sandbox_debug) points at.
     [ "$ver" = 4 ] && startup+=(--install_base=/usr/share/bazel --trust_install_base)
     local to=()
-    [ -n "${BAZEL_TIMEOUT:-}" ] && to=(timeout -k 10 "$BAZEL_TIMEOUT")
+    # --foreground: stay in the caller's process group, so Ctrl-C reaches the Bazel client.
+    [ -n "${BAZEL_TIMEOUT:-}" ] && to=(timeout --foreground -k 10 "$BAZEL_TIMEOUT")
     (cd "$BAZEL_WORKSPACE" && "${to[@]}" "$bin" "${startup[@]}" "$@")
 }
 
