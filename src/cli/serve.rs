@@ -96,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         }),
         _ => None,
     };
+    let stop = Shutdown::install();
     let bound = Bound::bind(&listen).await?;
     let url = bound.url();
     let url = if tls.is_some() { url.replacen("grpc://", "grpcs://", 1) } else { url };
@@ -135,20 +136,38 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         tracing::info!(max_concurrent = sc.max_concurrent, materialize = ?args.exec.materialize.resolve(), "execution enabled");
         backend.execution = Some(Scheduler::new(exec, cas, store, sc, metrics));
     }
-    bound.serve_with(backend, tls, shutdown_signal()).await?;
+    bound.serve_with(backend, tls, stop.wait()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGINT and SIGTERM handlers, installed when created: a signal that arrives before
+/// anyone waits (right after a readiness report, say) is kept, not fatal.
+pub struct Shutdown {
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Shutdown {
+    /// Installs the handlers (needs a running tokio runtime).
+    pub fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => Some((t, i)),
+            _ => {
+                tracing::warn!("could not install SIGINT/SIGTERM handlers");
+                None
+            }
+        };
+        Shutdown { signals }
     }
-    tracing::info!("shutting down");
+
+    /// Resolves on SIGINT or SIGTERM.
+    pub async fn wait(self) {
+        let Some((mut term, mut int)) = self.signals else { return std::future::pending().await };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("shutting down");
+    }
 }
