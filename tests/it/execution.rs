@@ -391,3 +391,32 @@ async fn a_bare_command_without_path_is_found_and_its_environment_stays_empty() 
     assert_eq!(r.read(&result.stdout_digest).await?, "", "nothing inherited");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_nobody_waits_for_is_cancelled_and_its_processes_killed() -> TestResult {
+    let r = rig(&["--abandon-after", "1s"])?;
+    let act = Act { argv: &["sh", "-c", "sleep 31.25"], ..Default::default() };
+    let action = r.action(&act).await?;
+    let req = reapi::ExecuteRequest { action_digest: Some(action.to_proto()), ..Default::default() };
+    let running = || -> TestResult<bool> {
+        let out = std::process::Command::new("pgrep").args(["-f", "sleep 31.25"]).output()?;
+        Ok(!out.stdout.is_empty())
+    };
+    let mut s = r.exec().execute(req).await?.into_inner();
+    let name = s.message().await?.ok_or("no operation")?.name;
+    for _ in 0..100 {
+        if running()? {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running()?, "the action should be running");
+    drop(s); // The client goes away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!running()?, "an abandoned action kept running");
+    let mut w = r.exec().wait_execution(reapi::WaitExecutionRequest { name }).await?.into_inner();
+    let op = w.message().await?.ok_or("no operation")?;
+    let st = response(&op)?.status.ok_or("no status")?;
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{}", st.message);
+    Ok(())
+}
