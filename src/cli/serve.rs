@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// How long a finished operation can still be waited on.
     #[arg(long, env = "CASFS_OPERATION_RETENTION", default_value = "10m", value_parser = parse_duration)]
     operation_retention: Duration,
+    /// Cancel an action once no client has watched its operation for this long (0 = never).
+    #[arg(long, env = "CASFS_ABANDON_AFTER", default_value = "30s", value_parser = parse_duration)]
+    abandon_after: Duration,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9102).
     #[arg(long, env = "CASFS_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -128,6 +131,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let mut sc = SchedulerConfig {
             max_queued: args.max_queued_actions,
             retention: args.operation_retention,
+            abandon_after: (!args.abandon_after.is_zero()).then_some(args.abandon_after),
             ..Default::default()
         };
         if let Some(n) = args.max_concurrent_actions {

@@ -496,13 +496,17 @@ fn mount_overlay(target: &Path, opts: &str) -> Result<()> {
 }
 
 /// argv[0] as given when it has a slash; otherwise looked up in the Command's own PATH
-/// (entries relative to the working directory), inside the prepared root (rule 4).
+/// (entries relative to the working directory), inside the prepared root (rule 4); a Command
+/// without PATH is looked up in `/usr/local/bin:/usr/bin:/bin`.
 fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
     let mut argv = spec.argv.clone();
     if argv[0].contains('/') {
         return Ok(argv);
     }
-    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
+    // Without a PATH of its own the command gets the usual system one for this lookup only
+    // (Pants runs a bare `env -0` with no environment at all); its environment is untouched.
+    let path =
+        spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/local/bin:/usr/bin:/bin");
     for entry in path.split(':').filter(|e| !e.is_empty()) {
         let in_root =
             if entry.starts_with('/') { entry.to_string() } else { format!("/{}/{entry}", spec.working_directory) };
