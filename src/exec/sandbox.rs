@@ -134,6 +134,19 @@ impl PidsCgroup {
         std::fs::write(self.0.join("cgroup.procs"), pid.to_string())
             .ctx(|| format!("adding {pid} to {}", self.0.display()))
     }
+
+    /// Removes the cgroup once its last process is gone, polling briefly without blocking
+    /// the runtime (the kernel empties it a moment after PID 1 is reaped).
+    async fn remove(self) {
+        for _ in 0..1000 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                std::mem::forget(self);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Drop tries once more and reports.
+    }
 }
 
 /// Kills the processes of actions whose executor died (SIGKILL, crash) and removes their
@@ -388,7 +401,9 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
         }
     };
     guard.reaped = true;
-    drop(cgroup);
+    if let Some(cg) = cgroup {
+        cg.remove().await;
+    }
     Ok(exit)
 }
 
@@ -411,7 +426,15 @@ impl Drop for ChildGuard {
 }
 
 /// Waits for `pid` without blocking the runtime; returns its exit code (128 + signal).
+/// A pidfd says exactly when the child exits; kernels without one are polled.
 async fn reap(pid: i32) -> i32 {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    let pidfd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until it drops.
+    let ready = pidfd.and_then(|fd| unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).ok()
+    });
     loop {
         let mut status = 0;
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
@@ -425,6 +448,16 @@ async fn reap(pid: i32) -> i32 {
         } else if r < 0 {
             return 255;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        match &ready {
+            Some(fd) => {
+                if let Ok(mut g) = fd.readable().await {
+                    // Readable stays true once the child has exited; waitpid above reaps it.
+                    g.retain_ready();
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
