@@ -23,6 +23,7 @@ pub mod proto;
 pub mod server;
 pub mod transfer;
 pub mod tree;
+pub mod worker;
 
 pub use digest::Digest;
 pub use error::{Error, Result};

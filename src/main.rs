@@ -33,6 +33,9 @@ enum Cmd {
     },
     /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
     Run(cli::run::RunArgs),
+    /// Execute actions for a Remote Workers API scheduler (BuildGrid): take leases, run them,
+    /// report their results.
+    Worker(cli::worker::WorkerArgs),
     /// Run a command line on a remote Execution service (inputs uploaded) and show its result.
     Execute(cli::execute::ExecuteArgs),
     /// Upload a local directory; prints the root Directory digest (HASH/SIZE).
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
             Err(code) => return ExitCode::from(code),
         }
     }
-    let default_level = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_) | Cmd::Worker(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CASFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -127,6 +130,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
         Cmd::Serve(args) => cli::serve::serve(args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
         Cmd::Run(args) => cli::run::run(args).await,
+        Cmd::Worker(args) => cli::worker::run(args).await,
         Cmd::Action(args) => cli::make_action::create(args).await,
         Cmd::Execute(args) => cli::execute::execute(args).await,
         Cmd::Digest { files } => {

@@ -21,6 +21,8 @@ pub struct RemoteConfig {
     pub headers: Vec<(String, String)>,
     /// PEM file of CA certificates for `grpcs://`; system roots when unset.
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM certificate and key files presented to servers that require client certificates.
+    pub tls_client_identity: Option<(PathBuf, PathBuf)>,
     /// Attempts after the first for UNAVAILABLE and RESOURCE_EXHAUSTED answers.
     pub retries: u32,
     /// Deadline for one attempt of a unary call, and for each message of a stream.
@@ -35,6 +37,7 @@ impl RemoteConfig {
             instance_name: String::new(),
             headers: Vec::new(),
             tls_ca_file: None,
+            tls_client_identity: None,
             retries: 5,
             rpc_timeout: Duration::from_secs(60),
         }
@@ -120,6 +123,11 @@ pub fn connect(cfg: &RemoteConfig) -> Result<Conn> {
             }
             None => tls_cfg.with_native_roots(),
         };
+        if let Some((cert, key)) = &cfg.tls_client_identity {
+            let c = std::fs::read(cert).ctx(|| format!("reading client certificate {}", cert.display()))?;
+            let k = std::fs::read(key).ctx(|| format!("reading client key {}", key.display()))?;
+            tls_cfg = tls_cfg.identity(tonic::transport::Identity::from_pem(c, k));
+        }
         ep = ep.tls_config(tls_cfg).map_err(|e| bad(e.to_string()))?;
     }
     Ok(InterceptedService::new(ep.connect_lazy(), headers))

@@ -16,6 +16,7 @@ pub mod mount;
 pub mod run;
 pub mod serve;
 pub mod transfer;
+pub mod worker;
 
 /// How to reach the REAPI server.
 #[derive(Args, Clone)]
@@ -23,6 +24,13 @@ pub struct RemoteArgs {
     /// Server URL: grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or unix:PATH.
     #[arg(long, env = "CASFS_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     pub remote: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Connection options for any remote (instance, headers, TLS, retries, deadlines).
+#[derive(Args, Clone)]
+pub struct ConnArgs {
     /// REAPI instance name.
     #[arg(long, env = "CASFS_INSTANCE_NAME", default_value = "")]
     pub instance_name: String,
@@ -32,6 +40,12 @@ pub struct RemoteArgs {
     /// PEM CA bundle for grpcs:// (system roots when unset).
     #[arg(long, env = "CASFS_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for servers that require one (needs --tls-client-key).
+    #[arg(long, env = "CASFS_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, env = "CASFS_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
     /// Retries of a call that failed with UNAVAILABLE (exponential backoff).
     #[arg(long, env = "CASFS_RETRIES", default_value_t = 5)]
     pub retries: u32,
@@ -93,15 +107,23 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 impl RemoteArgs {
     /// A gRPC store client for these options.
     pub fn store(&self) -> Result<GrpcStore> {
-        let mut cfg = RemoteConfig::new(&self.remote);
+        GrpcStore::new(&self.conn.config(&self.remote)?)
+    }
+}
+
+impl ConnArgs {
+    /// The client config for the server at `url`.
+    pub fn config(&self, url: &str) -> Result<RemoteConfig> {
+        let mut cfg = RemoteConfig::new(url);
         cfg.instance_name = self.instance_name.clone();
         cfg.tls_ca_file = self.tls_ca_file.clone();
+        cfg.tls_client_identity = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
         for h in &self.remote_headers {
             cfg.headers.push(casfs::cas::channel::parse_header(h)?);
         }
-        GrpcStore::new(&cfg)
+        Ok(cfg)
     }
 }
 

@@ -175,7 +175,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         let remote_args = args.remote.clone();
         let factory: RemoteFactory = Arc::new(move |instance: &str| {
             let mut r = remote_args.clone();
-            r.instance_name = instance.to_string();
+            r.conn.instance_name = instance.to_string();
             let store = Arc::new(r.store()?);
             Ok(Remote { cas: store.clone(), ac: Some(store) })
         });
@@ -200,13 +200,14 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     };
     cfg.fetch =
         FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
+    let stop = super::serve::Shutdown::install();
     let guard = casfs::fs::mount(root, remotes, cache, cfg, metrics)?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
     }
     ready.send("ready\n");
-    super::serve::shutdown_signal().await;
+    stop.wait().await;
     let res: Result<()> = guard.unmount();
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

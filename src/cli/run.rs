@@ -37,7 +37,8 @@ pub struct RunArgs {
 #[derive(Args, Clone, Debug)]
 pub struct ExecArgs {
     /// Scratch space for input mounts, overlays and captured output [default: casfs-exec in
-    /// the temp folder; for `serve`, `exec` in its storage folder].
+    /// the temp folder; for `serve`, `exec` in its storage folder; for `worker`,
+    /// casfs-worker in the temp folder].
     #[arg(long, env = "CASFS_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
     /// Timeout of actions that set none.
@@ -78,6 +79,7 @@ impl ExecArgs {
             },
             worker_name,
             fetch: FetchConfig::default(),
+            cache_results: true,
         }
     }
 }
@@ -91,13 +93,14 @@ pub async fn run(args: RunArgs) -> CmdResult {
     let store = Arc::new(args.remote.store()?);
     let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
     let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
+    let stop = super::serve::Shutdown::install();
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
     exec.clean_stale()?;
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
     // are undone by their guards before we exit.
     let outcome = tokio::select! {
         o = exec.execute(digest, args.skip_cache_lookup) => o?,
-        _ = super::serve::shutdown_signal() => {
+        _ = stop.wait() => {
             return Err(casfs::error::Error::Unavailable("interrupted; the action was stopped and cleaned up".into()));
         }
     };

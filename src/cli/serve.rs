@@ -28,8 +28,9 @@ pub struct ServeArgs {
     /// Bound on stored blob bytes, least recently used evicted first (e.g. 10G; 0 = none).
     #[arg(long, env = "CASFS_STORAGE_SIZE", default_value = "10G", value_parser = parse_size)]
     storage_size: u64,
-    /// Allow a listen address other than loopback. There is no authentication: put the
-    /// server behind TLS client auth or a proxy before exposing it.
+    /// Allow a listen address other than loopback. Without --tls-client-ca or
+    /// --auth-token-file anyone who reaches it may read, write and execute (logged as a
+    /// warning).
     #[arg(long, env = "CASFS_ALLOW_REMOTE_CLIENTS")]
     allow_remote_clients: bool,
     /// Append one line per blob read or written (`read HASH/SIZE`) to this file.
@@ -41,6 +42,12 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "CASFS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Require TLS client certificates signed by this PEM CA bundle (needs --tls-cert).
+    #[arg(long, env = "CASFS_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Require `authorization: Bearer TOKEN` on every call, TOKEN read from this file.
+    #[arg(long, env = "CASFS_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
     /// Serve storage only: no Execution service.
     #[arg(long, env = "CASFS_NO_EXECUTION")]
     no_execution: bool,
@@ -53,6 +60,9 @@ pub struct ServeArgs {
     /// How long a finished operation can still be waited on.
     #[arg(long, env = "CASFS_OPERATION_RETENTION", default_value = "10m", value_parser = parse_duration)]
     operation_retention: Duration,
+    /// Cancel an action once no client has watched its operation for this long (0 = never).
+    #[arg(long, env = "CASFS_ABANDON_AFTER", default_value = "30s", value_parser = parse_duration)]
+    abandon_after: Duration,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9102).
     #[arg(long, env = "CASFS_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -72,8 +82,8 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
                 "refusing to listen on {addr}: not loopback (pass --allow-remote-clients; there is no authentication)"
             ))));
         }
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening beyond loopback without authentication");
+        if !addr.ip().is_loopback() && args.tls_client_ca.is_none() && args.auth_token_file.is_none() {
+            tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
         }
     }
     let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
@@ -82,9 +92,14 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
             cert_pem: std::fs::read(c).map_err(|e| Error::io(format!("reading {}", c.display()), e))?,
             key_pem: std::fs::read(k).map_err(|e| Error::io(format!("reading {}", k.display()), e))?,
+            client_ca_pem: match &args.tls_client_ca {
+                Some(p) => Some(std::fs::read(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?),
+                None => None,
+            },
         }),
         _ => None,
     };
+    let stop = Shutdown::install();
     let bound = Bound::bind(&listen).await?;
     let url = bound.url();
     let url = if tls.is_some() { url.replacen("grpc://", "grpcs://", 1) } else { url };
@@ -95,6 +110,13 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         None => store.clone(),
     };
     let mut backend = Backend::new(cas.clone(), store.clone());
+    if let Some(p) = &args.auth_token_file {
+        let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+        if token.trim().is_empty() {
+            return Ok(Err(Usage(format!("{} holds no token", p.display()))));
+        }
+        backend.auth_token = Some(token.trim().to_string());
+    }
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
@@ -109,6 +131,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let mut sc = SchedulerConfig {
             max_queued: args.max_queued_actions,
             retention: args.operation_retention,
+            abandon_after: (!args.abandon_after.is_zero()).then_some(args.abandon_after),
             ..Default::default()
         };
         if let Some(n) = args.max_concurrent_actions {
@@ -117,20 +140,38 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         tracing::info!(max_concurrent = sc.max_concurrent, materialize = ?args.exec.materialize.resolve(), "execution enabled");
         backend.execution = Some(Scheduler::new(exec, cas, store, sc, metrics));
     }
-    bound.serve_with(backend, tls, shutdown_signal()).await?;
+    bound.serve_with(backend, tls, stop.wait()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGINT and SIGTERM handlers, installed when created: a signal that arrives before
+/// anyone waits (right after a readiness report, say) is kept, not fatal.
+pub struct Shutdown {
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Shutdown {
+    /// Installs the handlers (needs a running tokio runtime).
+    pub fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => Some((t, i)),
+            _ => {
+                tracing::warn!("could not install SIGINT/SIGTERM handlers");
+                None
+            }
+        };
+        Shutdown { signals }
     }
-    tracing::info!("shutting down");
+
+    /// Resolves on SIGINT or SIGTERM.
+    pub async fn wait(self) {
+        let Some((mut term, mut int)) = self.signals else { return std::future::pending().await };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("shutting down");
+    }
 }

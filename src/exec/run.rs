@@ -60,6 +60,9 @@ pub struct ExecConfig {
     pub worker_name: String,
     /// Fetch deadline and caches of input mounts.
     pub fetch: FetchConfig,
+    /// Write successful results to the action cache. Off when a scheduler that writes the
+    /// cache itself (BuildGrid, on lease completion) would do the same write again.
+    pub cache_results: bool,
 }
 
 /// The result of one execution, as Execute reports it.
@@ -184,12 +187,14 @@ impl Executor {
     }
 
     /// Removes what a killed executor left in its work folder: overlays and mounts are
-    /// detached, scratch folders deleted. Call once at start.
+    /// detached, scratch folders deleted; the processes of any dead executor's actions are
+    /// killed and their cgroups removed. Call once at start.
     ///
     /// Executors sharing a work folder hold a shared lock on it; the cleaning happens only
     /// when no other live executor holds one, so it never removes a running action's folder.
     pub fn clean_stale(&self) -> Result<usize> {
         use std::os::fd::AsRawFd;
+        super::sandbox::reap_orphans();
         let dir = &self.cfg.work_dir;
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("locking {}", dir.display()))?;
@@ -211,6 +216,9 @@ impl Executor {
             if !e.file_name().to_string_lossy().starts_with("action-") {
                 continue;
             }
+            // A thread of the dead executor may still wait on its own FUSE mount (and keep
+            // the process from dying): abort that connection first.
+            crate::fs::mount::abort_fuse(&p.join("lower"));
             for sub in ["root", "lower"] {
                 if crate::fs::mount::is_mounted(&p.join(sub)) {
                     crate::fs::mount::detach(&p.join(sub))?;
@@ -225,7 +233,8 @@ impl Executor {
         Ok(n)
     }
 
-    /// The metrics registry (cache hits, executions, failures).
+    /// The metrics registry (cache hits, executions, failures, and the input mounts' fetch
+    /// counters and latencies).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -377,7 +386,7 @@ impl Executor {
             execution_metadata: Some(meta),
             ..Default::default()
         };
-        if exit_code == 0 && status.code == 0 && !spec.do_not_cache {
+        if self.cfg.cache_results && exit_code == 0 && status.code == 0 && !spec.do_not_cache {
             self.ac.update_action_result(&action_digest, &result).await?;
         }
         tracing::info!(action = %action_digest, exit_code, hashed = captured.hashed_bytes, reused = captured.reused_files, "action done");
@@ -414,11 +423,14 @@ impl Executor {
         }
         let remotes = Remotes::single(self.cas.clone(), None);
         let cache = self.cache.clone();
+        let metrics = self.metrics.clone();
         let spec = spec.clone();
         // Mounting and the first lookups through the mount are answered by FUSE handlers
         // running on the async workers: never block one of them waiting for that.
         tokio::task::spawn_blocking(move || -> Result<Workspace> {
-            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, cache, cfg, Metrics::new())?);
+            // Fetch counters and latencies land in the executor's registry, so a worker's
+            // /metrics shows what its actions read from the CAS.
+            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, cache, cfg, metrics)?);
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 dir.join("lower").display(),
@@ -484,13 +496,17 @@ fn mount_overlay(target: &Path, opts: &str) -> Result<()> {
 }
 
 /// argv[0] as given when it has a slash; otherwise looked up in the Command's own PATH
-/// (entries relative to the working directory), inside the prepared root (rule 4).
+/// (entries relative to the working directory), inside the prepared root (rule 4); a Command
+/// without PATH is looked up in `/usr/local/bin:/usr/bin:/bin`.
 fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
     let mut argv = spec.argv.clone();
     if argv[0].contains('/') {
         return Ok(argv);
     }
-    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
+    // Without a PATH of its own the command gets the usual system one for this lookup only
+    // (Pants runs a bare `env -0` with no environment at all); its environment is untouched.
+    let path =
+        spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/local/bin:/usr/bin:/bin");
     for entry in path.split(':').filter(|e| !e.is_empty()) {
         let in_root =
             if entry.starts_with('/') { entry.to_string() } else { format!("/{}/{entry}", spec.working_directory) };

@@ -134,6 +134,58 @@ impl PidsCgroup {
         std::fs::write(self.0.join("cgroup.procs"), pid.to_string())
             .ctx(|| format!("adding {pid} to {}", self.0.display()))
     }
+
+    /// Removes the cgroup once its last process is gone, polling briefly without blocking
+    /// the runtime (the kernel empties it a moment after PID 1 is reaped).
+    async fn remove(self) {
+        for _ in 0..1000 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                std::mem::forget(self);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Drop tries once more and reports.
+    }
+}
+
+/// Kills the processes of actions whose executor died (SIGKILL, crash) and removes their
+/// pids cgroups: `casfs-PID-N` where no process PID exists any more. Returns how many
+/// processes were killed. Cgroups of live executors are never touched.
+pub fn reap_orphans() -> usize {
+    let mut killed = 0;
+    for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"] {
+        let Ok(rd) = std::fs::read_dir(base) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix("casfs-").and_then(|r| r.split('-').next()) else { continue };
+            let Ok(owner) = owner.parse::<u32>() else { continue };
+            if owner == std::process::id() || Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            let dir = e.path();
+            for _ in 0..50 {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                        killed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Err(err) = std::fs::remove_dir(&dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %err, "could not remove a dead executor's cgroup");
+            }
+        }
+    }
+    if killed > 0 {
+        tracing::warn!(processes = killed, "killed the processes of actions whose executor died");
+    }
+    killed
 }
 
 impl Drop for PidsCgroup {
@@ -252,32 +304,36 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
     // Host tool folders: the input root's own entries win (an input folder named `lib`
     // stays the input's); a host symlink (`/lib -> usr/lib` on merged-usr systems) is
     // recreated as a symlink; a host folder is bound read-only.
-    let mut binds = Vec::new();
-    for d in &cfg.host_dirs {
-        let inside = job.root.join(d.strip_prefix("/").unwrap_or(d));
-        if std::fs::symlink_metadata(&inside).is_ok() {
-            tracing::debug!(dir = %d.display(), "the input root has its own; not binding the host's");
-            continue;
-        }
-        match std::fs::symlink_metadata(d) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let target = std::fs::read_link(d).ctx(|| format!("readlink {}", d.display()))?;
-                std::os::unix::fs::symlink(&target, &inside).ctx(|| format!("linking {}", inside.display()))?;
+    // These calls go through the overlay into the action's FUSE mount.
+    let (binds, dev_binds, proc_dir, tmp_dir) = super::blocking(|| -> Result<_> {
+        let mut binds = Vec::new();
+        for d in &cfg.host_dirs {
+            let inside = job.root.join(d.strip_prefix("/").unwrap_or(d));
+            if std::fs::symlink_metadata(&inside).is_ok() {
+                tracing::debug!(dir = %d.display(), "the input root has its own; not binding the host's");
+                continue;
             }
-            Ok(m) if m.is_dir() => {
-                let dst = mkdir_p(job.root, d)?;
-                binds.push((cstr(bytes(d))?, cstr(bytes(&dst))?));
+            match std::fs::symlink_metadata(d) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = std::fs::read_link(d).ctx(|| format!("readlink {}", d.display()))?;
+                    std::os::unix::fs::symlink(&target, &inside).ctx(|| format!("linking {}", inside.display()))?;
+                }
+                Ok(m) if m.is_dir() => {
+                    let dst = mkdir_p(job.root, d)?;
+                    binds.push((cstr(bytes(d))?, cstr(bytes(&dst))?));
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
-    let mut dev_binds = Vec::new();
-    for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full"] {
-        let dst = touch(job.root, dev)?;
-        dev_binds.push((cstr(dev)?, cstr(bytes(&dst))?));
-    }
-    let proc_dir = mkdir_p(job.root, Path::new("/proc"))?;
-    let tmp_dir = mkdir_p(job.root, Path::new("/tmp"))?;
+        let mut dev_binds = Vec::new();
+        for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/full"] {
+            let dst = touch(job.root, dev)?;
+            dev_binds.push((cstr(dev)?, cstr(bytes(&dst))?));
+        }
+        let proc_dir = mkdir_p(job.root, Path::new("/proc"))?;
+        let tmp_dir = mkdir_p(job.root, Path::new("/tmp"))?;
+        Ok((binds, dev_binds, proc_dir, tmp_dir))
+    })?;
     let open_w = |p: &Path| -> Result<OwnedFd> {
         Ok(std::fs::OpenOptions::new()
             .write(true)
@@ -345,7 +401,9 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Exit> {
         }
     };
     guard.reaped = true;
-    drop(cgroup);
+    if let Some(cg) = cgroup {
+        cg.remove().await;
+    }
     Ok(exit)
 }
 
@@ -368,7 +426,15 @@ impl Drop for ChildGuard {
 }
 
 /// Waits for `pid` without blocking the runtime; returns its exit code (128 + signal).
+/// A pidfd says exactly when the child exits; kernels without one are polled.
 async fn reap(pid: i32) -> i32 {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    let pidfd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until it drops.
+    let ready = pidfd.and_then(|fd| unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).ok()
+    });
     loop {
         let mut status = 0;
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
@@ -382,6 +448,16 @@ async fn reap(pid: i32) -> i32 {
         } else if r < 0 {
             return 255;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        match &ready {
+            Some(fd) => {
+                if let Ok(mut g) = fd.readable().await {
+                    // Readable stays true once the child has exited; waitpid above reaps it.
+                    g.retain_ready();
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }

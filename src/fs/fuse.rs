@@ -283,6 +283,23 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
+    /// No ioctls: overlayfs asks for inode flags (FS_IOC_GETFLAGS) when it copies a folder
+    /// up; ENOTTY is the ordinary "not supported" answer, without a log line each time.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // Nothing to flush on a read-only mount; ENOSYS makes the kernel stop sending
         // FLUSH on every close (a round trip per file otherwise).

@@ -121,6 +121,40 @@ pub fn is_mounted(path: &Path) -> bool {
     info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| Path::new(&unescape_mountinfo(mp)) == abs)
 }
 
+/// Aborts the FUSE connection of the filesystem mounted at `path`, if it is one: every
+/// request still waiting on it fails at once. A FUSE daemon killed while one of its own
+/// threads waited on its mount cannot finish dying (that request is never answered), and
+/// stays a zombie holding its sockets until the connection is aborted. Returns whether a
+/// connection was aborted. Mounts fusectl on /sys/fs/fuse/connections when needed.
+pub fn abort_fuse(path: &Path) -> bool {
+    let Ok(abs) = std::path::absolute(path) else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let minor = info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fstype = f.iter().skip_while(|x| **x != "-").nth(1)?;
+        let here = Path::new(&unescape_mountinfo(f.get(4)?)) == abs;
+        (here && fstype.starts_with("fuse")).then(|| f.get(2)?.split(':').nth(1).map(str::to_string))?
+    });
+    let Some(minor) = minor else { return false };
+    let conns = Path::new("/sys/fs/fuse/connections");
+    if !conns.join(&minor).exists() {
+        // Not mounted yet on this host (it is a pseudo filesystem; mounting it is harmless).
+        let none = c"none";
+        let target = c"/sys/fs/fuse/connections";
+        unsafe { libc::mount(none.as_ptr(), target.as_ptr(), c"fusectl".as_ptr(), 0, std::ptr::null()) };
+    }
+    match std::fs::write(conns.join(&minor).join("abort"), "1") {
+        Ok(()) => {
+            tracing::warn!(path = %abs.display(), connection = %minor, "aborted the FUSE connection of a stale mount");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(path = %abs.display(), error = %e, "could not abort the FUSE connection");
+            false
+        }
+    }
+}
+
 /// Lazily detaches whatever is mounted at `path`.
 pub fn detach(path: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;

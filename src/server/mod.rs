@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cas::{SharedActionCache, SharedCas};
 use crate::error::{Error, IoContext, Result};
@@ -19,6 +20,7 @@ use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
 pub mod access_log;
+pub mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
@@ -43,12 +45,14 @@ pub struct Backend {
     pub ac: SharedActionCache,
     /// The Execution service's scheduler; `None` serves storage only.
     pub execution: Option<Arc<scheduler::Scheduler>>,
+    /// When set, every call must present `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
 }
 
 impl Backend {
     /// A storage-only backend (no Execution service).
     pub fn new(cas: SharedCas, ac: SharedActionCache) -> Self {
-        Backend { cas, ac, execution: None }
+        Backend { cas, ac, execution: None, auth_token: None }
     }
 }
 
@@ -81,6 +85,8 @@ pub struct TlsFiles {
     pub cert_pem: Vec<u8>,
     /// Private key (PEM).
     pub key_pem: Vec<u8>,
+    /// CA bundle (PEM) that client certificates must chain to; `None` accepts any client.
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::server::Router> {
@@ -96,18 +102,21 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
         let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = t.client_ca_pem {
+            cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(cfg).map_err(|e| Error::InvalidArgument(format!("TLS configuration: {e}")))?;
     }
+    let check = auth::TokenCheck::new(backend.auth_token.as_deref());
     Ok(builder
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .add_service(cas)
-        .add_service(bs)
-        .add_service(ac)
-        .add_service(caps)
-        .add_optional_service(exec))
+        .add_service(InterceptedService::new(cas, check.clone()))
+        .add_service(InterceptedService::new(bs, check.clone()))
+        .add_service(InterceptedService::new(ac, check.clone()))
+        .add_service(InterceptedService::new(caps, check.clone()))
+        .add_optional_service(exec.map(|e| InterceptedService::new(e, check.clone()))))
 }
 
 /// A bound, not yet serving, listener; lets callers learn the port before serving.

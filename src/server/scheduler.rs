@@ -24,12 +24,20 @@ pub struct SchedulerConfig {
     pub max_queued: usize,
     /// How long a finished operation stays available to WaitExecution.
     pub retention: Duration,
+    /// Cancel a queued or running action after nobody has watched its operation this long
+    /// (`None`: always run to the end).
+    pub abandon_after: Option<Duration>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        SchedulerConfig { max_concurrent: cores, max_queued: 10_000, retention: Duration::from_secs(600) }
+        SchedulerConfig {
+            max_concurrent: cores,
+            max_queued: 10_000,
+            retention: Duration::from_secs(600),
+            abandon_after: Some(Duration::from_secs(30)),
+        }
     }
 }
 
@@ -188,7 +196,13 @@ impl Scheduler {
             }
         }
         op.set(Stage::Queued, None);
-        let permit = self.permits.clone().acquire_owned().await;
+        let permit = tokio::select! {
+            p = self.permits.clone().acquire_owned() => p,
+            _ = self.abandoned(op) => {
+                dequeue(self);
+                return self.cancelled(req.action, "while queued");
+            }
+        };
         dequeue(self);
         let Ok(_permit) = permit else {
             return response(None, false, Error::Unavailable("the scheduler is shutting down".into()).to_rpc_status());
@@ -196,7 +210,12 @@ impl Scheduler {
         op.set(Stage::Executing, None);
         let started = Instant::now();
         let opts = RunOptions { skip_cache_lookup: true, queued: queued_at };
-        let out = match self.exec.execute_with(req.action, opts).await {
+        // Dropping the execution kills its processes and undoes its mounts.
+        let run = tokio::select! {
+            r = self.exec.execute_with(req.action, opts) => r,
+            _ = self.abandoned(op) => return self.cancelled(req.action, "while executing"),
+        };
+        let out = match run {
             Ok(o) => response(Some(o.result), o.cached, o.status),
             Err(e) => {
                 tracing::info!(action = %req.action, error = %e, "action not executed");
@@ -205,6 +224,35 @@ impl Scheduler {
         };
         self.metrics.histogram("casfs_exec_duration_seconds").observe(started.elapsed());
         out
+    }
+
+    /// Resolves once nobody has watched `op` (no Execute or WaitExecution stream) for the
+    /// configured grace period: the client went away (Pants drops the Execute of an action
+    /// its own cache read already answered; an interrupted build drops them all). Clients
+    /// that reattach within the grace period keep the operation alive.
+    async fn abandoned(&self, op: &Operation) {
+        let Some(grace) = self.cfg.abandon_after else { return std::future::pending().await };
+        let tick = Duration::from_millis(200).min(grace);
+        let mut alone_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(tick).await;
+            if op.state.receiver_count() > 0 {
+                alone_since = None;
+            } else if alone_since.get_or_insert_with(Instant::now).elapsed() >= grace {
+                return;
+            }
+        }
+    }
+
+    fn cancelled(&self, action: Digest, when: &str) -> reapi::ExecuteResponse {
+        tracing::info!(%action, "no client waits for this action any more; cancelled {when}");
+        self.metrics.add("casfs_exec_abandoned_total", 1);
+        let st = rpc::Status {
+            code: tonic::Code::Cancelled as i32,
+            message: format!("cancelled {when}: no client was waiting for the result"),
+            details: vec![],
+        };
+        response(None, false, st)
     }
 
     /// Drops finished operations older than the retention period.

@@ -90,6 +90,7 @@ fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>)
         sandbox: SandboxConfig { pids_limit, run_as, ..SandboxConfig::default() },
         worker_name: "test-worker".into(),
         fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },
+        cache_results: true,
     };
     let exec = Executor::new(client.clone(), client.clone(), cache, cfg, Metrics::new());
     let url = server.url.clone();
@@ -269,6 +270,7 @@ fn lazy_config(work: &Path, fetch: FetchConfig) -> ExecConfig {
         sandbox: SandboxConfig::default(),
         worker_name: "test".into(),
         fetch,
+        cache_results: true,
     }
 }
 

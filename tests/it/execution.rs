@@ -366,3 +366,57 @@ fn scopeguard(child: std::process::Child) -> impl Drop {
     }
     Kill(child)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_command_without_path_is_found_and_its_environment_stays_empty() -> TestResult {
+    // What Pants sends first: `env -0` with no environment at all.
+    let r = rig(&[])?;
+    let command = reapi::Command { arguments: vec!["env".into(), "-0".into()], ..Default::default() };
+    let cb = command.encode_to_vec();
+    let cd = Digest::of_bytes(&cb);
+    r.client.write(&cd, cb.into()).await?;
+    let empty = casfs::tree::Directory::default().encode().0;
+    let action = reapi::Action {
+        command_digest: Some(cd.to_proto()),
+        input_root_digest: Some(empty.to_proto()),
+        ..Default::default()
+    };
+    let ab = action.encode_to_vec();
+    let ad = Digest::of_bytes(&ab);
+    r.client.write(&ad, ab.into()).await?;
+    let resp = last_response(&r.execute_all(ad, false).await?)?;
+    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{:?}", resp.status);
+    let result = resp.result.ok_or("no result")?;
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(r.read(&result.stdout_digest).await?, "", "nothing inherited");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_nobody_waits_for_is_cancelled_and_its_processes_killed() -> TestResult {
+    let r = rig(&["--abandon-after", "1s"])?;
+    let act = Act { argv: &["sh", "-c", "sleep 31.25"], ..Default::default() };
+    let action = r.action(&act).await?;
+    let req = reapi::ExecuteRequest { action_digest: Some(action.to_proto()), ..Default::default() };
+    let running = || -> TestResult<bool> {
+        let out = std::process::Command::new("pgrep").args(["-f", "sleep 31.25"]).output()?;
+        Ok(!out.stdout.is_empty())
+    };
+    let mut s = r.exec().execute(req).await?.into_inner();
+    let name = s.message().await?.ok_or("no operation")?.name;
+    for _ in 0..100 {
+        if running()? {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running()?, "the action should be running");
+    drop(s); // The client goes away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!running()?, "an abandoned action kept running");
+    let mut w = r.exec().wait_execution(reapi::WaitExecutionRequest { name }).await?.into_inner();
+    let op = w.message().await?.ok_or("no operation")?;
+    let st = response(&op)?.status.ok_or("no status")?;
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{}", st.message);
+    Ok(())
+}

@@ -11,3 +11,4 @@ mod golden;
 mod mount;
 mod remote;
 mod roundtrip;
+mod worker;

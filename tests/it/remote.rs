@@ -130,3 +130,89 @@ async fn a_dead_server_is_a_clear_unavailable_error_not_a_hang() -> TestResult {
     eprintln!("dead server reported after {:?}: {err}", started.elapsed());
     Ok(())
 }
+
+/// Starts `casfs serve` with `extra` arguments; returns the child and its URL.
+fn serve_with(storage: &std::path::Path, extra: &[&std::ffi::OsStr]) -> TestResult<(std::process::Child, String)> {
+    let mut child = std::process::Command::new(casfs_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-execution", "--storage"])
+        .arg(storage)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
+    let url = line.trim().strip_prefix("casfs: serving on ").ok_or("no url")?.replace("127.0.0.1", "localhost");
+    Ok((child, url))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_or_a_client_certificate_is_required_when_configured() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let data = Bytes::from_static(b"guarded");
+    let d = Digest::of_bytes(&data);
+
+    // Bearer token.
+    std::fs::write(tmp.path().join("token"), "s3cret\n")?;
+    let (mut child, url) =
+        serve_with(&tmp.path().join("a"), &["--auth-token-file".as_ref(), tmp.path().join("token").as_os_str()])?;
+    let mut anonymous = RemoteConfig::new(&url);
+    anonymous.retries = 0;
+    let refused = GrpcStore::new(&anonymous)?.write(&d, data.clone()).await;
+    let mut wrong = anonymous.clone();
+    wrong.headers.push(("authorization".into(), "Bearer guess".into()));
+    let wrong_refused = GrpcStore::new(&wrong)?.read(&d).await;
+    let mut good = anonymous.clone();
+    good.headers.push(("authorization".into(), "Bearer s3cret".into()));
+    let client = GrpcStore::new(&good)?;
+    let ok = async {
+        client.write(&d, data.clone()).await?;
+        client.read(&d).await
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(refused.err().ok_or("accepted without a token")?.code(), tonic::Code::Unauthenticated);
+    assert_eq!(wrong_refused.err().ok_or("accepted a wrong token")?.code(), tonic::Code::Unauthenticated);
+    assert_eq!(ok?, data);
+
+    // TLS client certificates signed by a CA the server trusts.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    let client_key = rcgen::KeyPair::generate()?;
+    let client_cert = rcgen::CertificateParams::new(vec!["client".to_string()])?.signed_by(&client_key, &ca)?;
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let p = |n: &str| tmp.path().join(n);
+    std::fs::write(p("ca.pem"), ca.pem())?;
+    std::fs::write(p("client.pem"), client_cert.pem())?;
+    std::fs::write(p("client.key"), client_key.serialize_pem())?;
+    std::fs::write(p("server.pem"), server.cert.pem())?;
+    std::fs::write(p("server.key"), server.signing_key.serialize_pem())?;
+    let args: Vec<std::ffi::OsString> = vec![
+        "--tls-cert".into(),
+        p("server.pem").into(),
+        "--tls-key".into(),
+        p("server.key").into(),
+        "--tls-client-ca".into(),
+        p("ca.pem").into(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let (mut child, url) = serve_with(&p("b"), &args)?;
+    let mut no_cert = RemoteConfig::new(&url);
+    no_cert.retries = 0;
+    no_cert.tls_ca_file = Some(p("server.pem"));
+    let refused = GrpcStore::new(&no_cert)?.read(&d).await;
+    let mut with_cert = no_cert.clone();
+    with_cert.tls_client_identity = Some((p("client.pem"), p("client.key")));
+    let client = GrpcStore::new(&with_cert)?;
+    let ok = async {
+        client.write(&d, data.clone()).await?;
+        client.read(&d).await
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(refused.is_err(), "a client without a certificate was served");
+    assert_eq!(ok?, data);
+    Ok(())
+}
