@@ -54,6 +54,24 @@ pub struct ConnArgs {
     pub rpc_timeout: Duration,
 }
 
+/// The local blob cache shared by mounts, `casfs run` and `casfs worker`.
+#[derive(Args, Clone, Debug)]
+pub struct CacheArgs {
+    /// Local blob cache, shared with mounts, runs and workers.
+    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = default_storage().with_file_name("blobs"))]
+    pub cache_dir: PathBuf,
+    /// Bound of the local blob cache (least recently used blobs evicted first).
+    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
+    pub cache_size: u64,
+}
+
+impl CacheArgs {
+    /// Opens (or creates) the cache.
+    pub fn open(&self) -> Result<casfs::cas::DiskStore> {
+        casfs::cas::DiskStore::open(&self.cache_dir, self.cache_size)
+    }
+}
+
 pub fn default_storage() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use casfs::cas::DiskStore;
 use casfs::error::{Error, Result};
 use casfs::fs::{FetchConfig, FsConfig, MountConfig, OpenMode, Remote, RemoteFactory, Remotes, Root};
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs, Usage};
+use super::{digest_arg, parse_duration, CmdResult, RemoteArgs, Usage};
 
 /// Options of `casfs mount`.
 #[derive(Args)]
@@ -28,12 +27,8 @@ pub struct MountArgs {
     pub browse: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
-    /// Local blob cache, shared by every mount that names it; survives restarts.
-    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = default_cache())]
-    pub cache_dir: PathBuf,
-    /// Bound of the local blob cache (least recently used evicted first).
-    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
-    pub cache_size: u64,
+    #[command(flatten)]
+    pub cache: super::CacheArgs,
     /// Longest a fetch may take before the reader gets EIO.
     #[arg(long, env = "CASFS_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub fetch_timeout: Duration,
@@ -67,10 +62,6 @@ pub struct MountArgs {
     /// Where a detached daemon writes its log (default: discarded).
     #[arg(long, env = "CASFS_LOG_FILE")]
     pub log_file: Option<PathBuf>,
-}
-
-fn default_cache() -> PathBuf {
-    super::default_storage().with_file_name("blobs")
 }
 
 /// How the daemon tells whoever started it that the mount is up.
@@ -184,7 +175,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         let store = Arc::new(args.remote.store()?);
         Remotes::single(store.clone(), Some(store))
     };
-    let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
+    let cache = Arc::new(args.cache.open()?);
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;

@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use casfs::cas::DiskStore;
 use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs};
+use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -20,12 +19,8 @@ pub struct RunArgs {
     pub digest: String,
     #[command(flatten)]
     pub remote: RemoteArgs,
-    /// Local blob cache shared with mounts.
-    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = super::default_storage().with_file_name("blobs"))]
-    pub cache_dir: PathBuf,
-    /// Bound of the local blob cache.
-    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
-    pub cache_size: u64,
+    #[command(flatten)]
+    pub cache: super::CacheArgs,
     #[command(flatten)]
     pub exec: ExecArgs,
     /// Skip the action cache lookup (the result is still cached).
@@ -91,7 +86,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
         Err(u) => return Ok(Err(u)),
     };
     let store = Arc::new(args.remote.store()?);
-    let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
+    let cache = Arc::new(args.cache.open()?);
     let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     let stop = super::serve::Shutdown::install();
     let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());

@@ -2,14 +2,14 @@
 //! its leases until stopped.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use sha2::Digest as _;
 
-use casfs::cas::{DiskStore, GrpcStore};
+use casfs::cas::GrpcStore;
 use casfs::error::{Error, IoContext, Result};
 use casfs::exec::Executor;
 use casfs::metrics::Metrics;
@@ -17,7 +17,7 @@ use casfs::worker::session::BotsClient;
 use casfs::worker::{Bot, Shutdown, StopLevel, WorkerConfig};
 
 use super::run::{hostname, ExecArgs};
-use super::{parse_duration, parse_size, CmdResult, ConnArgs, Usage};
+use super::{parse_duration, CmdResult, ConnArgs, Usage};
 
 /// Options of `casfs worker`.
 #[derive(Args)]
@@ -51,12 +51,8 @@ pub struct WorkerArgs {
     /// keepalive).
     #[arg(long, env = "CASFS_HEARTBEAT", default_value = "30s", value_parser = parse_duration)]
     pub heartbeat: Duration,
-    /// Local blob cache, shared with mounts and other workers.
-    #[arg(long, env = "CASFS_CACHE_DIR", default_value_os_t = super::default_storage().with_file_name("blobs"))]
-    pub cache_dir: PathBuf,
-    /// Bound of the local blob cache.
-    #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
-    pub cache_size: u64,
+    #[command(flatten)]
+    pub cache: super::CacheArgs,
     #[command(flatten)]
     pub exec: ExecArgs,
 }
@@ -87,7 +83,7 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let cas_url = args.cas.clone().unwrap_or_else(|| args.scheduler.clone());
     let cas = Arc::new(GrpcStore::new(&args.conn.config(&cas_url)?)?);
     let bots = BotsClient::new(&args.conn.config(&args.scheduler)?)?;
-    let cache = Arc::new(DiskStore::open(&args.cache_dir, args.cache_size)?);
+    let cache = Arc::new(args.cache.open()?);
     let mut cfg = args.exec.config(bot_id.clone(), work_dir);
     // BuildGrid writes the result to its action cache when the lease completes.
     cfg.cache_results = false;
