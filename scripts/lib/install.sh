@@ -30,3 +30,24 @@ install_prerequisites() {
         rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >&2
     fi
 }
+
+# peer_venv WHO PYTHON VENV PIP-ARGS...: (re)creates the virtualenv VENV with PYTHON and
+# pip-installs PIP-ARGS into it, then stamps it with `pip freeze` (VENV/.casfs-installed).
+# The peers' install functions call it when their stamp or entry point is missing.
+peer_venv() {
+    local who="$1" python="$2" venv="$3"
+    shift 3
+    if [ -z "$python" ] || [ ! -x "$python" ]; then
+        echo "$who: python not found: ${python:-(none)}" >&2
+        return 1
+    fi
+    echo "$who: creating $venv with $python" >&2
+    mkdir -p "$(dirname "$venv")" || return 1
+    rm -rf "$venv"
+    "$python" -m venv "$venv" || return 1
+    "$venv/bin/pip" install -q --disable-pip-version-check "$@" || {
+        echo "$who: pip install $* failed" >&2
+        return 1
+    }
+    "$venv/bin/pip" freeze --disable-pip-version-check > "$venv/.casfs-installed"
+}

