@@ -23,8 +23,6 @@ use crate::proto::reapi;
 
 /// Streams at least this large are hashed and written on two threads at once.
 const PIPELINE_MIN: u64 = 4 << 20;
-/// Chunks buffered between the network and each of those threads.
-const PIPELINE_DEPTH: usize = 8;
 /// Blobs up to this size are read whole, many per blocking task, rather than streamed.
 const WHOLE_READ_MAX: u64 = 1 << 20;
 /// Blocking tasks one batch read is spread over.
@@ -230,6 +228,35 @@ impl DiskStore {
         self.commit(digest, tmp)
     }
 
+    /// Stores the content of an open file whose bytes the caller has already checked against
+    /// `digest` (blocking; copied in the kernel where it can, no second hashing).
+    pub fn insert_verified_file(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let (out, tmp) = self.temp()?;
+        // sendfile with an explicit offset: a kernel copy that leaves `src`'s position alone
+        // (others read it at the same time).
+        let mut offset: libc::off_t = 0;
+        while (offset as u64) < digest.size() {
+            let left = (digest.size() - offset as u64).min(1 << 30) as usize;
+            let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut offset, left) };
+            match n {
+                0 => return Err(Error::Internal(format!("{offset} bytes offered as {digest}"))),
+                n if n < 0 => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(Error::io(format!("copying blob {digest} to the disk"), e));
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(out);
+        self.commit(digest, tmp)
+    }
+
     fn temp(&self) -> Result<(std::fs::File, tempfile::TempPath)> {
         let tmp = tempfile::Builder::new()
             .tempfile_in(self.root.join("tmp"))
@@ -264,55 +291,6 @@ impl DiskStore {
     fn ac_path(&self, action: &Digest) -> PathBuf {
         let hex = action.hash_hex();
         self.root.join("ac").join(&hex[..2]).join(action.to_path_form())
-    }
-}
-
-impl DiskStore {
-    /// `write_stream` for large blobs: hashing and writing each run on their own blocking
-    /// thread, fed the same chunks (no copies), so receiving, hashing and writing overlap.
-    /// The blob still becomes visible only after the whole hash matched.
-    async fn write_stream_pipelined(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
-        let (file, tmp) = self.temp()?;
-        let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-        let (write_tx, mut write_rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-        let hashing = tokio::task::spawn_blocking(move || {
-            let mut hasher = Hasher::new();
-            while let Some(c) = hash_rx.blocking_recv() {
-                hasher.update(&c);
-            }
-            hasher
-        });
-        let writing = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut file = file;
-            while let Some(c) = write_rx.blocking_recv() {
-                file.write_all(&c)?;
-            }
-            Ok(())
-        });
-        let fed: Result<()> = async {
-            let mut total = 0u64;
-            while let Some(chunk) = data.next().await {
-                let chunk = chunk?;
-                total += chunk.len() as u64;
-                if total > digest.size() {
-                    return Err(Error::InvalidArgument(format!("more than {} bytes sent for {digest}", digest.size())));
-                }
-                // A closed channel means the writer failed: its error is reported below.
-                if write_tx.send(chunk.clone()).await.is_err() || hash_tx.send(chunk).await.is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        .await;
-        drop((hash_tx, write_tx));
-        let joined = |e: tokio::task::JoinError| Error::Internal(format!("writing blob {digest}: {e}"));
-        let hasher = hashing.await.map_err(joined)?;
-        let written = writing.await.map_err(joined)?;
-        fed?;
-        written.ctx(|| format!("writing blob {digest}"))?;
-        check(digest, hasher)?;
-        self.commit(digest, tmp)
     }
 }
 
@@ -465,7 +443,10 @@ impl Cas for DiskStore {
             return Ok(());
         }
         if digest.size() >= PIPELINE_MIN {
-            return self.write_stream_pipelined(digest, data).await;
+            // Receiving, hashing and writing overlap; visible only once the whole hash matched.
+            let (file, tmp) = self.temp()?;
+            drop(super::pipe::write_verified(digest, data, file).await?);
+            return self.commit(digest, tmp);
         }
         let (file, tmp) = self.temp()?;
         let mut file = tokio::fs::File::from_std(file);

@@ -26,6 +26,7 @@ pub mod channel;
 pub mod disk;
 pub mod grpc;
 pub mod memory;
+pub mod pipe;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
