@@ -2,7 +2,6 @@
 //! Directory tree or the browse namespace, with no FUSE types (`fuse.rs` translates).
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -125,7 +124,6 @@ pub struct CasFs {
     inodes: Inodes,
     fetch: Arc<Fetcher>,
     cfg: FsConfig,
-    fds: moka::sync::Cache<Digest, Arc<std::fs::File>>,
 }
 
 fn attr_of(ino: u64, node: &NodeKind) -> Attr {
@@ -168,7 +166,7 @@ impl CasFs {
     }
 
     fn with_root(root: NodeKind, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
-        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, fds: moka::sync::Cache::new(256) })
+        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg })
     }
 
     /// The attribute choices.
@@ -337,42 +335,44 @@ impl CasFs {
         }
     }
 
-    /// The local cache path of a CAS file's content if it is there now (`None` also for
+    /// An open file holding a CAS file's content if it is local now (`None` also for
     /// made-up files, which have no backing file).
-    pub fn local_now(&self, ino: u64) -> Result<Option<PathBuf>> {
+    pub fn backing_now(&self, ino: u64) -> Result<Option<Arc<std::fs::File>>> {
         match self.node(ino)? {
-            NodeKind::File { digest, .. } => Ok(self.fetch.local_path(&digest)),
+            NodeKind::File { digest, .. } => self.fetch.file_now(&digest),
             NodeKind::Synth { .. } => Ok(None),
             _ => Err(errno_err(libc::EISDIR, "not a file")),
         }
     }
 
-    /// Makes a file's content local (fetched once, verified) and returns its cache path.
-    pub async fn fetch_file(&self, ino: u64) -> Result<PathBuf> {
+    /// Makes a file's content local (fetched once, verified) and returns an open file
+    /// holding it, for passthrough.
+    pub async fn fetch_backing(&self, ino: u64) -> Result<Arc<std::fs::File>> {
         let NodeKind::File { digest, inst, .. } = self.node(ino)? else {
             return Err(errno_err(libc::EINVAL, "not a CAS file"));
         };
-        let parent_dir = match self.inodes.get(self.inodes.last_parent(ino)) {
-            Some(NodeKind::Dir { digest, .. }) => Some(digest),
-            _ => None,
-        };
-        self.fetch.blob(digest, inst, parent_dir).await.map_err(|e| {
+        self.fetch.open_blob(digest, inst, self.parent_dir(ino)).await.map_err(|e| {
             tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot fetch file");
             shared_err(&e)
         })
     }
 
+    /// The Directory a file was last looked up in (for sibling batching).
+    fn parent_dir(&self, ino: u64) -> Option<Digest> {
+        match self.inodes.get(self.inodes.last_parent(ino)) {
+            Some(NodeKind::Dir { digest, .. }) => Some(digest),
+            _ => None,
+        }
+    }
+
     /// Makes a file's content readable (fetched once, verified): small files land in memory,
-    /// large ones in the disk cache. Cheaper than [`CasFs::fetch_file`] when no path is needed.
+    /// large ones in memory files until they are in the disk cache. Cheaper than
+    /// [`CasFs::fetch_backing`] when no file is needed.
     pub async fn load_file(&self, ino: u64) -> Result<()> {
         let NodeKind::File { digest, inst, .. } = self.node(ino)? else {
             return Err(errno_err(libc::EINVAL, "not a CAS file"));
         };
-        let parent_dir = match self.inodes.get(self.inodes.last_parent(ino)) {
-            Some(NodeKind::Dir { digest, .. }) => Some(digest),
-            _ => None,
-        };
-        self.fetch.load(digest, inst, parent_dir).await.map_err(|e| {
+        self.fetch.load(digest, inst, self.parent_dir(ino)).await.map_err(|e| {
             tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot fetch file");
             shared_err(&e)
         })
@@ -401,9 +401,11 @@ impl CasFs {
         }
         match self.node(ino) {
             Ok(NodeKind::Synth { .. }) => None,
-            Ok(NodeKind::File { digest, .. }) => {
-                self.fetch.local_path(&digest).map(|p| self.read_local(&digest, &p, offset, size))
-            }
+            Ok(NodeKind::File { digest, .. }) => match self.fetch.file_now(&digest) {
+                Ok(Some(f)) => Some(self.read_file(&digest, &f, offset, size)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            },
             Ok(_) => Some(Err(errno_err(libc::EISDIR, "not a file"))),
             Err(e) => Some(Err(e)),
         }
@@ -419,21 +421,12 @@ impl CasFs {
             .unwrap_or_else(|| Err(Error::Internal("fetched blob left the cache at once".into())))
     }
 
-    /// Reads from a file already in the local cache.
-    pub fn read_local(&self, digest: &Digest, path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Reads from an open file holding a blob's verified bytes.
+    fn read_file(&self, digest: &Digest, file: &std::fs::File, offset: u64, size: u32) -> Result<Vec<u8>> {
         let end = digest.size().min(offset.saturating_add(size as u64));
         if offset >= end {
             return Ok(Vec::new());
         }
-        let file = match self.fds.get(digest) {
-            Some(f) => f,
-            None => {
-                let f =
-                    Arc::new(std::fs::File::open(path).map_err(|e| Error::io(format!("opening cached {digest}"), e))?);
-                self.fds.insert(*digest, f.clone());
-                f
-            }
-        };
         let mut buf = vec![0u8; (end - offset) as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -445,7 +438,7 @@ impl CasFs {
             }
         }
         if done < buf.len() {
-            self.fds.invalidate(digest);
+            self.fetch.drop_file(digest);
             return Err(Error::Internal(format!("cached blob {digest} is shorter than its digest says")));
         }
         Ok(buf)

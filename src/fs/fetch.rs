@@ -1,7 +1,8 @@
 //! Lazy, verified fetching for the filesystem: a bounded cache of validated Directories, the
 //! persistent local blob cache, one fetch per digest however many readers wait, and batched
-//! fetching of small sibling files. Small blobs are served from memory at once and reach
-//! the disk cache in the background (`hot`).
+//! fetching of small sibling files. Verified blobs are served from memory at once and reach
+//! the disk cache in the background: small ones from `hot`, large ones from memory files
+//! (`large`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
 use super::hot::HotBlobs;
+use super::large::{memory_file, LargeBlobs};
 use crate::cas::{Cas, DiskStore, SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -36,6 +38,9 @@ pub struct FetchConfig {
     pub batch_siblings: bool,
     /// Bytes of small blobs (and Directories) kept in memory for immediate reads.
     pub mem_cache_bytes: u64,
+    /// Bytes of large blobs that may wait in memory for their copy to the disk cache; a
+    /// large fetch that finds no room writes to the disk cache before it is served.
+    pub mem_large_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -45,8 +50,19 @@ impl Default for FetchConfig {
             dir_cache_bytes: 256 << 20,
             batch_siblings: true,
             mem_cache_bytes: 256 << 20,
+            mem_large_bytes: default_large_bytes(),
         }
     }
+}
+
+/// An eighth of the machine's memory, at most 4 GiB.
+fn default_large_bytes() -> u64 {
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page <= 0 {
+        return 1 << 30;
+    }
+    ((pages as u64 * page as u64) / 8).min(4 << 30)
 }
 
 type Flight<V> = Shared<BoxFuture<'static, std::result::Result<V, Arc<Error>>>>;
@@ -149,6 +165,9 @@ pub struct Fetcher {
     remotes: Remotes,
     local: Arc<DiskStore>,
     hot: Arc<HotBlobs>,
+    large: Arc<LargeBlobs>,
+    /// Open disk cache files, for reads and passthrough backing.
+    fds: moka::sync::Cache<Digest, Arc<std::fs::File>>,
     dirs: moka::sync::Cache<Digest, Arc<Directory>>,
     dir_flight: SingleFlight<Arc<Directory>>,
     blob_flight: SingleFlight<()>,
@@ -184,6 +203,8 @@ impl Fetcher {
         Ok(Arc::new(Fetcher {
             remotes,
             hot: HotBlobs::new(local.clone(), cfg.mem_cache_bytes),
+            large: LargeBlobs::new(local.clone(), cfg.mem_large_bytes),
+            fds: moka::sync::Cache::new(256),
             local,
             dirs,
             dir_flight: SingleFlight::new(),
@@ -305,28 +326,59 @@ impl Fetcher {
 
     /// Waits until every blob fetched so far is in the disk cache (blocking).
     pub fn flush(&self) {
-        self.hot.flush()
+        self.hot.flush();
+        self.large.flush();
     }
 
-    /// Makes a blob local (fetched once, verified) and returns its path in the disk cache.
-    /// `parent` is the Directory it was found in (see [`Fetcher::load`]).
-    pub async fn blob(
+    /// An open file holding a blob's verified bytes, if it is local now (no fetch): its
+    /// memory file while it waits for the disk, else its disk cache file.
+    pub fn file_now(&self, digest: &Digest) -> Result<Option<Arc<std::fs::File>>> {
+        if let Some(f) = self.large.get(digest) {
+            return Ok(Some(f));
+        }
+        if let Some(f) = self.fds.get(digest) {
+            return Ok(Some(f));
+        }
+        let Some(path) = self.local_path(digest) else { return Ok(None) };
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.fds.insert(*digest, f.clone());
+                Ok(Some(f))
+            }
+            // Evicted since: not local after all.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("opening cached {digest}"), e)),
+        }
+    }
+
+    /// Forgets an open disk cache file that turned out bad (short).
+    pub fn drop_file(&self, digest: &Digest) {
+        self.fds.invalidate(digest);
+    }
+
+    /// Makes a blob local (fetched once, verified) and returns an open file holding it (a
+    /// small blob held in memory is written to the disk cache first). `parent`: see
+    /// [`Fetcher::load`].
+    pub async fn open_blob(
         self: &Arc<Self>,
         digest: Digest,
         inst: u16,
         parent: Option<Digest>,
-    ) -> std::result::Result<PathBuf, Arc<Error>> {
-        if let Some(p) = self.local_path(&digest) {
-            return Ok(p);
+    ) -> std::result::Result<Arc<std::fs::File>, Arc<Error>> {
+        if let Some(f) = self.file_now(&digest).map_err(Arc::new)? {
+            return Ok(f);
         }
         self.load(digest, inst, parent).await?;
-        if !self.local.contains(&digest) {
+        if !self.local.contains(&digest) && !self.large.contains(&digest) {
             let this = self.clone();
             tokio::task::spawn_blocking(move || this.hot.persist(&digest))
                 .await
                 .map_err(|e| Arc::new(Error::Internal(format!("storing {digest}: {e}"))))?;
         }
-        Ok(self.local.blob_path(&digest))
+        self.file_now(&digest)
+            .map_err(Arc::new)?
+            .ok_or_else(|| Arc::new(Error::Internal(format!("fetched blob {digest} left the cache at once"))))
     }
 
     /// Makes a blob local (fetched once, verified): small ones in memory (on disk soon),
@@ -338,7 +390,11 @@ impl Fetcher {
         inst: u16,
         parent: Option<Digest>,
     ) -> std::result::Result<(), Arc<Error>> {
-        if digest.is_empty_blob() || self.hot.contains(&digest) || self.local.touch(&digest) {
+        if digest.is_empty_blob()
+            || self.hot.contains(&digest)
+            || self.large.contains(&digest)
+            || self.local.touch(&digest)
+        {
             return Ok(());
         }
         self.metrics.add("casfs_blob_cache_misses_total", 1);
@@ -390,12 +446,22 @@ impl Fetcher {
             let res = async {
                 let stream = remote.read_stream(&digest, 0, 0).await?;
                 let bytes = self.metrics.counter("casfs_fetch_bytes_total");
-                let counted = stream.inspect(move |c| {
-                    if let Ok(b) = c {
-                        bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-                self.local.write_stream(&digest, counted.boxed()).await
+                let counted = stream
+                    .inspect(move |c| {
+                        if let Ok(b) = c {
+                            bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })
+                    .boxed();
+                // Into memory while it is hashed, served once verified, on disk soon after;
+                // straight to the disk cache when memory is short.
+                let Some(room) = self.large.reserve(digest.size()) else {
+                    return self.local.write_stream(&digest, counted).await;
+                };
+                let file = memory_file(c"casfs-blob").map_err(|e| Error::io("creating a memory file", e))?;
+                let file = crate::cas::pipe::write_verified(&digest, counted, file).await?;
+                self.large.insert(room, digest, file);
+                Ok(())
             }
             .await;
             match res {
@@ -421,8 +487,11 @@ impl Fetcher {
         if let Some(b) = self.hot.get(&digest) {
             return Ok(b.to_vec());
         }
-        let path = self.local.blob_path(&digest);
-        std::fs::read(&path).map_err(|e| Error::io(format!("reading cached {digest}"), e))
+        let file = self.file_now(&digest)?.ok_or(Error::MissingBlob(digest))?;
+        let mut buf = vec![0u8; digest.size() as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, 0)
+            .map_err(|e| Error::io(format!("reading cached {digest}"), e))?;
+        Ok(buf)
     }
 
     /// Registers a Directory that arrived inside another message (a Tree): stored in the
@@ -437,7 +506,7 @@ impl Fetcher {
     /// Whether instance `inst` holds a blob (for lookups that must not answer for absent
     /// content).
     pub async fn exists(&self, digest: Digest, inst: u16) -> Result<bool> {
-        if self.local.contains(&digest) || self.hot.contains(&digest) {
+        if self.local.contains(&digest) || self.hot.contains(&digest) || self.large.contains(&digest) {
             return Ok(true);
         }
         let cas = self.remotes.get(inst)?.cas;

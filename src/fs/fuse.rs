@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,16 +20,25 @@ use crate::error::Error;
 /// as long as it likes.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Opens of small files `auto` answers before it tells the kernel to stop asking.
+pub const NO_OPEN_AFTER: u64 = 1000;
+/// Files larger than this are opened with passthrough to their verified backing file;
+/// smaller ones are read through the daemon once, then from the kernel's page cache.
+pub const PASSTHROUGH_MIN: u64 = super::fetch::SMALL_BLOB;
+
 /// How the kernel opens files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OpenMode {
-    /// Best available: `no-open` when the kernel offers it, else `open`.
+    /// Passthrough for large files until small ones dominate: opens are answered (large
+    /// files with passthrough, small ones keeping their page cache) until `NO_OPEN_AFTER`
+    /// opens of small files were, then refused with ENOSYS so the kernel stops asking.
+    /// `no-open` (or `open`) when the kernel offers no passthrough.
     Auto,
     /// Open is answered once with ENOSYS; the kernel then never asks again and keeps the page
     /// cache: the fastest small-file and warm reads.
     NoOpen,
-    /// Every open is answered with FUSE passthrough to the cached file: native-speed first
-    /// reads of large files, at one round trip per open.
+    /// Large files are opened with FUSE passthrough to their verified backing file (native
+    /// speed from the first read), small ones with FOPEN_KEEP_CACHE; one round trip per open.
     Passthrough,
     /// Plain opens with FOPEN_KEEP_CACHE; reads go through the daemon.
     Open,
@@ -40,7 +50,9 @@ pub struct FuseAdapter {
     rt: tokio::runtime::Handle,
     mode: OpenMode,
     no_opendir: bool,
-    backing: Arc<Mutex<Backing>>,
+    /// The kernel understands ENOSYS for open (`auto` may stop answering opens).
+    can_stop_opens: bool,
+    pass: Arc<Passthrough>,
     /// Per-operation counter and histogram, looked up once (no locking or allocation per
     /// request).
     op_metrics: Vec<(&'static str, Arc<std::sync::atomic::AtomicU64>, Arc<crate::metrics::Histogram>)>,
@@ -55,6 +67,16 @@ struct Backing {
     by_ino: HashMap<u64, Weak<BackingId>>,
     by_fh: HashMap<u64, Arc<BackingId>>,
     next_fh: u64,
+}
+
+/// Passthrough bookkeeping, shared with the tasks that answer opens after a fetch.
+#[derive(Default)]
+struct Passthrough {
+    backing: Mutex<Backing>,
+    /// Opens of small files answered so far (`auto`).
+    small_opens: AtomicU64,
+    /// Opens are refused with ENOSYS from now on (`auto`): the kernel stops asking.
+    stop_opens: AtomicBool,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -75,7 +97,7 @@ impl FuseAdapter {
                 )
             })
             .collect();
-        FuseAdapter { fs, rt, mode, no_opendir: false, backing: Arc::default(), op_metrics }
+        FuseAdapter { fs, rt, mode, no_opendir: false, can_stop_opens: false, pass: Arc::default(), op_metrics }
     }
 
     fn timed(&self, op: &'static str) -> OpTimer {
@@ -126,21 +148,20 @@ impl Filesystem for FuseAdapter {
         want(config, InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO, "readdirplus_auto");
         want(config, InitFlags::FUSE_CACHE_SYMLINKS, "cache_symlinks");
         want(config, InitFlags::FUSE_PARALLEL_DIROPS, "parallel_dirops");
-        if matches!(self.mode, OpenMode::Auto | OpenMode::NoOpen) {
-            self.mode = if want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "no_open") {
-                OpenMode::NoOpen
-            } else {
-                OpenMode::Open
-            };
-        }
-        // Directories are never opened either, whatever the file mode: the kernel then keeps
-        // their listings cached by itself and saves a round trip per directory open.
+        self.can_stop_opens = want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "no_open");
+        // Directories are never opened, whatever the file mode: the kernel then keeps their
+        // listings cached by itself and saves a round trip per directory open.
         self.no_opendir = want(config, InitFlags::FUSE_NO_OPENDIR_SUPPORT, "no_opendir");
-        if self.mode == OpenMode::Passthrough {
+        if matches!(self.mode, OpenMode::Auto | OpenMode::Passthrough) {
             // Depth 1 lets overlayfs stack on this mount while files pass through.
-            if !(want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough") && config.set_max_stack_depth(1).is_ok()) {
-                self.mode = OpenMode::Open;
+            let granted =
+                want(config, InitFlags::FUSE_PASSTHROUGH, "passthrough") && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                self.mode = if self.mode == OpenMode::Auto { OpenMode::NoOpen } else { OpenMode::Open };
             }
+        }
+        if self.mode == OpenMode::NoOpen && !self.can_stop_opens {
+            self.mode = OpenMode::Open;
         }
         if let Err(max) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(max);
@@ -198,33 +219,45 @@ impl Filesystem for FuseAdapter {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        let auto = self.mode == OpenMode::Auto;
         match self.mode {
-            OpenMode::NoOpen | OpenMode::Auto => reply.error(Errno::ENOSYS),
-            OpenMode::Open => match self.fs.getattr(ino.0) {
-                Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
-            },
-            OpenMode::Passthrough => {
-                let fs = self.fs.clone();
-                let backing = self.backing.clone();
-                match self.fs.local_now(ino.0) {
-                    Ok(Some(path)) => passthrough_reply(&backing, ino.0, &path, reply),
-                    // Made-up files have no backing file: they are served from memory.
-                    Ok(None) if self.fs.file_digest(ino.0).is_err() => {
-                        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-                    }
-                    Ok(None) => {
-                        self.rt.spawn(async move {
-                            let _t = t;
-                            match fs.fetch_file(ino.0).await {
-                                Ok(path) => passthrough_reply(&backing, ino.0, &path, reply),
-                                Err(e) => reply.error(errno(&e)),
-                            }
-                        });
-                    }
+            OpenMode::NoOpen => return reply.error(Errno::ENOSYS),
+            _ if auto && self.pass.stop_opens.load(Ordering::Relaxed) => return reply.error(Errno::ENOSYS),
+            OpenMode::Open => {
+                return match self.fs.getattr(ino.0) {
+                    Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                     Err(e) => reply.error(errno(&e)),
                 }
             }
+            OpenMode::Auto | OpenMode::Passthrough => {}
+        }
+        let small = match self.fs.getattr(ino.0) {
+            // Made-up files have no backing file: they are served from memory.
+            Ok(a) => a.size <= PASSTHROUGH_MIN || self.fs.file_digest(ino.0).is_err(),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if small {
+            if auto && self.can_stop_opens && self.pass.small_opens.fetch_add(1, Ordering::Relaxed) + 1 >= NO_OPEN_AFTER
+            {
+                self.pass.stop("small files dominate", self.fs.fetcher().metrics());
+            }
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        let stop_on_refusal = auto && self.can_stop_opens;
+        match self.fs.backing_now(ino.0) {
+            Ok(Some(file)) => self.pass.reply(ino.0, &file, reply, stop_on_refusal, self.fs.fetcher().metrics()),
+            Ok(None) => {
+                let fs = self.fs.clone();
+                let pass = self.pass.clone();
+                self.rt.spawn(async move {
+                    let _t = t;
+                    match fs.fetch_backing(ino.0).await {
+                        Ok(file) => pass.reply(ino.0, &file, reply, stop_on_refusal, fs.fetcher().metrics()),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -278,7 +311,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         if fh.0 != 0 {
-            self.backing.lock().unwrap().by_fh.remove(&fh.0);
+            self.pass.backing.lock().unwrap().by_fh.remove(&fh.0);
         }
         reply.ok();
     }
@@ -465,34 +498,54 @@ impl Filesystem for FuseAdapter {
     }
 }
 
-/// Opens with passthrough to the cached file, one backing id per inode shared by its opens.
-fn passthrough_reply(backing: &Mutex<Backing>, ino: u64, path: &std::path::Path, reply: ReplyOpen) {
-    let mut b = backing.lock().unwrap();
-    let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
-        Some(id) => id,
-        None => {
-            let file = match std::fs::File::open(path) {
-                Ok(f) => f,
-                Err(e) => return reply.error(Errno::from(e)),
-            };
-            match reply.open_backing(&file) {
+impl Passthrough {
+    /// Refuses every later open with ENOSYS: the kernel then opens without asking.
+    fn stop(&self, why: &str, metrics: &crate::metrics::Metrics) {
+        if !self.stop_opens.swap(true, Ordering::Relaxed) {
+            let answered = self.small_opens.load(Ordering::Relaxed);
+            tracing::info!(small_opens = answered, why, "no longer answering opens (no-open from now on)");
+            metrics.add("casfs_fuse_opens_stopped_total", 1);
+        }
+    }
+
+    /// Opens with passthrough to `file` (the blob's verified bytes), one backing id per inode
+    /// shared by its opens; plain keep-cache opens if the kernel refuses (and, with
+    /// `stop_on_refusal`, no more opens at all: they would only cost round trips).
+    fn reply(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        reply: ReplyOpen,
+        stop_on_refusal: bool,
+        m: &crate::metrics::Metrics,
+    ) {
+        let mut b = self.backing.lock().unwrap();
+        let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => match reply.open_backing(file) {
                 Ok(id) => {
                     let id = Arc::new(id);
                     b.by_ino.insert(ino, Arc::downgrade(&id));
                     id
                 }
                 Err(e) => {
+                    drop(b);
                     tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving through the daemon");
+                    if stop_on_refusal {
+                        self.stop("passthrough refused", m);
+                    }
                     return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
                 }
-            }
-        }
-    };
-    b.next_fh += 1;
-    let fh = b.next_fh;
-    b.by_fh.insert(fh, id.clone());
-    b.by_ino.retain(|_, w| w.strong_count() > 0);
-    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            },
+        };
+        b.next_fh += 1;
+        let fh = b.next_fh;
+        b.by_fh.insert(fh, id.clone());
+        b.by_ino.retain(|_, w| w.strong_count() > 0);
+        drop(b);
+        m.add("casfs_fuse_passthrough_opens_total", 1);
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+    }
 }
 
 fn file_attr_static(fs: &CasFs, a: &Attr) -> FileAttr {

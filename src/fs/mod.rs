@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod fuse;
 pub mod hot;
 pub mod inode;
+pub mod large;
 pub mod mount;
 pub mod render;
 pub mod vdir;

@@ -1,6 +1,8 @@
 //! The filesystem core over an in-memory store, without a kernel: lookups, listings, reads,
 //! xattrs, inode lifetimes, single-flight fetches and deadlines.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,9 +104,10 @@ async fn lookups_listings_reads_and_xattrs() -> TestResult {
     let rest: Vec<String> = fs.list(ROOT, &dir, 4)?.into_iter().map(|(_, n, _)| n).collect();
     assert_eq!(rest, ["g", "sub", "l"]);
 
-    let path = fs.fetch_file(f.ino).await?;
-    assert_eq!(fs.read_local(&fx.file, &path, 2, 100)?, b"ntents\n");
-    assert_eq!(fs.read_local(&fx.file, &path, 9, 100)?, b"");
+    let file = fs.fetch_backing(f.ino).await?;
+    assert_eq!(Digest::of_bytes(&std::fs::read(format!("/proc/self/fd/{}", file.as_raw_fd()))?), fx.file);
+    assert_eq!(fs.read(f.ino, 2, 100).await?, b"ntents\n");
+    assert_eq!(fs.read(f.ino, 9, 100).await?, b"");
     assert_eq!(fs.getxattr(f.ino, "user.reapi.digest")?, Some(fx.file.to_string().into_bytes()));
     assert_eq!(fs.getxattr(f.ino, "user.sha256")?, Some(fx.file.hash_bytes().to_vec()));
     assert_eq!(fs.getxattr(f.ino, "user.other")?, None);
@@ -136,12 +139,14 @@ async fn concurrent_misses_share_one_fetch_and_slow_fetches_hit_the_deadline() -
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let fs = fs.clone();
-            tokio::spawn(async move { fs.fetch_file(big.ino).await })
+            tokio::spawn(async move { fs.fetch_backing(big.ino).await })
         })
         .collect();
     for t in tasks {
-        let p = t.await??;
-        assert_eq!(Digest::of_bytes(&std::fs::read(p)?), fx.big);
+        let f = t.await??;
+        let mut buf = vec![0u8; fx.big.size() as usize];
+        f.read_exact_at(&mut buf, 0)?;
+        assert_eq!(Digest::of_bytes(&buf), fx.big);
     }
     let reads = fx.remote.reads.load(std::sync::atomic::Ordering::SeqCst) - reads_before;
     assert_eq!(reads, 1, "16 concurrent readers caused {reads} fetches");

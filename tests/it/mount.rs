@@ -118,7 +118,7 @@ fn a_100k_file_tree_mounts_and_diffs_clean() -> TestResult {
     Ok(())
 }
 
-fn http_get(addr: &str, path: &str) -> TestResult<String> {
+pub(crate) fn http_get(addr: &str, path: &str) -> TestResult<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;

@@ -1,0 +1,196 @@
+//! Large verified blobs held in sealed memory files until a background thread has copied
+//! them into the disk cache.
+//!
+//! Writing a fresh 1 GiB file on ext4 costs more than receiving and hashing it, so a large
+//! blob is fetched into a memory file (memfd) while it is hashed; readers and passthrough
+//! opens get that file the moment its hash matched, and the disk copy follows. Until the
+//! copy is in the disk cache the blob stays here, so a verified blob is always in one of
+//! the two. Memory is bounded: a fetch that finds no room goes straight to the disk cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::cas::DiskStore;
+use crate::digest::Digest;
+
+#[derive(Default)]
+struct State {
+    files: HashMap<Digest, Arc<File>>,
+    /// Blobs waiting for the disk, oldest first.
+    queue: VecDeque<Digest>,
+    /// Bytes held in `files` plus bytes reserved by fetches in progress.
+    bytes: u64,
+    /// The writer is copying one blob.
+    busy: bool,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a blob is queued or the store closes.
+    work: Condvar,
+    /// Signalled when the writer finished a blob.
+    done: Condvar,
+    local: Arc<DiskStore>,
+}
+
+/// Verified large blobs in memory, copied to the disk cache in the background.
+pub struct LargeBlobs {
+    shared: Arc<Shared>,
+    budget: u64,
+}
+
+/// Room for one blob being fetched into memory, given back when dropped unless the blob
+/// was taken by [`LargeBlobs::insert`].
+pub struct Reservation {
+    shared: Arc<Shared>,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().bytes -= self.size;
+    }
+}
+
+/// A new, empty memory file that can be sealed.
+pub fn memory_file(name: &std::ffi::CStr) -> std::io::Result<File> {
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Forbids every further change of a memory file's content and size.
+fn seal(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl LargeBlobs {
+    /// Holds up to `budget` bytes of large blobs in memory, copying each into `local` from
+    /// its own thread. A budget of 0 keeps nothing in memory.
+    pub fn new(local: Arc<DiskStore>, budget: u64) -> Arc<Self> {
+        let shared =
+            Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new(), done: Condvar::new(), local });
+        let mut budget = budget;
+        if budget > 0 {
+            let s = shared.clone();
+            let spawned = std::thread::Builder::new().name("casfs-large-writer".into()).spawn(move || writer(&s));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no background writer for large blobs; they go to the disk directly");
+                budget = 0;
+            }
+        }
+        Arc::new(LargeBlobs { shared, budget })
+    }
+
+    /// The memory file of a blob held here.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<File>> {
+        self.shared.state.lock().unwrap().files.get(digest).cloned()
+    }
+
+    /// True when the blob is held here.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.shared.state.lock().unwrap().files.contains_key(digest)
+    }
+
+    /// Room for a blob of `size` bytes, if the budget has it.
+    pub fn reserve(&self, size: u64) -> Option<Reservation> {
+        let mut s = self.shared.state.lock().unwrap();
+        if s.closed || s.bytes + size > self.budget {
+            return None;
+        }
+        s.bytes += size;
+        Some(Reservation { shared: self.shared.clone(), size })
+    }
+
+    /// Takes a memory file holding exactly the bytes of `digest`, already verified: it is
+    /// sealed, served from here at once and queued for the disk cache.
+    pub fn insert(&self, mut room: Reservation, digest: Digest, file: File) -> Arc<File> {
+        if let Err(e) = seal(&file) {
+            tracing::debug!(digest = %digest, error = %e, "could not seal a memory file");
+        }
+        let file = Arc::new(file);
+        // The reservation's bytes now count for the held file.
+        room.size = 0;
+        drop(room);
+        let mut s = self.shared.state.lock().unwrap();
+        if let Some(old) = s.files.insert(digest, file.clone()) {
+            // Fetched twice (a race with the disk path): keep one copy's bytes.
+            drop(old);
+            s.bytes -= digest.size();
+        } else {
+            s.queue.push_back(digest);
+        }
+        drop(s);
+        self.shared.work.notify_one();
+        file
+    }
+
+    /// Bytes held or reserved.
+    pub fn bytes(&self) -> u64 {
+        self.shared.state.lock().unwrap().bytes
+    }
+
+    /// Waits until every blob taken so far is in the disk cache (or failed to get there).
+    pub fn flush(&self) {
+        let mut s = self.shared.state.lock().unwrap();
+        while !s.queue.is_empty() || s.busy {
+            s = self.shared.done.wait(s).unwrap();
+        }
+    }
+}
+
+impl Drop for LargeBlobs {
+    fn drop(&mut self) {
+        self.flush();
+        self.shared.state.lock().unwrap().closed = true;
+        self.shared.work.notify_all();
+    }
+}
+
+/// The writer thread: copies queued blobs into the disk cache, then forgets their memory
+/// files (only after they are on disk). A blob that cannot be written stays in memory.
+fn writer(shared: &Shared) {
+    loop {
+        let (digest, file) = {
+            let mut s = shared.state.lock().unwrap();
+            loop {
+                if let Some(d) = s.queue.pop_front() {
+                    if let Some(f) = s.files.get(&d).cloned() {
+                        s.busy = true;
+                        break (d, f);
+                    }
+                } else if s.closed {
+                    return;
+                } else {
+                    s = shared.work.wait(s).unwrap();
+                }
+            }
+        };
+        let res = shared.local.insert_verified_file(&digest, &file);
+        drop(file);
+        let mut s = shared.state.lock().unwrap();
+        match res {
+            Ok(()) => {
+                if s.files.remove(&digest).is_some() {
+                    s.bytes -= digest.size();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "could not copy a blob to the disk cache; kept in memory")
+            }
+        }
+        s.busy = false;
+        drop(s);
+        shared.done.notify_all();
+    }
+}
