@@ -26,10 +26,12 @@ pub mod channel;
 pub mod disk;
 pub mod grpc;
 pub mod memory;
+pub mod pack;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
 pub use memory::MemoryStore;
+pub use pack::PackStore;
 
 /// A stream of blob chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
