@@ -1,13 +1,4 @@
-//! Pack store: small verified blobs kept in append-only pack files, so caching a batch costs one write.
-//!
-//! Files in the folder: `{seq:010}-{pid}-{nonce:08x}.pack`, a run of records (magic u32 LE,
-//! size u32 LE, 32-byte hash, data), and once sealed `<same stem>.idx` (magic, entry count,
-//! pack length, then hash/size/offset per record). A pack is written only by the store that
-//! created it, which holds `flock(LOCK_EX)` on it until it seals it; an unlocked pack without
-//! an index was left by a dead writer and is recovered at open (scanned, cut at its first torn
-//! record, sealed). Packs are never fsynced: this is a cache, and a crash costs at most a tail.
-//! The size bound deletes whole sealed packs, oldest first; blobs read from the older half of
-//! the packs are copied forward by the next append, so the bound behaves like an LRU.
+//! Pack store: small verified blobs in append-only pack files, so caching a batch costs one write.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -27,20 +18,18 @@ pub const MAX_BLOB: u64 = 1 << 20;
 
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"CFSB");
 const IDX_MAGIC: u32 = u32::from_le_bytes(*b"CFSI");
-/// Record header: magic, size, hash.
+/// Bytes before a record's data: magic, size, hash.
 const HEADER: usize = 40;
-/// Index header: magic, entry count, length of the pack it describes.
+/// Bytes before an index's entries (magic, entry count, pack length), and per entry (hash, size, offset).
 const IDX_HEADER: usize = 16;
-/// Index entry: hash, size, offset.
 const IDX_ENTRY: usize = 40;
-const MIN_PACK: u64 = 1 << 20;
-const MAX_PACK: u64 = 64 << 20;
-/// Read handles kept before they are all closed (and reopened on demand).
+/// Read handles kept at most; past that, all are closed and reopened on demand.
 const MAX_OPEN: usize = 256;
 
-/// Index key: the first 128 bits of the hash (collisions are out of reach), so that an entry
-/// takes 28 bytes; reads still compare the full hash stored in the record.
+/// Index key: the first 128 bits of the hash, so an entry takes 28 bytes (reads check the whole hash).
 type Key = [u8; 16];
+/// A record as a scan or an index finds it: hash, size, offset.
+type Entry = ([u8; 32], u32, u32);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Loc {
@@ -49,20 +38,12 @@ struct Loc {
     size: u32,
 }
 
-/// A record as found in a pack or its index.
-struct Entry {
-    hash: [u8; 32],
-    size: u32,
-    offset: u32,
-}
-
 struct Pack {
     seq: u64,
     stem: String,
     bytes: u64,
+    /// Has its index; only sealed packs are evicted (so never a live writer's).
     sealed: bool,
-    /// This store's active pack.
-    writing: bool,
     file: Option<Arc<File>>,
 }
 
@@ -70,20 +51,17 @@ struct Pack {
 struct State {
     index: HashMap<Key, Loc>,
     packs: HashMap<u32, Pack>,
-    /// (seq, id) of every pack, oldest first.
+    /// (seq, id) of every pack, oldest first; those below `cutoff` are the older half.
     order: BTreeSet<(u64, u32)>,
-    /// Packs ordered below this are the older half.
     cutoff: (u64, u32),
     total: u64,
     next_id: u32,
-    max_seq: u64,
-    open_files: usize,
-    /// Blobs read from the older half, to be written again by the next append.
-    requeue: Vec<(Digest, Bytes)>,
-    requeued: HashSet<Key>,
-    requeued_bytes: u64,
+    /// Blobs read from the older half, written again by the next append.
+    requeue: HashMap<Key, (Digest, Bytes)>,
+    requeue_bytes: u64,
 }
 
+/// This store's pack being appended to, locked while the `File` lives.
 struct Active {
     id: u32,
     stem: String,
@@ -92,8 +70,14 @@ struct Active {
 }
 
 /// A blob cache of append-only pack files in one folder, bounded by deleting the oldest packs.
-/// Safe to share between threads; other stores (in this process or others) may use the same
-/// folder at once, each appending to its own pack.
+///
+/// Files: `{seq:010}-{pid}-{nonce:08x}.pack`, records of magic u32 LE, size u32 LE, 32-byte
+/// hash and data; `<stem>.idx` once sealed (magic, count, pack length, then hash/size/offset
+/// per record). A store appends only to its own active pack, holding `flock(LOCK_EX)` on it
+/// until it seals it; an unlocked pack without index is a dead writer's, recovered at open
+/// (cut at its first torn record, then sealed). Nothing is fsynced: a crash costs a tail.
+/// Blobs read from the older half of the packs are copied forward by the next append, so the
+/// bound evicts like an LRU. Other stores, in this process or others, may share the folder.
 pub struct PackStore {
     dir: PathBuf,
     max_bytes: u64,
@@ -107,34 +91,26 @@ impl PackStore {
     pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        let mut names = Vec::new();
-        for e in fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))? {
-            if let Ok(name) = e.ctx(|| format!("reading {}", dir.display()))?.file_name().into_string() {
-                names.push(name);
-            }
-        }
-        let listed: HashSet<&str> = names.iter().map(String::as_str).collect();
-        let mut packs: Vec<(u64, &str)> = names
-            .iter()
-            .filter_map(|n| n.strip_suffix(".pack").and_then(|stem| Some((parse_stem(stem)?, stem))))
-            .collect();
+        let names = list(&dir)?;
+        let mut packs: Vec<(u64, &str)> =
+            names.iter().filter_map(|n| n.strip_suffix(".pack").and_then(|s| Some((parse_stem(s)?, s)))).collect();
         packs.sort_unstable();
         let mut st = State::default();
         for (seq, stem) in packs {
-            match load_pack(&dir, stem, listed.contains(format!("{stem}.idx").as_str())) {
+            match load_pack(&dir, stem, names.contains(&format!("{stem}.idx"))) {
                 Ok(Some((len, sealed, entries))) => {
+                    let pack = st.add_pack(seq, stem, len, sealed);
                     st.index.reserve(entries.len());
-                    let id = st.add_pack(seq, stem, len, sealed, false);
-                    st.add_entries(id, &entries);
+                    for (hash, size, offset) in entries {
+                        st.index.insert(key(&hash), Loc { pack, offset, size });
+                    }
                 }
-                Ok(None) => tracing::debug!(pack = stem, "removed an empty abandoned pack"),
+                Ok(None) => tracing::debug!(pack = stem, "removed a pack with no record"),
                 Err(e) => tracing::warn!(pack = stem, error = %e, "skipping an unreadable pack"),
             }
         }
-        for name in &names {
-            clean_stray(&dir, name);
-        }
-        let pack_size = if max_bytes == 0 { MAX_PACK } else { (max_bytes / 16).clamp(MIN_PACK, MAX_PACK) };
+        names.iter().for_each(|name| clean_stray(&dir, name));
+        let pack_size = if max_bytes == 0 { 64 << 20 } else { (max_bytes / 16).clamp(1 << 20, 64 << 20) };
         let store = PackStore { dir, max_bytes, pack_size, state: Mutex::new(st), writer: Mutex::new(None) };
         store.evict();
         Ok(store)
@@ -142,7 +118,7 @@ impl PackStore {
 
     /// True when the blob is held (the empty blob always is).
     pub fn contains(&self, digest: &Digest) -> bool {
-        digest.is_empty_blob() || lock(&self.state).holds(digest)
+        digest.is_empty_blob() || lock(&self.state).find(digest).is_some()
     }
 
     /// The blob's bytes, checked against its digest; Ok(None) when absent, or when the
@@ -152,52 +128,45 @@ impl PackStore {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
-        let k = key(digest.hash_bytes());
         let (loc, file, stem, old) = {
             let st = lock(&self.state);
-            let Some(&loc) = st.index.get(&k).filter(|l| u64::from(l.size) == digest.size()) else { return Ok(None) };
-            let Some(p) = st.packs.get(&loc.pack) else { return Ok(None) };
+            let Some((loc, p)) = st.find(digest) else { return Ok(None) };
             (loc, p.file.clone(), p.stem.clone(), (p.seq, loc.pack) < st.cutoff)
         };
-        let path = self.dir.join(format!("{stem}.pack"));
-        let file = match file {
-            Some(f) => f,
-            None => match File::open(&path) {
-                Ok(f) => self.keep_open(loc.pack, f),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    tracing::debug!(pack = %stem, "pack deleted by another store; dropping its entries");
-                    lock(&self.state).remove_pack(loc.pack);
-                    return Ok(None);
-                }
-                Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
-            },
+        let path = named(&self.dir, &stem, "pack");
+        let file = match file.map(Ok).unwrap_or_else(|| File::open(&path).map(|f| self.keep_open(loc.pack, f))) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                tracing::debug!(pack = %stem, "pack deleted by another store; dropping its entries");
+                lock(&self.state).remove_pack(loc.pack);
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
         };
         let mut buf = vec![0u8; HEADER + loc.size as usize];
         let bad = match file.read_exact_at(&mut buf, u64::from(loc.offset)) {
             Ok(()) => {
                 le32(&buf, 0) != RECORD_MAGIC
-                    || le32(&buf, 4) != loc.size
                     || buf[8..HEADER] != digest.hash_bytes()[..]
                     || crate::cas::verify(digest, &buf[HEADER..]).is_err()
             }
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => true,
             Err(e) => return Err(Error::io(format!("reading {digest} from {}", path.display()), e)),
         };
+        let k = key(digest.hash_bytes());
+        let mut st = lock(&self.state);
         if bad {
             tracing::warn!(digest = %digest, pack = %stem, "cached blob is corrupt; dropping it");
-            let mut st = lock(&self.state);
             if st.index.get(&k) == Some(&loc) {
                 st.index.remove(&k);
             }
             return Ok(None);
         }
         let data = Bytes::from(buf).slice(HEADER..);
-        if old && self.max_bytes != 0 {
-            let mut st = lock(&self.state);
-            if st.requeued_bytes + digest.size() <= self.pack_size && st.requeued.insert(k) {
-                st.requeued_bytes += digest.size();
-                st.requeue.push((*digest, data.clone()));
-            }
+        let room = st.requeue_bytes + digest.size() <= self.pack_size;
+        if old && self.max_bytes != 0 && room && !st.requeue.contains_key(&k) {
+            st.requeue_bytes += digest.size();
+            st.requeue.insert(k, (*digest, data.clone()));
         }
         Ok(Some(data))
     }
@@ -207,22 +176,23 @@ impl PackStore {
     /// MAX_BLOB or whose length differs from digest.size() is an Error::Internal and nothing
     /// of that call is written.
     pub fn append_verified(&self, blobs: &[(Digest, Bytes)]) -> Result<()> {
-        for (d, data) in blobs {
-            if d.size() > MAX_BLOB || data.len() as u64 != d.size() {
-                let n = data.len();
-                return Err(Error::Internal(format!("cannot pack {d}: {n} bytes given, at most {MAX_BLOB} held")));
-            }
+        if let Some((d, data)) = blobs.iter().find(|(d, data)| d.size() > MAX_BLOB || data.len() as u64 != d.size()) {
+            let n = data.len();
+            let why = format!("cannot pack {d}: {n} bytes given (packs take the digest's size, at most {MAX_BLOB})");
+            return Err(Error::Internal(why));
         }
         let mut w = lock(&self.writer);
         let todo: Vec<(Digest, Bytes)> = {
             let mut st = lock(&self.state);
             let mut seen = HashSet::new();
-            let mut todo: Vec<_> =
-                blobs.iter().filter(|(d, _)| !d.is_empty_blob() && !st.holds(d) && seen.insert(*d)).cloned().collect();
-            st.requeued.clear();
-            st.requeued_bytes = 0;
-            todo.extend(std::mem::take(&mut st.requeue).into_iter().filter(|(d, _)| seen.insert(*d)));
-            todo
+            let fresh: Vec<_> = blobs
+                .iter()
+                .filter(|(d, _)| !d.is_empty_blob() && st.find(d).is_none() && seen.insert(*d))
+                .cloned()
+                .collect();
+            st.requeue_bytes = 0;
+            let again = std::mem::take(&mut st.requeue).into_values().filter(|(d, _)| seen.insert(*d));
+            fresh.into_iter().chain(again).collect()
         };
         let (mut buf, mut recs) = (Vec::new(), Vec::new());
         for (d, data) in &todo {
@@ -257,8 +227,8 @@ impl PackStore {
         self.len() == 0
     }
 
-    /// Writes `buf` (records at offsets `recs` within it) at the end of the active pack, starting
-    /// one if there is none, and indexes them.
+    /// Writes `buf` (records at `recs` offsets in it) at the end of the active pack, starting one
+    /// if there is none, and indexes the records.
     fn flush(&self, w: &mut Option<Active>, buf: &mut Vec<u8>, recs: &mut Vec<(Key, u64, u32)>) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
@@ -267,56 +237,41 @@ impl PackStore {
             Some(a) => a,
             None => w.insert(self.start_pack()?),
         };
-        if let Err(e) = a.file.write_all_at(buf, a.len) {
-            let err = Error::io(format!("appending to {}.pack", a.stem), e);
-            // Cut the partial write off; failing that, give the pack up unsealed (its lock goes
-            // with the file, and the next open cuts the torn tail).
-            if a.file.set_len(a.len).is_err() {
-                if let Some(p) = lock(&self.state).packs.get_mut(&a.id) {
-                    p.writing = false;
-                }
-                *w = None;
-            }
-            buf.clear();
+        let (written, n) = (a.file.write_all_at(buf, a.len), buf.len() as u64);
+        buf.clear();
+        if let Err(e) = written {
             recs.clear();
-            return Err(err);
+            // Cut off what got written of the batch (sealing cuts again in any case).
+            let _ = a.file.set_len(a.len);
+            return Err(Error::io(format!("appending to {}.pack", a.stem), e));
         }
-        let n = buf.len() as u64;
-        let mut st = lock(&self.state);
-        for (k, off, size) in recs.drain(..) {
-            st.index.insert(k, Loc { pack: a.id, offset: (a.len + off) as u32, size });
-        }
+        let base = a.len;
+        a.len += n;
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        // Absent only when its file was deleted under us (a read then dropped the pack).
         if let Some(p) = st.packs.get_mut(&a.id) {
             p.bytes += n;
             st.total += n;
+            for (k, off, size) in recs.drain(..) {
+                st.index.insert(k, Loc { pack: a.id, offset: (base + off) as u32, size });
+            }
         }
-        a.len += n;
-        buf.clear();
+        recs.clear();
         Ok(())
     }
 
-    /// Creates a new active pack, locked before it gets its name so no opener takes it for a
+    /// Creates an active pack, locked before it gets its name, so that no opener takes it for a
     /// dead writer's.
     fn start_pack(&self) -> Result<Active> {
-        let listed = fs::read_dir(&self.dir)
-            .ctx(|| format!("reading {}", self.dir.display()))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".pack").and_then(parse_stem))
-            .max()
-            .unwrap_or(0);
-        let seq = listed.max(lock(&self.state).max_seq) + 1;
+        let seq = list(&self.dir)?.iter().filter_map(|n| parse_stem(n.strip_suffix(".pack")?)).max().unwrap_or(0) + 1;
         for _ in 0..8 {
             let stem = format!("{seq:010}-{}-{:08x}", std::process::id(), rand::random::<u32>());
-            let tmp = self.dir.join(format!("{stem}.pack.tmp"));
-            let path = self.dir.join(format!("{stem}.pack"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .ctx(|| format!("creating {}", tmp.display()))?;
-            // A cleaner in another store may take and remove the temporary file; then try again.
-            let linked = try_lock(&file).ctx(|| format!("locking {}", tmp.display()))?
+            let (tmp, path) = (named(&self.dir, &stem, "pack.tmp"), named(&self.dir, &stem, "pack"));
+            let mut opts = OpenOptions::new();
+            let file = opts.read(true).write(true).create_new(true).open(&tmp).ctx(|| format!("creating {stem}"))?;
+            // Another store's cleaning may take and remove the temporary file first; then try again.
+            let linked = try_lock(&file).ctx(|| format!("locking {stem}"))?
                 && match fs::hard_link(&tmp, &path) {
                     Ok(()) => true,
                     Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::AlreadyExists) => false,
@@ -324,96 +279,64 @@ impl PackStore {
                 };
             let _ = fs::remove_file(&tmp);
             if linked {
-                let id = lock(&self.state).add_pack(seq, &stem, 0, false, true);
+                let id = lock(&self.state).add_pack(seq, &stem, 0, false);
                 return Ok(Active { id, stem, file, len: 0 });
             }
         }
         Err(Error::Internal(format!("could not create a pack file in {}", self.dir.display())))
     }
 
-    /// Seals the active pack: writes its index, then lets its lock go. An empty one is deleted.
+    /// Seals the active pack (writes its index), then lets its lock go. An empty one is deleted.
     fn seal(&self, w: &mut Option<Active>) {
         let Some(a) = w.take() else { return };
-        let path = self.dir.join(format!("{}.pack", a.stem));
         if a.len == 0 {
-            let _ = fs::remove_file(&path);
+            remove_quietly(&named(&self.dir, &a.stem, "pack"));
             lock(&self.state).remove_pack(a.id);
             return;
         }
-        let res = scan(&a.file, a.len).and_then(|(entries, _)| write_idx(&self.dir, &a.stem, &entries, a.len));
-        if let Err(e) = &res {
-            tracing::warn!(pack = %path.display(), error = %e, "could not seal pack; the next open recovers it");
-        }
-        if let Some(p) = lock(&self.state).packs.get_mut(&a.id) {
-            p.writing = false;
-            p.sealed = res.is_ok();
+        let res = a.file.set_len(a.len).and_then(|()| scan(&a.file, a.len));
+        match res.and_then(|(entries, _)| write_idx(&self.dir, &a.stem, &entries, a.len)) {
+            Ok(()) => lock(&self.state).packs.get_mut(&a.id).into_iter().for_each(|p| p.sealed = true),
+            Err(e) => tracing::warn!(pack = %a.stem, error = %e, "could not seal a pack; the next open will"),
         }
     }
 
-    /// Keeps a read handle for a pack, closing all others first when too many are open.
+    /// Keeps a read handle for a pack, first closing all of them when too many are open.
     fn keep_open(&self, id: u32, file: File) -> Arc<File> {
         let file = Arc::new(file);
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if st.open_files >= MAX_OPEN {
+        let mut st = lock(&self.state);
+        if st.packs.values().filter(|p| p.file.is_some()).count() >= MAX_OPEN {
             st.packs.values_mut().for_each(|p| p.file = None);
-            st.open_files = 0;
         }
-        if let Some(p) = st.packs.get_mut(&id).filter(|p| p.file.is_none()) {
-            p.file = Some(file.clone());
-            st.open_files += 1;
+        if let Some(p) = st.packs.get_mut(&id) {
+            p.file.get_or_insert_with(|| file.clone());
         }
         file
     }
 
-    /// Deletes the oldest sealed packs (never this store's active one) while over the bound.
+    /// Deletes the oldest sealed packs (any store's) while over the bound.
     fn evict(&self) {
-        if self.max_bytes == 0 {
-            return;
-        }
-        let mut unsealed = HashSet::new();
         loop {
-            let (id, stem, sealed) = {
-                let st = lock(&self.state);
-                if st.total <= self.max_bytes {
+            let victim = {
+                let mut st = lock(&self.state);
+                if self.max_bytes == 0 || st.total <= self.max_bytes {
                     return;
                 }
-                let candidate = st.order.iter().find_map(|(_, id)| {
-                    st.packs.get(id).filter(|p| !p.writing && !unsealed.contains(id)).map(|p| (*id, p))
-                });
-                let Some((id, p)) = candidate else { return };
-                (id, p.stem.clone(), p.sealed)
+                let oldest = st.order.iter().map(|&(_, id)| id).find(|id| st.packs.get(id).is_some_and(|p| p.sealed));
+                let Some(id) = oldest else { return };
+                st.remove_pack(id)
             };
-            if !sealed {
-                // Another writer's pack as seen at open: evictable once that writer sealed it.
-                if self.dir.join(format!("{stem}.idx")).exists() {
-                    if let Some(p) = lock(&self.state).packs.get_mut(&id) {
-                        p.sealed = true;
-                    }
-                } else {
-                    unsealed.insert(id);
-                }
-                continue;
-            }
-            if lock(&self.state).remove_pack(id).is_none() {
-                continue;
-            }
-            tracing::debug!(pack = %stem, "evicting pack");
-            for ext in ["pack", "idx"] {
-                let path = self.dir.join(format!("{stem}.{ext}"));
-                match fs::remove_file(&path) {
-                    Err(e) if e.kind() != ErrorKind::NotFound => {
-                        tracing::warn!(path = %path.display(), error = %e, "could not delete an evicted pack")
-                    }
-                    _ => {}
-                }
+            if let Some(p) = victim {
+                tracing::debug!(pack = %p.stem, "evicting pack");
+                remove_quietly(&named(&self.dir, &p.stem, "pack"));
+                remove_quietly(&named(&self.dir, &p.stem, "idx"));
             }
         }
     }
 }
 
 impl Drop for PackStore {
-    /// Seals the active pack, so the next open loads its index instead of scanning it.
+    /// Seals the active pack, so that the next open loads its index instead of scanning it.
     fn drop(&mut self) {
         let mut w = lock(&self.writer);
         self.seal(&mut w);
@@ -421,34 +344,26 @@ impl Drop for PackStore {
 }
 
 impl State {
-    fn holds(&self, d: &Digest) -> bool {
-        self.index.get(&key(d.hash_bytes())).is_some_and(|l| u64::from(l.size) == d.size())
+    /// Where a blob is, when held.
+    fn find(&self, d: &Digest) -> Option<(Loc, &Pack)> {
+        let loc = *self.index.get(&key(d.hash_bytes()))?;
+        (u64::from(loc.size) == d.size()).then(|| Some((loc, self.packs.get(&loc.pack)?)))?
     }
 
-    fn add_pack(&mut self, seq: u64, stem: &str, bytes: u64, sealed: bool, writing: bool) -> u32 {
+    fn add_pack(&mut self, seq: u64, stem: &str, bytes: u64, sealed: bool) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
-        self.packs.insert(id, Pack { seq, stem: stem.to_string(), bytes, sealed, writing, file: None });
+        self.packs.insert(id, Pack { seq, stem: stem.to_string(), bytes, sealed, file: None });
         self.order.insert((seq, id));
         self.total += bytes;
-        self.max_seq = self.max_seq.max(seq);
         self.recut();
         id
-    }
-
-    fn add_entries(&mut self, pack: u32, entries: &[Entry]) {
-        for e in entries {
-            self.index.insert(key(&e.hash), Loc { pack, offset: e.offset, size: e.size });
-        }
     }
 
     fn remove_pack(&mut self, id: u32) -> Option<Pack> {
         let p = self.packs.remove(&id)?;
         self.order.remove(&(p.seq, id));
         self.total -= p.bytes;
-        if p.file.is_some() {
-            self.open_files -= 1;
-        }
         self.index.retain(|_, l| l.pack != id);
         self.recut();
         Some(p)
@@ -459,17 +374,16 @@ impl State {
     }
 }
 
-/// Indexes one pack as `(length, sealed, records)`: from its index when it has a valid one;
-/// else by a scan, sealing it when its writer is gone. None when it held nothing (then removed).
+/// Indexes a pack as `(length, sealed, records)`: from its index when valid, else by a scan,
+/// sealing it when its writer is gone. None when it held no record (then it is removed).
 fn load_pack(dir: &Path, stem: &str, has_idx: bool) -> io::Result<Option<(u64, bool, Vec<Entry>)>> {
-    let path = dir.join(format!("{stem}.pack"));
-    let idx = dir.join(format!("{stem}.idx"));
+    let (path, idx) = (named(dir, stem, "pack"), named(dir, stem, "idx"));
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
     let len = file.metadata()?.len();
     if has_idx {
         match read_idx(&idx, len) {
             Ok(entries) => return Ok(Some((len, true, entries))),
-            Err(e) => tracing::warn!(pack = %path.display(), error = %e, "pack index unusable; rescanning the pack"),
+            Err(e) => tracing::warn!(pack = stem, error = %e, "pack index unusable; rescanning the pack"),
         }
     }
     if !try_lock(&file)? {
@@ -477,26 +391,29 @@ fn load_pack(dir: &Path, stem: &str, has_idx: bool) -> io::Result<Option<(u64, b
         return Ok(Some((len, false, scan(&file, len)?.0)));
     }
     // Its writer is gone, or sealed it since the folder was listed.
-    if !has_idx {
-        if let Ok(entries) = read_idx(&idx, len) {
-            return Ok(Some((len, true, entries)));
-        }
+    if let Some(Ok(entries)) = (!has_idx).then(|| read_idx(&idx, len)) {
+        return Ok(Some((len, true, entries)));
     }
     let (entries, end) = scan(&file, len)?;
     if entries.is_empty() {
         fs::remove_file(&path)?;
-        let _ = fs::remove_file(&idx);
+        remove_quietly(&idx);
         return Ok(None);
     }
     if end < len {
-        tracing::warn!(pack = %path.display(), kept = end, dropped = len - end, "cutting a torn pack tail");
+        tracing::warn!(pack = stem, kept = end, dropped = len - end, "cutting a torn pack tail");
         file.set_len(end)?;
     }
     write_idx(dir, stem, &entries, end)?;
     Ok(Some((end, true, entries)))
 }
 
-/// The complete records of a pack up to `len`, and where they end (the first bad or torn record).
+/// True when a record of `size` bytes at `offset` fits a pack of `len` bytes.
+fn fits(size: u32, offset: u64, len: u64) -> bool {
+    size != 0 && u64::from(size) <= MAX_BLOB && offset + HEADER as u64 + u64::from(size) <= len
+}
+
+/// The whole records of a pack up to `len`, and where they end (at the first bad or torn one).
 fn scan(file: &File, len: u64) -> io::Result<(Vec<Entry>, u64)> {
     let mut r = BufReader::with_capacity(1 << 18, file);
     r.seek(SeekFrom::Start(0))?;
@@ -507,15 +424,12 @@ fn scan(file: &File, len: u64) -> io::Result<(Vec<Entry>, u64)> {
             res => res?,
         }
         let size = le32(&head, 4);
-        let end = off + HEADER as u64 + u64::from(size);
-        if le32(&head, 0) != RECORD_MAGIC || size == 0 || u64::from(size) > MAX_BLOB || end > len {
+        if le32(&head, 0) != RECORD_MAGIC || !fits(size, off, len) {
             break;
         }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&head[8..]);
-        entries.push(Entry { hash, size, offset: off as u32 });
+        entries.push((std::array::from_fn(|i| head[8 + i]), size, off as u32));
         r.seek_relative(i64::from(size))?;
-        off = end;
+        off += HEADER as u64 + u64::from(size);
     }
     Ok((entries, off))
 }
@@ -527,20 +441,15 @@ fn read_idx(path: &Path, pack_len: u64) -> io::Result<Vec<Entry>> {
     if b.len() < IDX_HEADER || le32(&b, 0) != IDX_MAGIC {
         return Err(bad("not a pack index"));
     }
-    if b.len() as u64 != IDX_HEADER as u64 + u64::from(le32(&b, 4)) * IDX_ENTRY as u64 || le64(&b, 8) != pack_len {
+    if b.len() as u64 != (IDX_HEADER + IDX_ENTRY * le32(&b, 4) as usize) as u64 || le64(&b, 8) != pack_len {
         return Err(bad("index does not match its pack"));
     }
-    let mut out = Vec::with_capacity((b.len() - IDX_HEADER) / IDX_ENTRY);
-    for e in b[IDX_HEADER..].chunks_exact(IDX_ENTRY) {
-        let (size, offset) = (le32(e, 32), le32(e, 36));
-        if size == 0 || u64::from(size) > MAX_BLOB || u64::from(offset) + (HEADER as u64) + u64::from(size) > pack_len {
-            return Err(bad("entry outside its pack"));
-        }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&e[..32]);
-        out.push(Entry { hash, size, offset });
+    let entry = |e: &[u8]| (std::array::from_fn(|i| e[i]), le32(e, 32), le32(e, 36));
+    let entries: Vec<Entry> = b[IDX_HEADER..].chunks_exact(IDX_ENTRY).map(entry).collect();
+    match entries.iter().all(|&(_, size, offset)| fits(size, u64::from(offset), pack_len)) {
+        true => Ok(entries),
+        false => Err(bad("entry outside its pack")),
     }
-    Ok(out)
 }
 
 /// Writes a pack's index through a temporary file and a rename.
@@ -549,52 +458,37 @@ fn write_idx(dir: &Path, stem: &str, entries: &[Entry], pack_len: u64) -> io::Re
     b.extend_from_slice(&IDX_MAGIC.to_le_bytes());
     b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     b.extend_from_slice(&pack_len.to_le_bytes());
-    for e in entries {
-        b.extend_from_slice(&e.hash);
-        b.extend_from_slice(&e.size.to_le_bytes());
-        b.extend_from_slice(&e.offset.to_le_bytes());
+    for (hash, size, offset) in entries {
+        b.extend_from_slice(hash);
+        b.extend_from_slice(&size.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
     }
-    let tmp = dir.join(format!("{stem}.idx.tmp"));
+    let tmp = named(dir, stem, "idx.tmp");
     fs::write(&tmp, &b)?;
-    fs::rename(&tmp, dir.join(format!("{stem}.idx")))
+    fs::rename(&tmp, named(dir, stem, "idx"))
 }
 
-/// Removes what dead writers and evictors leave: unlocked pack temporaries, and index files
-/// (or their temporaries) whose pack is gone or already sealed. Other files are left alone.
+/// Removes what dead writers and evictors leave: unlocked pack temporaries and indexes whose
+/// pack is gone (a stray index temporary is overwritten when its pack is recovered).
 fn clean_stray(dir: &Path, name: &str) {
     let path = dir.join(name);
-    let exists = |stem: &str, ext: &str| dir.join(format!("{stem}.{ext}")).exists();
-    let valid = |s: &&str| parse_stem(s).is_some();
-    let stray = if name.strip_suffix(".pack.tmp").filter(valid).is_some() {
-        // Kept open (so locked) until removed: a creator that locked it first is left alone.
-        if let Ok(f) = File::open(&path) {
-            if try_lock(&f).unwrap_or(false) {
-                let _ = fs::remove_file(&path);
-            }
-        }
-        false
-    } else if let Some(stem) = name.strip_suffix(".idx.tmp").filter(valid) {
-        !exists(stem, "pack") || exists(stem, "idx")
-    } else if let Some(stem) = name.strip_suffix(".idx").filter(valid) {
-        !exists(stem, "pack")
-    } else {
-        false
-    };
-    if stray {
-        let _ = fs::remove_file(&path);
+    let stem_of = |suffix: &str| name.strip_suffix(suffix).filter(|s| parse_stem(s).is_some());
+    // A pack temporary is removed while we hold its lock, so a creator that locked it first is left alone.
+    let locked = || File::open(&path).and_then(|f| Ok((try_lock(&f)?, f))).is_ok_and(|(locked, _)| locked);
+    let orphan = |stem: &str| !named(dir, stem, "pack").exists();
+    if (stem_of(".pack.tmp").is_some() && locked()) || stem_of(".idx").is_some_and(orphan) {
+        remove_quietly(&path);
     }
 }
 
 /// The seq of a pack stem `{seq}-{pid}-{nonce:08x}`; None for any other name.
 fn parse_stem(stem: &str) -> Option<u64> {
-    let mut parts = stem.split('-');
-    let (seq, pid, nonce) = (parts.next()?, parts.next()?, parts.next()?);
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let ok = parts.next().is_none() && digits(pid) && nonce.len() == 8 && nonce.bytes().all(|b| b.is_ascii_hexdigit());
-    if ok && digits(seq) {
-        seq.parse().ok()
-    } else {
-        None
+    match stem.split('-').collect::<Vec<_>>()[..] {
+        [seq, pid, nonce] if digits(seq) && digits(pid) && nonce.len() == 8 => {
+            nonce.bytes().all(|b| b.is_ascii_hexdigit()).then(|| seq.parse().ok())?
+        }
+        _ => None,
     }
 }
 
@@ -605,10 +499,25 @@ fn try_lock(file: &File) -> io::Result<bool> {
         return Ok(true);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
+    (e.raw_os_error() == Some(libc::EWOULDBLOCK)).then_some(false).ok_or(e)
+}
+
+/// The names in a folder.
+fn list(dir: &Path) -> Result<HashSet<String>> {
+    let rd = fs::read_dir(dir).ctx(|| format!("reading {}", dir.display()))?;
+    Ok(rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+}
+
+fn named(dir: &Path, stem: &str, ext: &str) -> PathBuf {
+    dir.join(format!("{stem}.{ext}"))
+}
+
+fn remove_quietly(path: &Path) {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), error = %e, "could not delete a pack store file")
+        }
+        _ => {}
     }
 }
 
@@ -617,12 +526,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn key(hash: &[u8; 32]) -> Key {
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&hash[..16]);
-    k
+    std::array::from_fn(|i| hash[i])
 }
 
-/// Callers check that `b` holds `at + 4` bytes.
+/// Little-endian numbers at `at`; callers check that `b` is long enough.
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(std::array::from_fn(|i| b[at + i]))
 }
