@@ -96,6 +96,7 @@ fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
 fn append_read_and_reopen() -> TestResult {
     fn shared<T: Send + Sync>() {}
     shared::<PackStore>();
+    assert_eq!(std::mem::size_of::<(Key, Loc)>(), 28, "index entries stay compact");
     let dir = tempdir()?;
     let bs = blobs(0..50, 100);
     {
@@ -134,6 +135,23 @@ fn a_live_writers_pack_is_read_but_left_alone() -> TestResult {
     let u = PackStore::open(dir.path(), 0)?;
     assert_reads(&u, &old)?;
     assert_reads(&u, &new)
+}
+
+#[test]
+fn a_pack_deleted_by_another_store_reads_as_absent() -> TestResult {
+    let dir = tempdir()?;
+    let (old, new) = (blobs(0..5, 100), blobs(5..10, 100));
+    PackStore::open(dir.path(), 0)?.append_verified(&old)?;
+    let s = PackStore::open(dir.path(), 0)?;
+    s.append_verified(&new)?;
+    // As another store's eviction would: the sealed pack and its index go.
+    let sealed = files(dir.path(), "idx").remove(0);
+    fs::remove_file(sealed.with_extension("pack"))?;
+    fs::remove_file(sealed)?;
+    assert_eq!(s.read(&old[0].0)?, None);
+    assert!(old.iter().all(|(d, _)| !s.contains(d)), "all of the pack's entries are dropped");
+    assert_eq!((s.len(), s.total_bytes()), (5, disk_bytes(dir.path())));
+    assert_reads(&s, &new)
 }
 
 #[test]
