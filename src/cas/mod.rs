@@ -26,11 +26,13 @@ pub mod channel;
 pub mod disk;
 pub mod grpc;
 pub mod memory;
+pub mod pack;
 pub mod pipe;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
 pub use memory::MemoryStore;
+pub use pack::PackStore;
 
 /// A stream of blob chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
