@@ -9,14 +9,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
 
-use super::{ActionCache, ByteStream, Cas, CHUNK};
+use super::{ActionCache, ByteStream, Cas, PackStore, CHUNK};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
@@ -70,11 +71,17 @@ impl Lru {
     }
 }
 
+/// Share of the bound small blobs in packs get, once something uses them (1 in this many).
+const PACK_SHARE: u64 = 4;
+
 /// A persistent blob store and action cache in a local folder.
 pub struct DiskStore {
     root: PathBuf,
-    max_bytes: u64,
+    /// Bound of the blob files (lowered when the pack store takes its share).
+    max_bytes: AtomicU64,
     lru: Mutex<Lru>,
+    /// Small blobs in pack files under `packs/`, opened on first use (by the mount's cache).
+    packs: OnceLock<Option<PackStore>>,
 }
 
 impl DiskStore {
@@ -115,7 +122,8 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru) };
+        let store =
+            DiskStore { root, max_bytes: AtomicU64::new(max_bytes), lru: Mutex::new(lru), packs: OnceLock::new() };
         store.evict(None);
         Ok(store)
     }
@@ -129,6 +137,29 @@ impl DiskStore {
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();
         self.root.join("cas").join(&hex[..2]).join(hex)
+    }
+
+    /// The small-blob pack store beside the blob files (`packs/`), opened on first use with a
+    /// quarter of the bound, which the blob files give up. `None` if it cannot be opened.
+    /// Blobs there have no file of their own: readers take their bytes.
+    pub fn packs(&self) -> Option<&PackStore> {
+        self.packs
+            .get_or_init(|| {
+                let files = self.max_bytes.load(Ordering::Relaxed);
+                let share = files / PACK_SHARE;
+                match PackStore::open(self.root.join("packs"), share) {
+                    Ok(p) => {
+                        self.max_bytes.store(files - share, Ordering::Relaxed);
+                        self.evict(None);
+                        Some(p)
+                    }
+                    Err(e) => {
+                        tracing::warn!(root = %self.root.display(), error = %e, "no pack store; small blobs get files");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// Total bytes of blobs held.
@@ -153,13 +184,14 @@ impl DiskStore {
     }
 
     fn evict(&self, keep: Option<&Digest>) {
-        if self.max_bytes == 0 {
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        if max_bytes == 0 {
             return;
         }
         let mut victims = Vec::new();
         {
             let mut lru = self.lru.lock().unwrap();
-            while lru.total > self.max_bytes {
+            while lru.total > max_bytes {
                 let Some((_, d)) = lru.order.iter().find(|(_, d)| Some(*d) != keep).map(|(t, d)| (*t, *d)) else {
                     break;
                 };

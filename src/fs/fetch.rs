@@ -198,6 +198,8 @@ impl Fetcher {
             .max_capacity(cfg.dir_cache_bytes)
             .weigher(|_, d: &Arc<Directory>| (64 + 96 * d.len()).min(u32::MAX as usize) as u32)
             .build();
+        // Opened here, not on the first read: its index loads in proportion to the cache.
+        let _ = local.packs();
         let empty_file = local.root().join("empty");
         std::fs::write(&empty_file, b"").map_err(|e| Error::io("creating the empty backing file", e))?;
         Ok(Arc::new(Fetcher {
@@ -277,7 +279,7 @@ impl Fetcher {
     }
 
     async fn fetch_dir(&self, digest: Digest, inst: u16) -> Result<Arc<Directory>> {
-        let bytes = if let Some(b) = self.hot.get(&digest) {
+        let bytes = if let Some(b) = self.bytes_now(&digest) {
             b
         } else if self.local.contains(&digest) {
             self.local.read(&digest).await?
@@ -315,13 +317,35 @@ impl Fetcher {
         None
     }
 
-    /// The bytes of a small blob held in memory now (no fetch, no disk).
+    /// The bytes of a small blob at hand now (no fetch): held in memory, or in the disk
+    /// cache's packs (then kept in memory as well).
     pub fn bytes_now(&self, digest: &Digest) -> Option<bytes::Bytes> {
-        let hit = self.hot.get(digest);
-        if hit.is_some() {
+        if let Some(b) = self.hot.get(digest) {
             self.mem_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(b);
         }
-        hit
+        let packs = self.local.packs()?;
+        match packs.read(digest) {
+            Ok(Some(b)) => {
+                self.disk_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.hot.remember(*digest, b.clone());
+                Some(b)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "cannot read the local cache's packs");
+                None
+            }
+        }
+    }
+
+    /// True when the blob is local: in memory or in the disk cache (no fetch).
+    fn is_local(&self, digest: &Digest) -> bool {
+        digest.is_empty_blob()
+            || self.hot.contains(digest)
+            || self.large.contains(digest)
+            || self.local.packs().is_some_and(|p| p.contains(digest))
+            || self.local.contains(digest)
     }
 
     /// Waits until every blob fetched so far is in the disk cache (blocking).
@@ -371,10 +395,14 @@ impl Fetcher {
         }
         self.load(digest, inst, parent).await?;
         if !self.local.contains(&digest) && !self.large.contains(&digest) {
-            let this = self.clone();
-            tokio::task::spawn_blocking(move || this.hot.persist(&digest))
-                .await
-                .map_err(|e| Arc::new(Error::Internal(format!("storing {digest}: {e}"))))?;
+            // A small blob, in memory or a pack: give it a file of its own.
+            if let Some(bytes) = self.bytes_now(&digest) {
+                let local = self.local.clone();
+                tokio::task::spawn_blocking(move || local.insert_verified(&digest, &bytes))
+                    .await
+                    .map_err(|e| Arc::new(Error::Internal(format!("storing {digest}: {e}"))))?
+                    .map_err(Arc::new)?;
+            }
         }
         self.file_now(&digest)
             .map_err(Arc::new)?
@@ -390,11 +418,7 @@ impl Fetcher {
         inst: u16,
         parent: Option<Digest>,
     ) -> std::result::Result<(), Arc<Error>> {
-        if digest.is_empty_blob()
-            || self.hot.contains(&digest)
-            || self.large.contains(&digest)
-            || self.local.touch(&digest)
-        {
+        if self.is_local(&digest) {
             return Ok(());
         }
         self.metrics.add("casfs_blob_cache_misses_total", 1);
@@ -484,7 +508,7 @@ impl Fetcher {
             return Ok(Vec::new());
         }
         self.load(digest, inst, None).await.map_err(|e| super::core::shared_err(&e))?;
-        if let Some(b) = self.hot.get(&digest) {
+        if let Some(b) = self.bytes_now(&digest) {
             return Ok(b.to_vec());
         }
         let file = self.file_now(&digest)?.ok_or(Error::MissingBlob(digest))?;
@@ -506,7 +530,7 @@ impl Fetcher {
     /// Whether instance `inst` holds a blob (for lookups that must not answer for absent
     /// content).
     pub async fn exists(&self, digest: Digest, inst: u16) -> Result<bool> {
-        if self.local.contains(&digest) || self.hot.contains(&digest) || self.large.contains(&digest) {
+        if self.is_local(&digest) {
             return Ok(true);
         }
         let cas = self.remotes.get(inst)?.cas;
@@ -536,12 +560,7 @@ impl Fetcher {
         let mut seen = std::collections::HashSet::from([*me]);
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB
-                || d.is_empty_blob()
-                || !seen.insert(d)
-                || self.local.contains(&d)
-                || self.hot.contains(&d)
-            {
+            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.is_local(&d) {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

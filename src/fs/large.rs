@@ -160,6 +160,7 @@ impl Drop for LargeBlobs {
 /// The writer thread: copies queued blobs into the disk cache, then forgets their memory
 /// files (only after they are on disk). A blob that cannot be written stays in memory.
 fn writer(shared: &Shared) {
+    super::hot::background_priority();
     loop {
         let (digest, file) = {
             let mut s = shared.state.lock().unwrap();

@@ -141,3 +141,39 @@ fn large_blobs_served_from_memory_reach_the_disk_cache() -> TestResult {
     drop(m);
     Ok(())
 }
+
+#[test]
+fn small_blobs_persist_in_packs_and_serve_after_a_restart() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let mut server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let (root, _) = upload_tree(tmp.path(), &server)?;
+    let cache = tmp.path().join("cache");
+    let mnt = tmp.path().join("mnt");
+    let m = MountProcess::start(&root, &mnt, &server.url, &cache, &[])?;
+    read_small_files(&mnt)?;
+    drop(m);
+    // The small blobs went into pack files, not one cache file each.
+    let packs = walk(&cache.join("packs"))?;
+    assert!(packs.iter().any(|p| p.extension().is_some_and(|e| e == "pack")), "no pack files: {packs:?}");
+    let blob_files = walk(&cache.join("cas"))?;
+    assert!(blob_files.len() < 10, "{} small blobs got files of their own", blob_files.len());
+    server.kill();
+    let m = MountProcess::start(&root, &mnt, &server.url, &cache, &["--fetch-timeout", "3s", "--retries", "0"])?;
+    read_small_files(&mnt)?;
+    assert!(!m.log_text().contains("cannot fetch"), "a small file was fetched again:\n{}", m.log_text());
+    Ok(())
+}
+
+fn walk(dir: &Path) -> TestResult<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
