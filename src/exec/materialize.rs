@@ -22,15 +22,36 @@ const SMALL: u64 = 1 << 20;
 /// outputs the command left alone.
 pub struct Materialized {
     root: PathBuf,
-    files: HashMap<PathBuf, (u64, i64, Digest)>,
+    files: HashMap<PathBuf, (Stamp, Digest)>,
+}
+
+/// What tells an untouched hard link from a changed one: a write changes the size or the
+/// times (to the nanosecond: an append within the second of linking must still count).
+#[derive(PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Stamp {
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 impl Unchanged for Materialized {
     fn digest(&self, rel: &Path) -> Option<Digest> {
-        let (ino, mtime, d) = self.files.get(rel)?;
-        // Same inode with the same mtime: the hard link the command was given, untouched.
+        let (stamp, d) = self.files.get(rel)?;
+        // The hard link the command was given, untouched.
         let meta = std::fs::symlink_metadata(self.root.join(rel)).ok()?;
-        (meta.ino() == *ino && meta.mtime() == *mtime).then_some(*d)
+        (Stamp::of(&meta) == *stamp).then_some(*d)
     }
 }
 
@@ -83,6 +104,7 @@ pub async fn materialize(cas: &SharedCas, cache: &Arc<DiskStore>, root: Digest, 
             std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
         }
         let mut out = Materialized { root: dest.clone(), files: HashMap::new() };
+        let mut linked_paths = Vec::new();
         for (digest, paths) in &layout.files {
             let src = if digest.is_empty_blob() {
                 std::fs::write(&empty, b"").ctx(|| "creating an empty file".into())?;
@@ -103,11 +125,15 @@ pub async fn materialize(cas: &SharedCas, cache: &Arc<DiskStore>, root: Digest, 
                         linked = true;
                     }
                     std::fs::hard_link(&src, p).ctx(|| format!("linking {}", p.display()))?;
-                    let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
-                    let rel = p.strip_prefix(&dest).unwrap_or(p).to_path_buf();
-                    out.files.insert(rel, (m.ino(), m.mtime(), *digest));
+                    linked_paths.push((p, *digest));
                 }
             }
+        }
+        // Stamped once every link exists: each new link changes the shared inode's ctime.
+        for (p, digest) in linked_paths {
+            let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
+            let rel = p.strip_prefix(&dest).unwrap_or(p).to_path_buf();
+            out.files.insert(rel, (Stamp::of(&m), digest));
         }
         let _ = std::fs::remove_file(&empty);
         for (p, target) in &layout.symlinks {

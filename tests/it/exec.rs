@@ -289,10 +289,14 @@ async fn lazy_and_eager_give_identical_results() -> TestResult {
     std::fs::create_dir_all(input.join("src/sub"))?;
     std::fs::write(input.join("src/a.txt"), "alpha\n")?;
     std::fs::write(input.join("src/sub/b.txt"), "beta\n")?;
+    // Large enough to be opened with passthrough in the lazy root; appended to below, so
+    // overlayfs copies it up from the passthrough file.
+    std::fs::write(input.join("src/big.bin"), pseudo_random(11, 3 << 20))?;
     std::fs::write(input.join("tool.sh"), "#!/bin/sh\necho tool ran \"$@\"\n")?;
     std::fs::set_permissions(input.join("tool.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let script = "mkdir -p out/dir/nested && cp src/a.txt out/dir/ && cat src/sub/b.txt > out/dir/nested/b2 && \
-                  ln -s a.txt out/dir/link && ./tool.sh x > out/log && cp -r src out/copy && echo to-stderr >&2";
+                  ln -s a.txt out/dir/link && ./tool.sh x > out/log && cp -r src out/copy && echo to-stderr >&2 && \
+                  sha256sum src/big.bin > out/dir/big.sum && cat src/a.txt >> src/big.bin";
     let argv1 = ["sh", "-c", script];
     let acts: Vec<Act> = vec![
         Act { argv: &argv1, output_paths: &["out/dir", "out/log", "out/copy", "src"], ..Default::default() },
