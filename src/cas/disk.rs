@@ -80,8 +80,10 @@ pub struct DiskStore {
     /// Bound of the blob files (lowered when the pack store takes its share).
     max_bytes: AtomicU64,
     lru: Mutex<Lru>,
-    /// Small blobs in pack files under `packs/`, opened on first use (by the mount's cache).
+    /// Small blobs in pack files under `packs/`, opened on first use; only in a cache of
+    /// remote blobs (see [`DiskStore::open_cache`]).
     packs: OnceLock<Option<PackStore>>,
+    use_packs: bool,
 }
 
 impl DiskStore {
@@ -122,10 +124,21 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store =
-            DiskStore { root, max_bytes: AtomicU64::new(max_bytes), lru: Mutex::new(lru), packs: OnceLock::new() };
+        let store = DiskStore {
+            root,
+            max_bytes: AtomicU64::new(max_bytes),
+            lru: Mutex::new(lru),
+            packs: OnceLock::new(),
+            use_packs: false,
+        };
         store.evict(None);
         Ok(store)
+    }
+
+    /// Opens a store as a local cache of remote blobs (mounts, runs, workers): like
+    /// [`DiskStore::open`], and small blobs may go to pack files (see [`DiskStore::packs`]).
+    pub fn open_cache(root: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
+        Ok(DiskStore { use_packs: true, ..Self::open(root, max_bytes)? })
     }
 
     /// The folder the store lives in.
@@ -139,10 +152,14 @@ impl DiskStore {
         self.root.join("cas").join(&hex[..2]).join(hex)
     }
 
-    /// The small-blob pack store beside the blob files (`packs/`), opened on first use with a
-    /// quarter of the bound, which the blob files give up. `None` if it cannot be opened.
+    /// The small-blob pack store beside the blob files (`packs/`) of a cache, opened on first
+    /// use with a quarter of the bound, which the blob files give up. `None` for a store
+    /// opened with [`DiskStore::open`] (a server's storage) or if it cannot be opened.
     /// Blobs there have no file of their own: readers take their bytes.
     pub fn packs(&self) -> Option<&PackStore> {
+        if !self.use_packs {
+            return None;
+        }
         self.packs
             .get_or_init(|| {
                 let files = self.max_bytes.load(Ordering::Relaxed);

@@ -16,7 +16,7 @@ use super::{CmdResult, RemoteArgs};
 async fn resolve(remote: &RemoteArgs, action: &Digest, path: &str) -> Result<(Arc<CasFs>, Attr, tempfile::TempDir)> {
     let store = Arc::new(remote.store()?);
     let tmp = tempfile::tempdir().map_err(|e| Error::io("creating a temporary cache", e))?;
-    let cache = Arc::new(DiskStore::open(tmp.path(), 0)?);
+    let cache = Arc::new(DiskStore::open_cache(tmp.path(), 0)?);
     let fetcher =
         Fetcher::new(Remotes::single(store.clone(), Some(store)), cache, FetchConfig::default(), Metrics::new())?;
     let fs = CasFs::browse(fetcher, FsConfig::default());

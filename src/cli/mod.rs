@@ -68,7 +68,7 @@ pub struct CacheArgs {
 impl CacheArgs {
     /// Opens (or creates) the cache.
     pub fn open(&self) -> Result<casfs::cas::DiskStore> {
-        casfs::cas::DiskStore::open(&self.cache_dir, self.cache_size)
+        casfs::cas::DiskStore::open_cache(&self.cache_dir, self.cache_size)
     }
 }
 

@@ -5,23 +5,27 @@
 //! blob is fetched into a memory file (memfd) while it is hashed; readers and passthrough
 //! opens get that file the moment its hash matched, and the disk copy follows. Until the
 //! copy is in the disk cache the blob stays here, so a verified blob is always in one of
-//! the two. Memory is bounded: a fetch that finds no room goes straight to the disk cache.
+//! the two. Memory is bounded across every mount of the process (an executor runs many at
+//! once): a fetch that finds no room goes straight to the disk cache.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::cas::DiskStore;
 use crate::digest::Digest;
+
+/// Bytes held in memory files by every `LargeBlobs` of the process, or reserved for fetches
+/// in progress.
+static IN_MEMORY: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct State {
     files: HashMap<Digest, Arc<File>>,
     /// Blobs waiting for the disk, oldest first.
     queue: VecDeque<Digest>,
-    /// Bytes held in `files` plus bytes reserved by fetches in progress.
-    bytes: u64,
     /// The writer is copying one blob.
     busy: bool,
     closed: bool,
@@ -45,13 +49,12 @@ pub struct LargeBlobs {
 /// Room for one blob being fetched into memory, given back when dropped unless the blob
 /// was taken by [`LargeBlobs::insert`].
 pub struct Reservation {
-    shared: Arc<Shared>,
     size: u64,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.shared.state.lock().unwrap().bytes -= self.size;
+        IN_MEMORY.fetch_sub(self.size, Ordering::Relaxed);
     }
 }
 
@@ -75,8 +78,8 @@ fn seal(file: &File) -> std::io::Result<()> {
 }
 
 impl LargeBlobs {
-    /// Holds up to `budget` bytes of large blobs in memory, copying each into `local` from
-    /// its own thread. A budget of 0 keeps nothing in memory.
+    /// Holds large blobs in memory, copying each into `local` from its own thread, while
+    /// the process holds at most `budget` bytes of them. A budget of 0 keeps nothing.
     pub fn new(local: Arc<DiskStore>, budget: u64) -> Arc<Self> {
         let shared =
             Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new(), done: Condvar::new(), local });
@@ -104,12 +107,12 @@ impl LargeBlobs {
 
     /// Room for a blob of `size` bytes, if the budget has it.
     pub fn reserve(&self, size: u64) -> Option<Reservation> {
-        let mut s = self.shared.state.lock().unwrap();
-        if s.closed || s.bytes + size > self.budget {
+        if self.shared.state.lock().unwrap().closed {
             return None;
         }
-        s.bytes += size;
-        Some(Reservation { shared: self.shared.clone(), size })
+        let fits = |held: u64| (held + size <= self.budget).then_some(held + size);
+        IN_MEMORY.fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits).ok()?;
+        Some(Reservation { size })
     }
 
     /// Takes a memory file holding exactly the bytes of `digest`, already verified: it is
@@ -126,7 +129,7 @@ impl LargeBlobs {
         if let Some(old) = s.files.insert(digest, file.clone()) {
             // Fetched twice (a race with the disk path): keep one copy's bytes.
             drop(old);
-            s.bytes -= digest.size();
+            IN_MEMORY.fetch_sub(digest.size(), Ordering::Relaxed);
         } else {
             s.queue.push_back(digest);
         }
@@ -135,9 +138,9 @@ impl LargeBlobs {
         file
     }
 
-    /// Bytes held or reserved.
-    pub fn bytes(&self) -> u64 {
-        self.shared.state.lock().unwrap().bytes
+    /// Bytes the process holds in memory files or has reserved for them.
+    pub fn bytes_in_memory() -> u64 {
+        IN_MEMORY.load(Ordering::Relaxed)
     }
 
     /// Waits until every blob taken so far is in the disk cache (or failed to get there).
@@ -152,7 +155,13 @@ impl LargeBlobs {
 impl Drop for LargeBlobs {
     fn drop(&mut self) {
         self.flush();
-        self.shared.state.lock().unwrap().closed = true;
+        let mut s = self.shared.state.lock().unwrap();
+        s.closed = true;
+        // Blobs that could not reach the disk leave memory with the mount.
+        for (d, _) in s.files.drain() {
+            IN_MEMORY.fetch_sub(d.size(), Ordering::Relaxed);
+        }
+        drop(s);
         self.shared.work.notify_all();
     }
 }
@@ -183,7 +192,7 @@ fn writer(shared: &Shared) {
         match res {
             Ok(()) => {
                 if s.files.remove(&digest).is_some() {
-                    s.bytes -= digest.size();
+                    IN_MEMORY.fetch_sub(digest.size(), Ordering::Relaxed);
                 }
             }
             Err(e) => {

@@ -213,7 +213,7 @@ pub enum Root {
 /// use casfs::cas::{DiskStore, GrpcStore, RemoteConfig};
 /// use casfs::fs::{mount, MountConfig, Remotes, Root};
 /// let remote = Arc::new(GrpcStore::new(&RemoteConfig::new("grpc://127.0.0.1:8980"))?);
-/// let cache = Arc::new(DiskStore::open("/var/cache/casfs", 10 << 30)?);
+/// let cache = Arc::new(DiskStore::open_cache("/var/cache/casfs", 10 << 30)?);
 /// let remotes = Remotes::single(remote, None);
 /// let metrics = casfs::metrics::Metrics::new();
 /// let guard = mount(Root::Digest(root), remotes, cache, MountConfig::new("/mnt/input"), metrics)?;

@@ -81,7 +81,7 @@ fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>)
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
-    let cache = Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?);
+    let cache = Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?);
     let work = tmp.path().join("work");
     let cfg = ExecConfig {
         materialize,
@@ -347,7 +347,7 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     let exec = Executor::new(
         client.clone(),
         client.clone(),
-        Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?),
+        Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?),
         cfg,
         Metrics::new(),
     );
@@ -381,7 +381,7 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     let exec = Arc::new(Executor::new(
         client.clone(),
         client.clone(),
-        Arc::new(DiskStore::open(tmp.path().join("cache"), 0)?),
+        Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?),
         cfg,
         Metrics::new(),
     ));

@@ -46,10 +46,22 @@ struct Fixture {
     remote: Arc<Counting>,
     file: Digest,
     big: Digest,
-    _cache: tempfile::TempDir,
+    cache: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// True when a blob has a file of its own in the local disk cache.
+    fn on_disk(&self, d: &Digest) -> bool {
+        let hex = d.hash_hex();
+        self.cache.path().join("cas").join(&hex[..2]).join(&hex).exists()
+    }
 }
 
 async fn fixture(delay: Duration, deadline: Duration) -> TestResult<Fixture> {
+    fixture_with(delay, FetchConfig { deadline, ..FetchConfig::default() }).await
+}
+
+async fn fixture_with(delay: Duration, cfg: FetchConfig) -> TestResult<Fixture> {
     let remote = Arc::new(Counting { inner: MemoryStore::new(), reads: Default::default(), delay });
     let file = Bytes::from_static(b"contents\n");
     let fd = Digest::of_bytes(&file);
@@ -75,11 +87,10 @@ async fn fixture(delay: Duration, deadline: Duration) -> TestResult<Fixture> {
     let (rd, rb) = root.encode();
     remote.inner.write(&rd, rb.into()).await?;
     let cache = tempfile::tempdir()?;
-    let local = Arc::new(DiskStore::open(cache.path(), 0)?);
-    let cfg = FetchConfig { deadline, ..FetchConfig::default() };
+    let local = Arc::new(DiskStore::open_cache(cache.path(), 0)?);
     let fetcher = Fetcher::new(Remotes::single(remote.clone(), None), local, cfg, Metrics::new())?;
     let fs = CasFs::new(rd, fetcher, FsConfig::default());
-    Ok(Fixture { fs, remote, file: fd, big: bd, _cache: cache })
+    Ok(Fixture { fs, remote, file: fd, big: bd, cache })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,5 +165,27 @@ async fn concurrent_misses_share_one_fetch_and_slow_fetches_hit_the_deadline() -
     let slow = fixture(Duration::from_secs(30), Duration::from_millis(200)).await?;
     let err = slow.fs.lookup(ROOT, "f").await.expect_err("deadline");
     assert_eq!(err.errno(), libc::EIO, "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blobs_wait_in_memory_within_the_budget_and_go_to_disk_beyond_it() -> TestResult {
+    // No memory for large blobs: each is in the disk cache before anyone reads it.
+    let fx = fixture_with(Duration::ZERO, FetchConfig { mem_large_bytes: 0, ..FetchConfig::default() }).await?;
+    let big = fx.fs.lookup(ROOT, "big").await?;
+    fx.fs.load_file(big.ino).await?;
+    assert!(fx.on_disk(&fx.big), "without memory the blob goes to the disk first");
+    assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
+
+    // With room: served from a memory file at once, in the disk cache once flushed.
+    let fx = fixture_with(Duration::ZERO, FetchConfig { mem_large_bytes: 1 << 30, ..FetchConfig::default() }).await?;
+    let big = fx.fs.lookup(ROOT, "big").await?;
+    let file = fx.fs.fetch_backing(big.ino).await?;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    assert!(link.to_string_lossy().starts_with("/memfd:casfs-blob"), "backing file is {link:?}");
+    assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
+    fx.fs.fetcher().flush();
+    assert!(fx.on_disk(&fx.big), "flush leaves the blob in the disk cache");
+    assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
     Ok(())
 }
