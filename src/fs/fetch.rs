@@ -360,10 +360,14 @@ impl Fetcher {
         if let Some(f) = self.large.get(digest) {
             return Ok(Some(f));
         }
+        let Some(path) = self.local_path(digest) else {
+            // Evicted (or never here): an open file of it would outlive the cache's bound.
+            self.fds.invalidate(digest);
+            return Ok(None);
+        };
         if let Some(f) = self.fds.get(digest) {
             return Ok(Some(f));
         }
-        let Some(path) = self.local_path(digest) else { return Ok(None) };
         match std::fs::File::open(&path) {
             Ok(f) => {
                 let f = Arc::new(f);
