@@ -48,26 +48,45 @@ fn read_small_files(mnt: &Path) -> TestResult {
     Ok(())
 }
 
-#[test]
-fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
-    require_fuse!();
+/// The test tree on a server, mounted with `--open-mode MODE` and a metrics listener.
+struct Rig {
+    m: MountProcess,
+    mnt: std::path::PathBuf,
+    addr: String,
+    large: Vec<u8>,
+    _server: ServeProcess,
+    _tmp: tempfile::TempDir,
+}
+
+/// A rig, or None (having said why) when the kernel left the mount in another mode than
+/// `resolved` (no FUSE passthrough).
+fn rig(mode: &str, resolved: &str) -> TestResult<Option<Rig>> {
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let (root, large) = upload_tree(tmp.path(), &server)?;
     let mnt = tmp.path().join("mnt");
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let m = MountProcess::start(&root, &mnt, &server.url, &tmp.path().join("cache"), &["--metrics-listen", &addr])?;
-    if !m.log_text().contains("mode=Auto") {
-        eprintln!("skipped: the kernel offers no FUSE passthrough (mount resolved to another mode)");
-        return Ok(());
+    let extra = ["--metrics-listen", addr.as_str(), "--open-mode", mode];
+    let m = MountProcess::start(&root, &mnt, &server.url, &tmp.path().join("cache"), &extra)?;
+    if !m.log_text().contains(&format!("mode={resolved}")) {
+        eprintln!("skipped: the kernel offers no FUSE passthrough (the mount resolved to another mode)");
+        return Ok(None);
     }
-    assert_eq!(std::fs::read(mnt.join("large.bin"))?, large);
-    let text = http_get(&addr, "/metrics")?;
+    Ok(Some(Rig { m, mnt, addr, large, _server: server, _tmp: tmp }))
+}
+
+#[test]
+fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
+    require_fuse!();
+    let Some(r) = rig("auto", "Auto")? else { return Ok(()) };
+    let Rig { m, mnt, addr, large, .. } = &r;
+    assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
+    let text = http_get(addr, "/metrics")?;
     assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 1, "{text}");
     assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 0, "stopped before small files were read");
 
-    read_small_files(&mnt)?;
-    let text = http_get(&addr, "/metrics")?;
+    read_small_files(mnt)?;
+    let text = http_get(addr, "/metrics")?;
     assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 1, "{text}");
     let opens = metric(&text, "casfs_fuse_ops_total{op=\"open\"}");
     // 1 large + NO_OPEN_AFTER small answered + the first one refused.
@@ -77,12 +96,13 @@ fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
     // The kernel no longer asks: reading everything again (new files too) sends no open,
     // and the large file still reads right, now through the daemon and the page cache.
     std::fs::write("/proc/sys/vm/drop_caches", "1")?;
-    read_small_files(&mnt)?;
-    assert_eq!(std::fs::read(mnt.join("large.bin"))?, large);
-    let text = http_get(&addr, "/metrics")?;
+    read_small_files(mnt)?;
+    assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
+    let text = http_get(addr, "/metrics")?;
     assert_eq!(metric(&text, "casfs_fuse_ops_total{op=\"open\"}"), opens, "opens sent after the switch");
     assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 1);
-    drop(m);
+    let mnt = mnt.clone();
+    drop(r);
     assert!(!casfs::fs::mount::is_mounted(&mnt));
     Ok(())
 }
@@ -90,22 +110,13 @@ fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
 #[test]
 fn passthrough_mode_passes_only_large_files_through() -> TestResult {
     require_fuse!();
-    let tmp = tempfile::tempdir()?;
-    let server = ServeProcess::start(&tmp.path().join("storage"))?;
-    let (root, large) = upload_tree(tmp.path(), &server)?;
-    let mnt = tmp.path().join("mnt");
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let extra = ["--metrics-listen", addr.as_str(), "--open-mode", "passthrough"];
-    let m = MountProcess::start(&root, &mnt, &server.url, &tmp.path().join("cache"), &extra)?;
-    if !m.log_text().contains("mode=Passthrough") {
-        eprintln!("skipped: the kernel offers no FUSE passthrough (mount resolved to another mode)");
-        return Ok(());
-    }
-    read_small_files(&mnt)?;
+    let Some(r) = rig("passthrough", "Passthrough")? else { return Ok(()) };
+    let Rig { mnt, addr, large, .. } = &r;
+    read_small_files(mnt)?;
     for _ in 0..3 {
-        assert_eq!(std::fs::read(mnt.join("large.bin"))?, large);
+        assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
     }
-    let text = http_get(&addr, "/metrics")?;
+    let text = http_get(addr, "/metrics")?;
     assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 3, "{text}");
     assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 0, "passthrough mode never stops answering");
     Ok(())
