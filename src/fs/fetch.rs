@@ -486,7 +486,13 @@ impl Fetcher {
                 let Some(room) = self.large.reserve(digest.size()) else {
                     return self.local.write_stream(&digest, counted).await;
                 };
-                let file = memory_file(c"casfs-blob").map_err(|e| Error::io("creating a memory file", e))?;
+                let file = match memory_file(c"casfs-blob") {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no memory file; writing to the disk cache first");
+                        return self.local.write_stream(&digest, counted).await;
+                    }
+                };
                 let file = crate::cas::pipe::write_verified(&digest, counted, file).await?;
                 self.large.insert(room, digest, file);
                 Ok(())
