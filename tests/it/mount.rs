@@ -249,7 +249,8 @@ fn corrupt_blobs_give_eio_and_never_reach_the_cache() -> TestResult {
     Ok(())
 }
 
-fn walk_files(p: &Path) -> Vec<PathBuf> {
+/// Every file below `p` (none when `p` is absent).
+pub(crate) fn walk_files(p: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(p) {
         for e in rd.flatten() {

@@ -6,7 +6,7 @@ use std::path::Path;
 use casfs::digest::Digest;
 
 use crate::common::*;
-use crate::mount::{http_get, MountProcess};
+use crate::mount::{http_get, walk_files, MountProcess};
 
 /// Small files in the test tree: more than `auto` answers opens for.
 const SMALL_FILES: usize = casfs::fs::fuse::NO_OPEN_AFTER as usize + 200;
@@ -165,26 +165,13 @@ fn small_blobs_persist_in_packs_and_serve_after_a_restart() -> TestResult {
     read_small_files(&mnt)?;
     drop(m);
     // The small blobs went into pack files, not one cache file each.
-    let packs = walk(&cache.join("packs"))?;
+    let packs = walk_files(&cache.join("packs"));
     assert!(packs.iter().any(|p| p.extension().is_some_and(|e| e == "pack")), "no pack files: {packs:?}");
-    let blob_files = walk(&cache.join("cas"))?;
+    let blob_files = walk_files(&cache.join("cas"));
     assert!(blob_files.len() < 10, "{} small blobs got files of their own", blob_files.len());
     server.kill();
     let m = MountProcess::start(&root, &mnt, &server.url, &cache, &["--fetch-timeout", "3s", "--retries", "0"])?;
     read_small_files(&mnt)?;
     assert!(!m.log_text().contains("cannot fetch"), "a small file was fetched again:\n{}", m.log_text());
     Ok(())
-}
-
-fn walk(dir: &Path) -> TestResult<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            out.extend(walk(&p)?);
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(out)
 }
