@@ -57,6 +57,21 @@ pub enum Error {
     /// A bug or an impossible state; never caused by input.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A directory operation on something that is not a directory (ENOTDIR).
+    #[error("{0}: not a directory")]
+    NotADirectory(String),
+    /// A file operation on a directory (EISDIR).
+    #[error("{0}: is a directory")]
+    IsADirectory(String),
+    /// readlink of something that is not a symbolic link (EINVAL).
+    #[error("{0}: not a symbolic link")]
+    NotASymlink(String),
+    /// A file casfs made has no blob behind it (ENODATA): no digest, no backing file.
+    #[error("{0}: made-up file without a blob")]
+    NoBlob(String),
+    /// A fetch that several readers shared failed; each gets this, with the digest.
+    #[error("fetching {digest}: {source}")]
+    Fetch { digest: Digest, source: std::sync::Arc<Error> },
 }
 
 impl Error {
@@ -86,6 +101,10 @@ impl Error {
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Code::ResourceExhausted,
             Error::Io { .. } | Error::Internal(_) => Code::Internal,
             Error::Remote { code, .. } => *code,
+            Error::NotADirectory(_) | Error::IsADirectory(_) | Error::NotASymlink(_) | Error::NoBlob(_) => {
+                Code::FailedPrecondition
+            }
+            Error::Fetch { source, .. } => source.code(),
         }
     }
 
@@ -95,6 +114,13 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::NotFound(_) => libc::ENOENT,
             Error::Unimplemented(_) => libc::ENOSYS,
+            Error::NotADirectory(_) => libc::ENOTDIR,
+            Error::IsADirectory(_) => libc::EISDIR,
+            Error::NotASymlink(_) => libc::EINVAL,
+            Error::NoBlob(_) => libc::ENODATA,
+            // Whatever went wrong while fetching (a local disk error included), the reader
+            // sees an I/O error, or "no such name" when the name itself is absent.
+            Error::Fetch { source, .. } if matches!(**source, Error::NotFound(_)) => libc::ENOENT,
             // A missing or corrupt blob below a visible name is an I/O error, not ENOENT:
             // the name exists, its content could not be produced.
             _ => libc::EIO,
@@ -104,6 +130,15 @@ impl Error {
     /// True when retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
+    }
+
+    /// The blob whose absence caused this error, looking through shared fetch failures.
+    pub fn missing_blob(&self) -> Option<Digest> {
+        match self {
+            Error::MissingBlob(d) => Some(*d),
+            Error::Fetch { source, .. } => source.missing_blob(),
+            _ => None,
+        }
     }
 }
 

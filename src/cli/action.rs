@@ -6,8 +6,7 @@ use std::sync::Arc;
 use casfs::cas::DiskStore;
 use casfs::digest::Digest;
 use casfs::error::{Error, Result};
-use casfs::fs::core::{Attr, Kind};
-use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig, Remotes};
+use casfs::fs::{browse, Attr, CasFs, FetchConfig, Fetcher, FsConfig, Kind, Remote};
 use casfs::metrics::Metrics;
 
 use super::{CmdResult, RemoteArgs};
@@ -17,9 +16,9 @@ async fn resolve(remote: &RemoteArgs, action: &Digest, path: &str) -> Result<(Ar
     let store = Arc::new(remote.store()?);
     let tmp = tempfile::tempdir().map_err(|e| Error::io("creating a temporary cache", e))?;
     let cache = Arc::new(DiskStore::open_cache(tmp.path(), 0)?);
-    let fetcher =
-        Fetcher::new(Remotes::single(store.clone(), Some(store)), cache, FetchConfig::default(), Metrics::new())?;
-    let fs = CasFs::browse(fetcher, FsConfig::default());
+    let fetcher = Fetcher::new(cache, FetchConfig::default(), Metrics::new())?;
+    let root = browse::root(fetcher.clone(), browse::Instances::single(Remote::new(store.clone(), Some(store))));
+    let fs = CasFs::new(root, fetcher, FsConfig::default());
     let root = fs.resolve(casfs::fs::inode::ROOT, &format!("_/actions/sha256/{}", action.to_path_form())).await;
     let root = root.map_err(|e| match e.errno() {
         libc::ENOENT => Error::NotFound(format!("no cached result for action {action}")),

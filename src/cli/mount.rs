@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use casfs::error::{Error, Result};
-use casfs::fs::{FetchConfig, FsConfig, MountConfig, OpenMode, Remote, RemoteFactory, Remotes, Root};
+use casfs::fs::{FetchConfig, FsConfig, Instances, MountConfig, OpenMode, Remote, RemoteFactory, Root};
 use casfs::metrics::Metrics;
 
 use super::{digest_arg, parse_duration, CmdResult, RemoteArgs, Usage};
@@ -154,26 +154,25 @@ pub async fn run(args: MountArgs, mut ready: Ready) -> CmdResult {
 
 async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     let (root, mountpoint) = match (args.browse, args.args.as_slice()) {
-        (true, [mp]) => (Root::Browse, PathBuf::from(mp)),
+        (true, [mp]) => {
+            let remote_args = args.remote.clone();
+            let factory: RemoteFactory = Arc::new(move |instance: &str| {
+                let mut r = remote_args.clone();
+                r.conn.instance_name = instance.to_string();
+                let store = Arc::new(r.store()?);
+                Ok(Remote { cas: store.clone(), ac: Some(store) })
+            });
+            (Root::Browse(Instances::on_demand(factory)), PathBuf::from(mp))
+        }
         (false, [digest, mp]) => match digest_arg(digest) {
-            Ok(d) => (Root::Digest(d), PathBuf::from(mp)),
+            Ok(d) => {
+                let store = Arc::new(args.remote.store()?);
+                (Root::Digest(d, Remote::new(store.clone(), Some(store))), PathBuf::from(mp))
+            }
             Err(u) => return Ok(Err(u)),
         },
         (true, _) => return Ok(Err(Usage("with --browse give only the mountpoint".into()))),
         (false, _) => return Ok(Err(Usage("give a DIGEST and a MOUNTPOINT (or --browse MOUNTPOINT)".into()))),
-    };
-    let remotes = if args.browse {
-        let remote_args = args.remote.clone();
-        let factory: RemoteFactory = Arc::new(move |instance: &str| {
-            let mut r = remote_args.clone();
-            r.conn.instance_name = instance.to_string();
-            let store = Arc::new(r.store()?);
-            Ok(Remote { cas: store.clone(), ac: Some(store) })
-        });
-        Remotes::on_demand(factory)
-    } else {
-        let store = Arc::new(args.remote.store()?);
-        Remotes::single(store.clone(), Some(store))
     };
     let cache = Arc::new(args.cache.open()?);
     let metrics = Metrics::new();
@@ -192,7 +191,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     cfg.fetch =
         FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
     let stop = super::serve::Shutdown::install();
-    let guard = casfs::fs::mount(root, remotes, cache, cfg, metrics)?;
+    let guard = casfs::fs::mount(root, cache, cfg, metrics)?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;

@@ -13,7 +13,7 @@ use super::spec::{ActionSpec, Limits};
 use crate::cas::{DiskStore, SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remotes, Root};
+use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remote, Root};
 use crate::metrics::Metrics;
 use crate::proto::{reapi, rpc};
 
@@ -421,7 +421,7 @@ impl Executor {
             // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
             (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
         }
-        let remotes = Remotes::single(self.cas.clone(), None);
+        let remote = Remote::new(self.cas.clone(), None);
         let cache = self.cache.clone();
         let metrics = self.metrics.clone();
         let spec = spec.clone();
@@ -430,7 +430,7 @@ impl Executor {
         tokio::task::spawn_blocking(move || -> Result<Workspace> {
             // Fetch counters and latencies land in the executor's registry, so a worker's
             // /metrics shows what its actions read from the CAS.
-            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root), remotes, cache, cfg, metrics)?);
+            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root, remote), cache, cfg, metrics)?);
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 dir.join("lower").display(),

@@ -1,16 +1,17 @@
 //! The browse-by-digest namespace: `<instance>/blobs/sha256/{directory,file,executable,tree,
-//! command}/<hash>-<size>` and `<instance>/actions/sha256/<hash>-<size>/`.
+//! command}/<hash>-<size>` and `<instance>/actions/sha256/<hash>-<size>/`, as [`Folder`]s.
 //!
 //! Digest folders are not listable (they show a README); a well-formed name resolves lazily;
 //! a malformed or absent one is ENOENT; content that is not what its folder promises is EIO.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prost::Message;
 
-use super::fetch::Fetcher;
-use super::inode::NodeKind;
-use super::{render, vdir};
+use super::action_view;
+use super::fetch::{Fetcher, Remote};
+use super::node::{Folder, Node, VDir};
+use super::render;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::reapi;
@@ -18,6 +19,9 @@ use crate::tree::check_name;
 
 /// The name that stands for the default (empty) instance.
 pub const DEFAULT_INSTANCE: &str = "_";
+
+/// Most instances one mount talks to.
+const MAX_INSTANCES: usize = 256;
 
 /// What a blob folder presents its digests as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,25 +46,6 @@ const CATEGORIES: [(&str, Category); 5] = [
     ("tree", Category::Tree),
 ];
 
-/// A folder of the namespace.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BrowseNode {
-    /// The mount's root: one folder per instance (`_` is the default instance).
-    Root,
-    /// An instance name, or a prefix of a nested one (`a` of `a/b`).
-    Instance(Arc<str>),
-    /// `<instance>/blobs`.
-    Blobs(u16),
-    /// `<instance>/blobs/sha256`.
-    BlobFunction(u16),
-    /// `<instance>/blobs/sha256/<category>`.
-    Category(u16, Category),
-    /// `<instance>/actions`.
-    Actions(u16),
-    /// `<instance>/actions/sha256`.
-    ActionFunction(u16),
-}
-
 /// The README shown in the root and in every digest folder.
 pub const README: &str = "\
 casfs browse mount: content-addressed storage and the action cache, by digest.
@@ -78,35 +63,83 @@ casfs browse mount: content-addressed storage and the action cache, by digest.
 Reading checks every blob against its digest.
 ";
 
-fn synth(text: &str) -> NodeKind {
-    NodeKind::Synth { data: Arc::from(text.as_bytes()), executable: false }
+/// Makes the `Remote` of an instance name.
+pub type RemoteFactory = Arc<dyn Fn(&str) -> Result<Remote> + Send + Sync>;
+
+/// The instances a browse namespace reads from, connected on first use.
+pub struct Instances {
+    list: RwLock<Vec<(String, Arc<Remote>)>>,
+    factory: Option<RemoteFactory>,
 }
 
-fn node(n: BrowseNode, parent: u64) -> NodeKind {
-    NodeKind::Browse { node: n, parent }
-}
+impl Instances {
+    /// Only the default instance, served by `remote`.
+    pub fn single(remote: Arc<Remote>) -> Self {
+        Instances { list: RwLock::new(vec![(String::new(), remote)]), factory: None }
+    }
 
-/// The entries a namespace folder lists.
-pub fn children(n: &BrowseNode, ino: u64) -> Vec<(String, NodeKind)> {
-    match n {
-        BrowseNode::Root => vec![
-            ("README".into(), synth(README)),
-            (DEFAULT_INSTANCE.into(), node(BrowseNode::Instance(Arc::from("")), ino)),
-        ],
-        BrowseNode::Instance(_) => Vec::new(),
-        BrowseNode::Blobs(i) => vec![("sha256".into(), node(BrowseNode::BlobFunction(*i), ino))],
-        BrowseNode::BlobFunction(i) => {
-            CATEGORIES.iter().map(|(name, c)| (name.to_string(), node(BrowseNode::Category(*i, *c), ino))).collect()
+    /// Every instance name, each made by `factory` when first browsed.
+    pub fn on_demand(factory: RemoteFactory) -> Self {
+        Instances { list: RwLock::new(Vec::new()), factory: Some(factory) }
+    }
+
+    /// The remote of instance `name`, connecting on first use.
+    fn get(&self, name: &str) -> Result<Arc<Remote>> {
+        let find = |list: &[(String, Arc<Remote>)]| list.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone());
+        if let Some(r) = find(&self.list.read().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(r);
         }
-        BrowseNode::Actions(i) => vec![("sha256".into(), node(BrowseNode::ActionFunction(*i), ino))],
-        BrowseNode::Category(..) | BrowseNode::ActionFunction(_) => vec![("README".into(), synth(README))],
+        let factory = self.factory.as_ref().ok_or_else(|| Error::NotFound(format!("instance {name:?}")))?;
+        let remote = Arc::new(factory(name)?);
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = find(&list) {
+            return Ok(r);
+        }
+        if list.len() >= MAX_INSTANCES {
+            return Err(Error::ResourceExhausted(format!("more than {MAX_INSTANCES} instances browsed")));
+        }
+        list.push((name.to_string(), remote.clone()));
+        Ok(remote)
     }
 }
 
-/// The listing of an instance folder (needs the instance number, so it may connect).
-pub fn instance_children(fetch: &Fetcher, name: &str, ino: u64) -> Result<Vec<(String, NodeKind)>> {
-    let i = fetch.remotes().index_of(name)?;
-    Ok(vec![("actions".into(), node(BrowseNode::Actions(i), ino)), ("blobs".into(), node(BrowseNode::Blobs(i), ino))])
+/// What every folder of one browse namespace shares.
+struct Ctx {
+    fetch: Arc<Fetcher>,
+    instances: Instances,
+}
+
+/// Where in the namespace a folder is.
+#[derive(Clone)]
+enum Place {
+    /// The mount's root: one folder per instance (`_` is the default instance).
+    Root,
+    /// An instance name, or a prefix of a nested one (`a` of `a/b`).
+    Instance(Arc<str>),
+    /// `<instance>/blobs`.
+    Blobs(Arc<Remote>),
+    /// `<instance>/blobs/sha256`.
+    BlobFunction(Arc<Remote>),
+    /// `<instance>/blobs/sha256/<category>`.
+    Category(Arc<Remote>, Category),
+    /// `<instance>/actions`.
+    Actions(Arc<Remote>),
+    /// `<instance>/actions/sha256`.
+    ActionFunction(Arc<Remote>),
+}
+
+struct BrowseFolder {
+    ctx: Arc<Ctx>,
+    place: Place,
+}
+
+/// The root of the browse namespace over `instances`.
+pub fn root(fetch: Arc<Fetcher>, instances: Instances) -> Node {
+    folder(&Arc::new(Ctx { fetch, instances }), Place::Root)
+}
+
+fn folder(ctx: &Arc<Ctx>, place: Place) -> Node {
+    Node::Folder(Arc::new(BrowseFolder { ctx: ctx.clone(), place }))
 }
 
 fn parse_digest_name(name: &str) -> Result<Digest> {
@@ -115,90 +148,125 @@ fn parse_digest_name(name: &str) -> Result<Digest> {
     Digest::from_parts(hash, size).map_err(|e| Error::NotFound(format!("{name:?}: {e}")))
 }
 
-/// Resolves `name` in a namespace folder. Fixed names resolve without I/O; digest names
-/// are checked against the CAS or the action cache.
-pub async fn lookup(fetch: &Arc<Fetcher>, n: &BrowseNode, ino: u64, name: &str) -> Result<NodeKind> {
-    let absent = || Error::NotFound(name.to_string());
-    match n {
-        BrowseNode::Root => {
-            if name == DEFAULT_INSTANCE {
-                return Ok(node(BrowseNode::Instance(Arc::from("")), ino));
-            }
-            children(n, ino).into_iter().find(|(c, _)| c == name).map(|(_, k)| k).map_or_else(
-                || {
-                    check_name(name).map_err(|_| absent())?;
-                    Ok(node(BrowseNode::Instance(Arc::from(name)), ino))
-                },
-                Ok,
-            )
-        }
-        BrowseNode::Instance(prefix) => match name {
-            "blobs" | "actions" => {
-                let i = fetch.remotes().index_of(prefix)?;
-                Ok(node(if name == "blobs" { BrowseNode::Blobs(i) } else { BrowseNode::Actions(i) }, ino))
-            }
-            _ if prefix.is_empty() => Err(absent()),
-            _ => {
-                check_name(name).map_err(|_| absent())?;
-                Ok(node(BrowseNode::Instance(Arc::from(format!("{prefix}/{name}"))), ino))
-            }
-        },
-        BrowseNode::Blobs(_) | BrowseNode::BlobFunction(_) | BrowseNode::Actions(_) => {
-            if DigestFunction::from_name(name).is_none() && matches!(n, BrowseNode::Blobs(_) | BrowseNode::Actions(_)) {
-                return Err(absent());
-            }
-            children(n, ino).into_iter().find(|(c, _)| c == name).map(|(_, k)| k).ok_or_else(absent)
-        }
-        BrowseNode::Category(i, c) => {
-            if name == "README" {
-                return Ok(synth(README));
-            }
-            let d = parse_digest_name(name)?;
-            category_entry(fetch, *i, *c, d, ino).await
-        }
-        BrowseNode::ActionFunction(i) => {
-            if name == "README" {
-                return Ok(synth(README));
-            }
-            let d = parse_digest_name(name)?;
-            let r = fetch.action_result(d, *i).await?.ok_or_else(absent)?;
-            let view = vdir::action_dir(fetch, d, &r, *i).await;
-            Ok(NodeKind::Virtual { dir: Arc::new(view), parent: ino, inst: *i })
-        }
-    }
-}
-
 /// A missing blob is "no such name" here; anything else keeps its meaning.
 fn absent_is_enoent(e: Error) -> Error {
-    match e {
-        Error::MissingBlob(d) => Error::NotFound(d.to_string()),
-        e => e,
+    match e.missing_blob() {
+        Some(d) => Error::NotFound(d.to_string()),
+        None => e,
     }
 }
 
-async fn category_entry(fetch: &Arc<Fetcher>, inst: u16, c: Category, d: Digest, ino: u64) -> Result<NodeKind> {
-    match c {
-        Category::File | Category::Executable => {
-            if !fetch.exists(d, inst).await? {
-                return Err(Error::NotFound(d.to_string()));
+impl BrowseFolder {
+    fn readme() -> (String, Node) {
+        ("README".into(), Node::text(README))
+    }
+
+    fn instance(&self, name: &str) -> Node {
+        folder(&self.ctx, Place::Instance(Arc::from(name)))
+    }
+
+    async fn category_entry(&self, remote: &Arc<Remote>, c: Category, d: Digest) -> Result<Node> {
+        let fetch = &self.ctx.fetch;
+        match c {
+            Category::File | Category::Executable => {
+                if !fetch.exists(d, remote).await? {
+                    return Err(Error::NotFound(d.to_string()));
+                }
+                Ok(Node::File { digest: d, executable: c == Category::Executable, remote: remote.clone() })
             }
-            Ok(NodeKind::File { digest: d, executable: c == Category::Executable, inst })
+            Category::Directory => {
+                fetch.dir(d, remote).await.map_err(absent_is_enoent)?;
+                Ok(Node::Dir { digest: d, remote: remote.clone() })
+            }
+            Category::Tree => {
+                let root = action_view::load_tree(fetch, d, remote).await.map_err(absent_is_enoent)?;
+                Ok(Node::Dir { digest: root, remote: remote.clone() })
+            }
+            Category::Command => {
+                let bytes = fetch.message(d, remote).await.map_err(absent_is_enoent)?;
+                let cmd = reapi::Command::decode(bytes.as_slice()).map_err(|e| Error::InvalidDirectory {
+                    digest: d.to_string(),
+                    reason: format!("not a Command message: {e}"),
+                })?;
+                Ok(Node::text(render::command_json(&cmd)))
+            }
         }
-        Category::Directory => {
-            fetch.dir(d, inst).await.map_err(|e| absent_is_enoent(super::core::shared_err(&e)))?;
-            Ok(NodeKind::Dir { digest: d, parent: ino, inst })
+    }
+}
+
+#[async_trait::async_trait]
+impl Folder for BrowseFolder {
+    fn list_now(&self) -> Option<VDir> {
+        let ctx = &self.ctx;
+        let entries = match &self.place {
+            Place::Root => vec![Self::readme(), (DEFAULT_INSTANCE.into(), self.instance(""))],
+            // Listing an instance connects to it.
+            Place::Instance(_) => return None,
+            Place::Blobs(r) => vec![("sha256".into(), folder(ctx, Place::BlobFunction(r.clone())))],
+            Place::BlobFunction(r) => CATEGORIES
+                .iter()
+                .map(|(name, c)| (name.to_string(), folder(ctx, Place::Category(r.clone(), *c))))
+                .collect(),
+            Place::Actions(r) => vec![("sha256".into(), folder(ctx, Place::ActionFunction(r.clone())))],
+            Place::Category(..) | Place::ActionFunction(_) => vec![Self::readme()],
+        };
+        Some(entries.into_iter().collect())
+    }
+
+    async fn list(&self) -> Result<VDir> {
+        if let Some(l) = self.list_now() {
+            return Ok(l);
         }
-        Category::Tree => {
-            let root = vdir::load_tree(fetch, d, inst).await.map_err(absent_is_enoent)?;
-            Ok(NodeKind::Dir { digest: root, parent: ino, inst })
-        }
-        Category::Command => {
-            let bytes = fetch.message(d, inst).await.map_err(absent_is_enoent)?;
-            let cmd = reapi::Command::decode(bytes.as_slice()).map_err(|e| Error::InvalidDirectory {
-                digest: d.to_string(),
-                reason: format!("not a Command message: {e}"),
-            })?;
-            Ok(synth(&render::command_json(&cmd)))
+        let Place::Instance(name) = &self.place else { return Err(Error::Internal("unlistable folder".into())) };
+        let r = self.ctx.instances.get(name)?;
+        Ok([
+            ("actions".to_string(), folder(&self.ctx, Place::Actions(r.clone()))),
+            ("blobs".to_string(), folder(&self.ctx, Place::Blobs(r))),
+        ]
+        .into_iter()
+        .collect())
+    }
+
+    async fn lookup(&self, name: &str) -> Result<Node> {
+        let absent = || Error::NotFound(name.to_string());
+        let fixed = || self.list_now().and_then(|l| l.get(name).cloned());
+        match &self.place {
+            Place::Root => {
+                if name == DEFAULT_INSTANCE {
+                    return Ok(self.instance(""));
+                }
+                if let Some(n) = fixed() {
+                    return Ok(n);
+                }
+                check_name(name).map_err(|_| absent())?;
+                Ok(self.instance(name))
+            }
+            Place::Instance(prefix) => match name {
+                "blobs" | "actions" => self.list().await?.get(name).cloned().ok_or_else(absent),
+                _ if prefix.is_empty() => Err(absent()),
+                _ => {
+                    check_name(name).map_err(|_| absent())?;
+                    Ok(self.instance(&format!("{prefix}/{name}")))
+                }
+            },
+            Place::Blobs(_) | Place::Actions(_) => {
+                DigestFunction::from_name(name).ok_or_else(absent)?;
+                fixed().ok_or_else(absent)
+            }
+            Place::BlobFunction(_) => fixed().ok_or_else(absent),
+            Place::Category(remote, c) => match name {
+                "README" => Ok(Node::text(README)),
+                _ => self.category_entry(remote, *c, parse_digest_name(name)?).await,
+            },
+            Place::ActionFunction(remote) => {
+                if name == "README" {
+                    return Ok(Node::text(README));
+                }
+                let d = parse_digest_name(name)?;
+                let fetch = &self.ctx.fetch;
+                let r = fetch.action_result(d, remote).await?.ok_or_else(absent)?;
+                Ok(Node::Virtual(Arc::new(action_view::action_dir(fetch, d, &r, remote).await)))
+            }
         }
     }
 }

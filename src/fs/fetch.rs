@@ -67,6 +67,11 @@ fn default_large_bytes() -> u64 {
 
 type Flight<V> = Shared<BoxFuture<'static, std::result::Result<V, Arc<Error>>>>;
 
+/// A failed flight, as each of its waiters reports it.
+fn shared(digest: Digest) -> impl Fn(Arc<Error>) -> Error {
+    move |source| Error::Fetch { digest, source }
+}
+
 /// Runs at most one future per key at a time; later callers share its result.
 struct SingleFlight<V: Clone> {
     map: Mutex<HashMap<Digest, Flight<V>>>,
@@ -98,7 +103,7 @@ impl<V: Clone + Send + Sync + 'static> SingleFlight<V> {
     }
 }
 
-/// One REAPI instance to fetch from.
+/// Where a node's content comes from: one REAPI instance's stores.
 #[derive(Clone)]
 pub struct Remote {
     /// Its blobs.
@@ -107,62 +112,15 @@ pub struct Remote {
     pub ac: Option<SharedActionCache>,
 }
 
-/// Makes the `Remote` of an instance name (for the browse namespace).
-pub type RemoteFactory = Arc<dyn Fn(&str) -> Result<Remote> + Send + Sync>;
-
-/// Most instances one mount talks to.
-const MAX_INSTANCES: usize = 256;
-
-/// The instances a mount fetches from, numbered in order of first use. Content is
-/// addressed by digest, so caches are shared across them.
-pub struct Remotes {
-    list: std::sync::RwLock<Vec<(String, Remote)>>,
-    factory: Option<RemoteFactory>,
-}
-
-impl Remotes {
-    /// Exactly one remote (number 0): a digest mount.
-    pub fn single(cas: SharedCas, ac: Option<SharedActionCache>) -> Self {
-        Remotes { list: std::sync::RwLock::new(vec![(String::new(), Remote { cas, ac })]), factory: None }
-    }
-
-    /// Remotes made on demand per instance name: the browse namespace.
-    pub fn on_demand(factory: RemoteFactory) -> Self {
-        Remotes { list: std::sync::RwLock::new(Vec::new()), factory: Some(factory) }
-    }
-
-    /// The remote numbered `inst`.
-    pub fn get(&self, inst: u16) -> Result<Remote> {
-        self.list
-            .read()
-            .unwrap()
-            .get(inst as usize)
-            .map(|(_, r)| r.clone())
-            .ok_or_else(|| Error::Internal(format!("no remote number {inst}")))
-    }
-
-    /// The number of the instance called `name`, connecting on first use.
-    pub fn index_of(&self, name: &str) -> Result<u16> {
-        if let Some(i) = self.list.read().unwrap().iter().position(|(n, _)| n == name) {
-            return Ok(i as u16);
-        }
-        let factory = self.factory.as_ref().ok_or_else(|| Error::NotFound(format!("instance {name:?}")))?;
-        let remote = factory(name)?;
-        let mut list = self.list.write().unwrap();
-        if let Some(i) = list.iter().position(|(n, _)| n == name) {
-            return Ok(i as u16);
-        }
-        if list.len() >= MAX_INSTANCES {
-            return Err(Error::ResourceExhausted(format!("more than {MAX_INSTANCES} instances browsed")));
-        }
-        list.push((name.to_string(), remote));
-        Ok((list.len() - 1) as u16)
+impl Remote {
+    /// A remote for these stores, ready to be shared by nodes.
+    pub fn new(cas: SharedCas, ac: Option<SharedActionCache>) -> Arc<Self> {
+        Arc::new(Remote { cas, ac })
     }
 }
 
 /// Fetches Directories and file contents on demand, verified, through the local caches.
 pub struct Fetcher {
-    remotes: Remotes,
     local: Arc<DiskStore>,
     hot: Arc<HotBlobs>,
     large: Arc<LargeBlobs>,
@@ -192,8 +150,8 @@ pub struct FetchFailures {
 }
 
 impl Fetcher {
-    /// A fetcher reading from `remotes` through the local blob cache `local`.
-    pub fn new(remotes: Remotes, local: Arc<DiskStore>, cfg: FetchConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
+    /// A fetcher reading through the local blob cache `local` from the remotes its callers name.
+    pub fn new(local: Arc<DiskStore>, cfg: FetchConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
         let dirs = moka::sync::Cache::builder()
             .max_capacity(cfg.dir_cache_bytes)
             .weigher(|_, d: &Arc<Directory>| (64 + 96 * d.len()).min(u32::MAX as usize) as u32)
@@ -203,7 +161,6 @@ impl Fetcher {
         let empty_file = local.root().join("empty");
         std::fs::write(&empty_file, b"").map_err(|e| Error::io("creating the empty backing file", e))?;
         Ok(Arc::new(Fetcher {
-            remotes,
             hot: HotBlobs::new(local.clone(), cfg.mem_cache_bytes),
             large: LargeBlobs::new(local.clone(), cfg.mem_large_bytes),
             fds: moka::sync::Cache::new(256),
@@ -251,23 +208,19 @@ impl Fetcher {
         }
     }
 
-    /// The instances this fetcher reads from.
-    pub fn remotes(&self) -> &Remotes {
-        &self.remotes
-    }
-
     /// A validated Directory, fetched (once, however many callers wait) if needed.
-    pub async fn dir(self: &Arc<Self>, digest: Digest, inst: u16) -> std::result::Result<Arc<Directory>, Arc<Error>> {
+    pub async fn dir(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>) -> Result<Arc<Directory>> {
         if let Some(d) = self.cached_dir(&digest) {
             return Ok(d);
         }
         self.metrics.add("casfs_dir_cache_misses_total", 1);
         let this = self.clone();
+        let remote = remote.clone();
         self.dir_flight
             .run(digest, move || {
                 async move {
                     let dir = this
-                        .with_deadline(digest, this.fetch_dir(digest, inst))
+                        .with_deadline(digest, this.fetch_dir(digest, &remote))
                         .await
                         .inspect_err(|e| this.note_failure(e))?;
                     this.dirs.insert(digest, dir.clone());
@@ -276,16 +229,17 @@ impl Fetcher {
                 .boxed()
             })
             .await
+            .map_err(shared(digest))
     }
 
-    async fn fetch_dir(&self, digest: Digest, inst: u16) -> Result<Arc<Directory>> {
+    async fn fetch_dir(&self, digest: Digest, remote: &Remote) -> Result<Arc<Directory>> {
         let bytes = if let Some(b) = self.bytes_now(&digest) {
             b
         } else if self.local.contains(&digest) {
             self.local.read(&digest).await?
         } else {
             let started = Instant::now();
-            let bytes = self.remotes.get(inst)?.cas.read(&digest).await?;
+            let bytes = remote.cas.read(&digest).await?;
             self.metrics.add("casfs_fetch_dirs_total", 1);
             self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
             self.metrics.histogram("casfs_fetch_seconds{kind=\"dir\"}").observe(started.elapsed());
@@ -391,57 +345,50 @@ impl Fetcher {
     pub async fn open_blob(
         self: &Arc<Self>,
         digest: Digest,
-        inst: u16,
+        remote: &Arc<Remote>,
         parent: Option<Digest>,
-    ) -> std::result::Result<Arc<std::fs::File>, Arc<Error>> {
-        if let Some(f) = self.file_now(&digest).map_err(Arc::new)? {
+    ) -> Result<Arc<std::fs::File>> {
+        if let Some(f) = self.file_now(&digest)? {
             return Ok(f);
         }
-        self.load(digest, inst, parent).await?;
+        self.load(digest, remote, parent).await?;
         if !self.local.contains(&digest) && !self.large.contains(&digest) {
             // A small blob, in memory or a pack: give it a file of its own.
             if let Some(bytes) = self.bytes_now(&digest) {
                 let local = self.local.clone();
                 tokio::task::spawn_blocking(move || local.insert_verified(&digest, &bytes))
                     .await
-                    .map_err(|e| Arc::new(Error::Internal(format!("storing {digest}: {e}"))))?
-                    .map_err(Arc::new)?;
+                    .map_err(|e| Error::Internal(format!("storing {digest}: {e}")))??;
             }
         }
-        self.file_now(&digest)
-            .map_err(Arc::new)?
-            .ok_or_else(|| Arc::new(Error::Internal(format!("fetched blob {digest} left the cache at once"))))
+        self.file_now(&digest)?.ok_or_else(|| Error::Internal(format!("fetched blob {digest} left the cache at once")))
     }
 
     /// Makes a blob local (fetched once, verified): small ones in memory (on disk soon),
     /// large ones in the disk cache. `parent` is the Directory it was found in: once two files
     /// of one directory are read, the directory's other small files come along in one batch.
-    pub async fn load(
-        self: &Arc<Self>,
-        digest: Digest,
-        inst: u16,
-        parent: Option<Digest>,
-    ) -> std::result::Result<(), Arc<Error>> {
+    pub async fn load(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>, parent: Option<Digest>) -> Result<()> {
         if self.is_local(&digest) {
             return Ok(());
         }
         self.metrics.add("casfs_blob_cache_misses_total", 1);
         let this = self.clone();
+        let remote = remote.clone();
         self.blob_flight
             .run(digest, move || {
                 async move {
-                    this.with_deadline(digest, this.fetch_blob(digest, inst, parent))
+                    this.with_deadline(digest, this.fetch_blob(digest, &remote.cas, parent))
                         .await
                         .inspect_err(|e| this.note_failure(e))
                 }
                 .boxed()
             })
             .await
+            .map_err(shared(digest))
     }
 
-    async fn fetch_blob(&self, digest: Digest, inst: u16, parent: Option<Digest>) -> Result<()> {
+    async fn fetch_blob(&self, digest: Digest, remote: &SharedCas, parent: Option<Digest>) -> Result<()> {
         let started = Instant::now();
-        let remote = self.remotes.get(inst)?.cas;
         if digest.size() <= SMALL_BLOB {
             let mut wanted = vec![digest];
             if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
@@ -513,11 +460,11 @@ impl Fetcher {
 
     /// A whole (verified) message blob such as an Action, Command or Tree, through the local
     /// cache.
-    pub async fn message(self: &Arc<Self>, digest: Digest, inst: u16) -> Result<Vec<u8>> {
+    pub async fn message(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>) -> Result<Vec<u8>> {
         if digest.is_empty_blob() {
             return Ok(Vec::new());
         }
-        self.load(digest, inst, None).await.map_err(|e| super::core::shared_err(&e))?;
+        self.load(digest, remote, None).await?;
         if let Some(b) = self.bytes_now(&digest) {
             return Ok(b.to_vec());
         }
@@ -537,20 +484,22 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Whether instance `inst` holds a blob (for lookups that must not answer for absent
-    /// content).
-    pub async fn exists(&self, digest: Digest, inst: u16) -> Result<bool> {
+    /// Whether `remote` holds a blob (for lookups that must not answer for absent content).
+    pub async fn exists(&self, digest: Digest, remote: &Remote) -> Result<bool> {
         if self.is_local(&digest) {
             return Ok(true);
         }
-        let cas = self.remotes.get(inst)?.cas;
-        let missing = self.with_deadline(digest, cas.find_missing(&[digest])).await?;
+        let missing = self.with_deadline(digest, remote.cas.find_missing(&[digest])).await?;
         Ok(missing.is_empty())
     }
 
-    /// The cached result of an action in instance `inst`, if any.
-    pub async fn action_result(&self, action: Digest, inst: u16) -> Result<Option<crate::proto::reapi::ActionResult>> {
-        let ac = self.remotes.get(inst)?.ac.ok_or_else(|| Error::NotFound("no action cache".into()))?;
+    /// The cached result of an action in `remote`'s action cache, if any.
+    pub async fn action_result(
+        &self,
+        action: Digest,
+        remote: &Remote,
+    ) -> Result<Option<crate::proto::reapi::ActionResult>> {
+        let ac = remote.ac.as_ref().ok_or_else(|| Error::NotFound("no action cache".into()))?;
         self.metrics.add("casfs_fetch_action_results_total", 1);
         self.with_deadline(action, ac.get_action_result(&action)).await
     }

@@ -13,7 +13,8 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use super::core::{Attr, CasFs, Kind, Listing};
+use super::core::CasFs;
+use super::node::{Attr, Kind, Listing};
 use crate::error::Error;
 
 /// Content never changes under a digest, so the kernel may cache names and attributes for

@@ -9,42 +9,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::browse::BrowseNode;
-use super::vdir::VDir;
+use super::node::Node;
 use crate::digest::Digest;
 
 /// Inode number of the mount's root directory.
 pub const ROOT: u64 = 1;
-
-/// What an inode stands for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeKind {
-    /// A CAS directory: its Directory digest, its parent's inode (itself for the root) and
-    /// the instance it is fetched from.
-    Dir { digest: Digest, parent: u64, inst: u16 },
-    /// A CAS file.
-    File { digest: Digest, executable: bool, inst: u16 },
-    /// A symbolic link.
-    Symlink { target: Arc<str> },
-    /// A file whose bytes casfs made (exit codes, JSON renderings, inline stdout).
-    Synth { data: Arc<[u8]>, executable: bool },
-    /// A directory casfs made (an action's view, the folders above its outputs).
-    Virtual { dir: Arc<VDir>, parent: u64, inst: u16 },
-    /// A folder of the browse namespace.
-    Browse { node: BrowseNode, parent: u64 },
-}
-
-impl NodeKind {
-    /// The parent inode of a directory-like node.
-    pub fn parent(&self) -> Option<u64> {
-        match self {
-            NodeKind::Dir { parent, .. } | NodeKind::Virtual { parent, .. } | NodeKind::Browse { parent, .. } => {
-                Some(*parent)
-            }
-            _ => None,
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
@@ -53,17 +22,27 @@ enum Key {
     Named(u64, Arc<str>),
 }
 
-struct Node {
-    kind: NodeKind,
+impl Key {
+    fn of(parent: u64, name: &str, node: &Node) -> Key {
+        match node {
+            Node::File { digest, executable, .. } => Key::File(*digest, *executable),
+            _ => Key::Named(parent, Arc::from(name)),
+        }
+    }
+}
+
+struct Slot {
+    node: Node,
     key: Key,
     nlookup: u64,
-    /// Where the kernel last looked this inode up, for log messages.
+    /// The directory holding it: for a directory the only one (it is keyed by it); for a
+    /// file, where the kernel last looked it up (for log messages and sibling batching).
     parent: u64,
     name: Arc<str>,
 }
 
 struct Table {
-    nodes: HashMap<u64, Node>,
+    nodes: HashMap<u64, Slot>,
     keys: HashMap<Key, u64>,
     next: u64,
 }
@@ -75,25 +54,22 @@ pub struct Inodes {
 
 impl Inodes {
     /// A table holding only the root.
-    pub fn new(root: NodeKind) -> Self {
+    pub fn new(root: Node) -> Self {
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT, Node { kind: root, key: Key::Root, nlookup: 1, parent: ROOT, name: Arc::from("") });
+        nodes.insert(ROOT, Slot { node: root, key: Key::Root, nlookup: 1, parent: ROOT, name: Arc::from("") });
         let keys = HashMap::from([(Key::Root, ROOT)]);
         Inodes { table: Mutex::new(Table { nodes, keys, next: ROOT + 1 }) }
     }
 
     /// What `ino` stands for, if the kernel still knows it.
-    pub fn get(&self, ino: u64) -> Option<NodeKind> {
-        self.table.lock().unwrap().nodes.get(&ino).map(|n| n.kind.clone())
+    pub fn get(&self, ino: u64) -> Option<Node> {
+        self.table.lock().unwrap().nodes.get(&ino).map(|n| n.node.clone())
     }
 
     /// The inode for entry `name` of directory `parent`, created if needed, with its lookup
     /// count raised by one (every entry reply the kernel receives must be counted).
-    pub fn lookup(&self, parent: u64, name: &str, kind: NodeKind) -> u64 {
-        let key = match &kind {
-            NodeKind::File { digest, executable, .. } => Key::File(*digest, *executable),
-            _ => Key::Named(parent, Arc::from(name)),
-        };
+    pub fn lookup(&self, parent: u64, name: &str, node: Node) -> u64 {
+        let key = Key::of(parent, name, &node);
         let mut t = self.table.lock().unwrap();
         if let Some(&ino) = t.keys.get(&key) {
             if let Some(n) = t.nodes.get_mut(&ino) {
@@ -108,16 +84,13 @@ impl Inodes {
         let ino = t.next;
         t.next += 1;
         t.keys.insert(key.clone(), ino);
-        t.nodes.insert(ino, Node { kind, key, nlookup: 1, parent, name: Arc::from(name) });
+        t.nodes.insert(ino, Slot { node, key, nlookup: 1, parent, name: Arc::from(name) });
         ino
     }
 
     /// The inode `name` in `parent` would have if it is known, without counting a lookup.
-    pub fn peek(&self, parent: u64, name: &str, kind: &NodeKind) -> Option<u64> {
-        let key = match kind {
-            NodeKind::File { digest, executable, .. } => Key::File(*digest, *executable),
-            _ => Key::Named(parent, Arc::from(name)),
-        };
+    pub fn peek(&self, parent: u64, name: &str, node: &Node) -> Option<u64> {
+        let key = Key::of(parent, name, node);
         self.table.lock().unwrap().keys.get(&key).copied()
     }
 
@@ -165,8 +138,9 @@ impl Inodes {
         format!("/{}", parts.join("/"))
     }
 
-    /// The directory an inode was last looked up in.
-    pub fn last_parent(&self, ino: u64) -> u64 {
+    /// The directory holding an inode (for a file, where it was last looked up; the root's
+    /// is itself).
+    pub fn parent(&self, ino: u64) -> u64 {
         self.table.lock().unwrap().nodes.get(&ino).map(|n| n.parent).unwrap_or(ROOT)
     }
 
@@ -195,18 +169,24 @@ pub fn synthetic_ino(parent: u64, name: &str) -> u64 {
 mod tests {
     use super::*;
 
+    fn remote() -> Arc<crate::fs::Remote> {
+        Arc::new(crate::fs::Remote { cas: Arc::new(crate::cas::MemoryStore::new()), ac: None })
+    }
+
     #[test]
     fn same_content_shares_an_inode_and_forget_frees_it() {
         let d = Digest::of_bytes(b"x");
-        let t = Inodes::new(NodeKind::Dir { digest: d, parent: ROOT, inst: 0 });
-        let f = NodeKind::File { digest: d, executable: false, inst: 0 };
+        let r = remote();
+        let dir = Node::Dir { digest: d, remote: r.clone() };
+        let t = Inodes::new(dir.clone());
+        let f = Node::File { digest: d, executable: false, remote: r.clone() };
         let a = t.lookup(ROOT, "a", f.clone());
         let b = t.lookup(ROOT, "b", f.clone());
         assert_eq!(a, b);
-        let x = t.lookup(ROOT, "b", NodeKind::File { digest: d, executable: true, inst: 0 });
+        let x = t.lookup(ROOT, "b", Node::File { digest: d, executable: true, remote: r });
         assert_ne!(a, x);
-        let sub = t.lookup(ROOT, "sub", NodeKind::Dir { digest: d, parent: ROOT, inst: 0 });
-        let sub2 = t.lookup(a, "sub", NodeKind::Dir { digest: d, parent: a, inst: 0 });
+        let sub = t.lookup(ROOT, "sub", dir.clone());
+        let sub2 = t.lookup(a, "sub", dir);
         assert_ne!(sub, sub2, "directories are never shared");
         assert_eq!(t.len(), 5);
         t.forget(a, 1);

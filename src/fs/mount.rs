@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::browse::Instances;
 use super::core::{CasFs, FsConfig};
-use super::fetch::{FetchConfig, Fetcher, Remotes};
+use super::fetch::{FetchConfig, Fetcher, Remote};
 use super::fuse::{FuseAdapter, OpenMode};
+use super::node::Node;
 use crate::cas::DiskStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -196,46 +198,54 @@ pub fn preflight(mountpoint: &Path) -> Result<()> {
 }
 
 /// What a mount shows.
-#[derive(Clone, Copy, Debug)]
 pub enum Root {
-    /// The tree of a Directory digest.
-    Digest(Digest),
-    /// The browse-by-digest namespace over every instance.
-    Browse,
+    /// The tree of a Directory digest, read from one remote.
+    Digest(Digest, Arc<Remote>),
+    /// The browse-by-digest namespace over these instances.
+    Browse(Instances),
 }
 
-/// Mounts `root`, read lazily from `remotes` through the local blob cache `cache`. Must be
-/// called inside a tokio runtime, which runs the fetches.
+impl std::fmt::Debug for Root {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Root::Digest(d, _) => write!(f, "Digest({d})"),
+            Root::Browse(_) => write!(f, "Browse"),
+        }
+    }
+}
+
+/// Mounts `root`, read lazily through the local blob cache `cache`. Must be called inside a
+/// tokio runtime, which runs the fetches.
 ///
 /// ```no_run
 /// # async fn demo(root: casfs::Digest) -> casfs::Result<()> {
 /// use std::sync::Arc;
 /// use casfs::cas::{DiskStore, GrpcStore, RemoteConfig};
-/// use casfs::fs::{mount, MountConfig, Remotes, Root};
+/// use casfs::fs::{mount, MountConfig, Remote, Root};
 /// let remote = Arc::new(GrpcStore::new(&RemoteConfig::new("grpc://127.0.0.1:8980"))?);
 /// let cache = Arc::new(DiskStore::open_cache("/var/cache/casfs", 10 << 30)?);
-/// let remotes = Remotes::single(remote, None);
 /// let metrics = casfs::metrics::Metrics::new();
-/// let guard = mount(Root::Digest(root), remotes, cache, MountConfig::new("/mnt/input"), metrics)?;
+/// let root = Root::Digest(root, Remote::new(remote, None));
+/// let guard = mount(root, cache, MountConfig::new("/mnt/input"), metrics)?;
 /// // ... run something that reads /mnt/input ...
 /// drop(guard); // unmounts
 /// # Ok(()) }
 /// ```
-pub fn mount(
-    root: Root,
-    remotes: Remotes,
-    cache: Arc<DiskStore>,
-    cfg: MountConfig,
-    metrics: Arc<Metrics>,
-) -> Result<MountGuard> {
+pub fn mount(root: Root, cache: Arc<DiskStore>, cfg: MountConfig, metrics: Arc<Metrics>) -> Result<MountGuard> {
     preflight(&cfg.mountpoint)?;
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|_| Error::Internal("casfs::fs::mount needs a tokio runtime".into()))?;
-    let fetcher = Fetcher::new(remotes, cache, cfg.fetch.clone(), metrics)?;
-    let (fs, name) = match root {
-        Root::Digest(d) => (CasFs::new(d, fetcher, cfg.fs.clone()), format!("casfs:{}", d.to_path_form())),
-        Root::Browse => (CasFs::browse(fetcher, cfg.fs.clone()), "casfs:browse".to_string()),
+    let fetcher = Fetcher::new(cache, cfg.fetch.clone(), metrics)?;
+    let name = match &root {
+        Root::Digest(d, _) => format!("casfs:{}", d.to_path_form()),
+        Root::Browse(_) => "casfs:browse".to_string(),
     };
+    tracing::info!(root = ?root, mountpoint = %cfg.mountpoint.display(), "mounting");
+    let node = match root {
+        Root::Digest(digest, remote) => Node::Dir { digest, remote },
+        Root::Browse(instances) => super::browse::root(fetcher.clone(), instances),
+    };
+    let fs = CasFs::new(node, fetcher, cfg.fs.clone());
     let adapter = FuseAdapter::new(fs.clone(), rt, cfg.open_mode);
     let mut fc = fuser::Config::default();
     fc.mount_options = vec![
@@ -255,7 +265,7 @@ pub fn mount(
         .map_err(|e| Error::io(format!("mounting at {}", cfg.mountpoint.display()), e))?;
     let guard = MountGuard { session: Some(session), mountpoint: cfg.mountpoint.clone(), fs };
     raise_readahead(&cfg.mountpoint);
-    tracing::info!(root = ?root, mountpoint = %cfg.mountpoint.display(), "mounted");
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     Ok(guard)
 }
 

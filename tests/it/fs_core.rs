@@ -11,9 +11,8 @@ use bytes::Bytes;
 use casfs::cas::{ByteStream, Cas, DiskStore, MemoryStore};
 use casfs::digest::Digest;
 use casfs::error::Result;
-use casfs::fs::core::Kind;
 use casfs::fs::inode::ROOT;
-use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig, Remotes};
+use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig, Kind, Node, Remote};
 use casfs::metrics::Metrics;
 use casfs::tree::{DirEntry, Directory, FileEntry, SymlinkEntry};
 
@@ -88,8 +87,9 @@ async fn fixture_with(delay: Duration, cfg: FetchConfig) -> TestResult<Fixture> 
     remote.inner.write(&rd, rb.into()).await?;
     let cache = tempfile::tempdir()?;
     let local = Arc::new(DiskStore::open_cache(cache.path(), 0)?);
-    let fetcher = Fetcher::new(Remotes::single(remote.clone(), None), local, cfg, Metrics::new())?;
-    let fs = CasFs::new(rd, fetcher, FsConfig::default());
+    let fetcher = Fetcher::new(local, cfg, Metrics::new())?;
+    let root = Node::Dir { digest: rd, remote: Remote::new(remote.clone(), None) };
+    let fs = CasFs::new(root, fetcher, FsConfig::default());
     Ok(Fixture { fs, remote, file: fd, big: bd, cache })
 }
 

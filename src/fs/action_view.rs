@@ -1,39 +1,18 @@
-//! Synthesized directories: the view of one ActionResult (exit code, stdout, stderr, JSON
-//! renderings, and its outputs laid out at their paths).
+//! The view of one ActionResult as a made-up directory: exit code, stdout, stderr, JSON
+//! renderings, and its outputs laid out at their paths.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message;
 
-use super::fetch::Fetcher;
+use super::fetch::{Fetcher, Remote};
+use super::node::{Node, VDir};
 use super::render;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::reapi;
 use crate::tree::{check_name, Directory};
-
-/// An entry of a synthesized directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VNode {
-    /// A CAS file.
-    File { digest: Digest, executable: bool },
-    /// A symbolic link.
-    Symlink(Arc<str>),
-    /// A CAS Directory tree.
-    Dir(Digest),
-    /// Another synthesized directory.
-    Virtual(Arc<VDir>),
-    /// Bytes held in memory.
-    Synth(Arc<[u8]>),
-}
-
-/// A synthesized directory: names to entries, listed in name order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VDir {
-    /// The entries.
-    pub entries: BTreeMap<String, VNode>,
-}
 
 /// A mutable tree used while laying outputs out.
 #[derive(Default)]
@@ -42,14 +21,14 @@ struct Builder {
 }
 
 enum Slot {
-    Leaf(VNode),
+    Leaf(Node),
     Dir(Builder),
 }
 
 impl Builder {
     /// Places `node` at a relative path; refuses paths with empty, `.` or `..` parts and
     /// paths that cross an existing leaf.
-    fn insert(&mut self, path: &str, node: VNode) -> std::result::Result<(), String> {
+    fn insert(&mut self, path: &str, node: Node) -> std::result::Result<(), String> {
         let parts: Vec<&str> = path.split('/').collect();
         for p in &parts {
             check_name(p)?;
@@ -68,19 +47,16 @@ impl Builder {
     }
 
     fn build(self) -> VDir {
-        VDir {
-            entries: self
-                .entries
-                .into_iter()
-                .map(|(k, v)| {
-                    let n = match v {
-                        Slot::Leaf(n) => n,
-                        Slot::Dir(b) => VNode::Virtual(Arc::new(b.build())),
-                    };
-                    (k, n)
-                })
-                .collect(),
-        }
+        self.entries
+            .into_iter()
+            .map(|(k, v)| {
+                let n = match v {
+                    Slot::Leaf(n) => n,
+                    Slot::Dir(b) => Node::Virtual(Arc::new(b.build())),
+                };
+                (k, n)
+            })
+            .collect()
     }
 }
 
@@ -91,8 +67,8 @@ fn digest_of(d: &Option<reapi::Digest>) -> Option<Digest> {
 /// Decodes and validates a REAPI Tree, registers its Directories with the fetcher (so they
 /// can be browsed by digest even though the CAS need not hold them one by one), and returns
 /// the root Directory's digest.
-pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, inst: u16) -> Result<Digest> {
-    let bytes = fetch.message(tree, inst).await?;
+pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, remote: &Arc<Remote>) -> Result<Digest> {
+    let bytes = fetch.message(tree, remote).await?;
     let msg = reapi::Tree::decode(bytes.as_slice()).map_err(|e| Error::InvalidDirectory {
         digest: tree.to_string(),
         reason: format!("not a Tree message: {e}"),
@@ -113,67 +89,63 @@ pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, inst: u16) -> Result<
 
 /// Lays an ActionResult's outputs out at their paths. Outputs that cannot be shown (a bad
 /// path, a missing Tree) are left out and logged; the rest stays browsable.
-pub async fn outputs(fetch: &Arc<Fetcher>, r: &reapi::ActionResult, inst: u16) -> VDir {
+pub async fn outputs(fetch: &Arc<Fetcher>, r: &reapi::ActionResult, remote: &Arc<Remote>) -> VDir {
     let mut b = Builder::default();
-    let mut place = |path: &str, node: VNode| {
+    let mut place = |path: &str, node: Node| {
         if let Err(why) = b.insert(path, node) {
             tracing::warn!(path, why, "leaving an output out of the browse view");
         }
     };
     for f in &r.output_files {
         if let Some(digest) = digest_of(&f.digest) {
-            place(&f.path, VNode::File { digest, executable: f.is_executable });
+            place(&f.path, Node::File { digest, executable: f.is_executable, remote: remote.clone() });
         }
     }
     for s in r.output_symlinks.iter().chain(&r.output_file_symlinks).chain(&r.output_directory_symlinks) {
-        place(&s.path, VNode::Symlink(Arc::from(s.target.as_str())));
+        place(&s.path, Node::Symlink(Arc::from(s.target.as_str())));
     }
     for d in &r.output_directories {
         let root = match (digest_of(&d.root_directory_digest), digest_of(&d.tree_digest)) {
             (Some(root), _) => Ok(root),
-            (None, Some(tree)) => load_tree(fetch, tree, inst).await,
+            (None, Some(tree)) => load_tree(fetch, tree, remote).await,
             (None, None) => Err(Error::InvalidArgument("output directory without a digest".into())),
         };
         match root {
-            Ok(root) => place(&d.path, VNode::Dir(root)),
+            Ok(root) => place(&d.path, Node::Dir { digest: root, remote: remote.clone() }),
             Err(e) => tracing::warn!(path = %d.path, error = %e, "cannot show an output directory"),
         }
     }
     b.build()
 }
 
-fn synth(s: impl Into<Vec<u8>>) -> VNode {
-    VNode::Synth(Arc::from(s.into()))
-}
-
 /// The browse view of one action: `exit_code`, `stdout`, `stderr`, `action_result.json`,
 /// `action.json` and `command.json` (when the CAS holds them), and `outputs/`.
-pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionResult, inst: u16) -> VDir {
+pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionResult, remote: &Arc<Remote>) -> VDir {
     let mut e = BTreeMap::new();
-    e.insert("exit_code".to_string(), synth(format!("{}\n", r.exit_code)));
+    e.insert("exit_code".to_string(), Node::text(format!("{}\n", r.exit_code)));
     for (name, raw, d) in [("stdout", &r.stdout_raw, &r.stdout_digest), ("stderr", &r.stderr_raw, &r.stderr_digest)] {
         let node = match digest_of(d) {
-            Some(digest) if raw.is_empty() => VNode::File { digest, executable: false },
-            _ => synth(raw.to_vec()),
+            Some(digest) if raw.is_empty() => Node::File { digest, executable: false, remote: remote.clone() },
+            _ => Node::text(raw.to_vec()),
         };
         e.insert(name.to_string(), node);
     }
-    e.insert("action_result.json".to_string(), synth(render::action_result_json(r)));
-    if let Ok(bytes) = fetch.message(action, inst).await {
+    e.insert("action_result.json".to_string(), Node::text(render::action_result_json(r)));
+    if let Ok(bytes) = fetch.message(action, remote).await {
         if let Ok(a) = reapi::Action::decode(bytes.as_slice()) {
-            e.insert("action.json".to_string(), synth(render::action_json(&a)));
+            e.insert("action.json".to_string(), Node::text(render::action_json(&a)));
             if let Some(cd) = digest_of(&a.command_digest) {
-                match fetch.message(cd, inst).await.map(|b| reapi::Command::decode(b.as_slice())) {
+                match fetch.message(cd, remote).await.map(|b| reapi::Command::decode(b.as_slice())) {
                     Ok(Ok(c)) => {
-                        e.insert("command.json".to_string(), synth(render::command_json(&c)));
+                        e.insert("command.json".to_string(), Node::text(render::command_json(&c)));
                     }
                     _ => tracing::info!(command = %cd, "command of a browsed action is not readable"),
                 }
             }
         }
     }
-    e.insert("outputs".to_string(), VNode::Virtual(Arc::new(outputs(fetch, r, inst).await)));
-    VDir { entries: e }
+    e.insert("outputs".to_string(), Node::Virtual(Arc::new(outputs(fetch, r, remote).await)));
+    VDir::new(e)
 }
 
 #[cfg(test)]
@@ -183,14 +155,14 @@ mod tests {
     #[test]
     fn builder_places_nested_paths_and_refuses_bad_ones() {
         let mut b = Builder::default();
-        let f = VNode::Synth(Arc::from(&b"x"[..]));
+        let f = Node::text("x");
         b.insert("a/b/c", f.clone()).unwrap();
         b.insert("a/d", f.clone()).unwrap();
         assert!(b.insert("../x", f.clone()).is_err());
         assert!(b.insert("a//x", f.clone()).is_err());
         assert!(b.insert("a/b/c/d", f.clone()).is_err());
         let v = b.build();
-        let VNode::Virtual(a) = &v.entries["a"] else { panic!("a is a dir") };
-        assert_eq!(a.entries.len(), 2);
+        let Some(Node::Virtual(a)) = v.get("a") else { panic!("a is a dir") };
+        assert_eq!(a.len(), 2);
     }
 }
