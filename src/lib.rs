@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod cas;
 pub mod digest;
 pub mod error;

@@ -9,15 +9,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
 
-use super::{ActionCache, ByteStream, Cas, PackStore, CHUNK};
+use super::{ActionCache, ByteStream, Cas, CHUNK};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
@@ -71,19 +70,12 @@ impl Lru {
     }
 }
 
-/// Share of the bound small blobs in packs get, once something uses them (1 in this many).
-const PACK_SHARE: u64 = 4;
-
 /// A persistent blob store and action cache in a local folder.
 pub struct DiskStore {
     root: PathBuf,
-    /// Bound of the blob files (lowered when the pack store takes its share).
-    max_bytes: AtomicU64,
+    /// Bound on the bytes of blobs held (0 = none).
+    max_bytes: u64,
     lru: Mutex<Lru>,
-    /// Small blobs in pack files under `packs/`, opened on first use; only in a cache of
-    /// remote blobs (see [`DiskStore::open_cache`]).
-    packs: OnceLock<Option<PackStore>>,
-    use_packs: bool,
 }
 
 impl DiskStore {
@@ -124,21 +116,9 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore {
-            root,
-            max_bytes: AtomicU64::new(max_bytes),
-            lru: Mutex::new(lru),
-            packs: OnceLock::new(),
-            use_packs: false,
-        };
+        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru) };
         store.evict(None);
         Ok(store)
-    }
-
-    /// Opens a store as a local cache of remote blobs (mounts, runs, workers): like
-    /// [`DiskStore::open`], and small blobs may go to pack files (see [`DiskStore::packs`]).
-    pub fn open_cache(root: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
-        Ok(DiskStore { use_packs: true, ..Self::open(root, max_bytes)? })
     }
 
     /// The folder the store lives in.
@@ -150,33 +130,6 @@ impl DiskStore {
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();
         self.root.join("cas").join(&hex[..2]).join(hex)
-    }
-
-    /// The small-blob pack store beside the blob files (`packs/`) of a cache, opened on first
-    /// use with a quarter of the bound, which the blob files give up. `None` for a store
-    /// opened with [`DiskStore::open`] (a server's storage) or if it cannot be opened.
-    /// Blobs there have no file of their own: readers take their bytes.
-    pub fn packs(&self) -> Option<&PackStore> {
-        if !self.use_packs {
-            return None;
-        }
-        self.packs
-            .get_or_init(|| {
-                let files = self.max_bytes.load(Ordering::Relaxed);
-                let share = files / PACK_SHARE;
-                match PackStore::open(self.root.join("packs"), share) {
-                    Ok(p) => {
-                        self.max_bytes.store(files - share, Ordering::Relaxed);
-                        self.evict(None);
-                        Some(p)
-                    }
-                    Err(e) => {
-                        tracing::warn!(root = %self.root.display(), error = %e, "no pack store; small blobs get files");
-                        None
-                    }
-                }
-            })
-            .as_ref()
     }
 
     /// Total bytes of blobs held.
@@ -201,7 +154,7 @@ impl DiskStore {
     }
 
     fn evict(&self, keep: Option<&Digest>) {
-        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        let max_bytes = self.max_bytes;
         if max_bytes == 0 {
             return;
         }

@@ -26,13 +26,11 @@ pub mod channel;
 pub mod disk;
 pub mod grpc;
 pub mod memory;
-pub mod pack;
 pub mod pipe;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
 pub use memory::MemoryStore;
-pub use pack::PackStore;
 
 /// A stream of blob chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
@@ -198,6 +196,34 @@ pub async fn walk_tree<C: Cas + ?Sized>(cas: &C, root: &Digest) -> Result<Vec<(D
         level = next;
     }
     Ok(out)
+}
+
+/// Streams bytes `offset..offset + limit` (`limit` 0 = to the end) of an open file that holds
+/// `digest`'s bytes, in `CHUNK`-sized pieces read on a blocking thread. A file shorter than
+/// the digest says ends the stream with an error.
+pub fn file_range_stream(file: Arc<std::fs::File>, digest: Digest, offset: u64, limit: u64) -> ByteStream {
+    use std::os::unix::fs::FileExt;
+    let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut pos = offset;
+        while pos < end {
+            let mut buf = vec![0u8; ((end - pos) as usize).min(CHUNK)];
+            let res = match file.read_exact_at(&mut buf, pos) {
+                Ok(()) => Ok(Bytes::from(buf)),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    Err(Error::Internal(format!("blob {digest} is shorter than its digest says")))
+                }
+                Err(e) => Err(Error::io(format!("reading blob {digest}"), e)),
+            };
+            let failed = res.is_err();
+            pos += CHUNK as u64;
+            if tx.blocking_send(res).is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
 }
 
 /// Streams a local file in `CHUNK`-sized pieces, read on a blocking thread.

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use casfs::cas::DiskStore;
+use casfs::cache::{CacheConfig, LocalCache};
 use casfs::digest::Digest;
 use casfs::error::{Error, Result};
 use casfs::fs::{browse, Attr, CasFs, FetchConfig, Fetcher, FsConfig, Kind, Remote};
@@ -15,8 +15,9 @@ use super::{CmdResult, RemoteArgs};
 async fn resolve(remote: &RemoteArgs, action: &Digest, path: &str) -> Result<(Arc<CasFs>, Attr, tempfile::TempDir)> {
     let store = Arc::new(remote.store()?);
     let tmp = tempfile::tempdir().map_err(|e| Error::io("creating a temporary cache", e))?;
-    let cache = Arc::new(DiskStore::open_cache(tmp.path(), 0)?);
-    let fetcher = Fetcher::new(cache, FetchConfig::default(), Metrics::new())?;
+    let metrics = Metrics::new();
+    let cache = LocalCache::open(&CacheConfig::new(tmp.path(), 0), &metrics)?;
+    let fetcher = Fetcher::new(cache, FetchConfig::default(), metrics);
     let root = browse::root(fetcher.clone(), browse::Instances::single(Remote::new(store.clone(), Some(store))));
     let fs = CasFs::new(root, fetcher, FsConfig::default());
     let root = fs.resolve(casfs::fs::inode::ROOT, &format!("_/actions/sha256/{}", action.to_path_form())).await;

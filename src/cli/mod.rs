@@ -66,9 +66,10 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// Opens (or creates) the cache.
-    pub fn open(&self) -> Result<casfs::cas::DiskStore> {
-        casfs::cas::DiskStore::open_cache(&self.cache_dir, self.cache_size)
+    /// Opens (or creates) the cache; its hit counters land in `metrics`.
+    pub fn open(&self, metrics: &casfs::metrics::Metrics) -> Result<std::sync::Arc<casfs::cache::LocalCache>> {
+        let cfg = casfs::cache::CacheConfig::new(&self.cache_dir, self.cache_size);
+        casfs::cache::LocalCache::open(&cfg, metrics)
     }
 }
 

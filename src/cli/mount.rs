@@ -174,8 +174,8 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         (true, _) => return Ok(Err(Usage("with --browse give only the mountpoint".into()))),
         (false, _) => return Ok(Err(Usage("give a DIGEST and a MOUNTPOINT (or --browse MOUNTPOINT)".into()))),
     };
-    let cache = Arc::new(args.cache.open()?);
     let metrics = Metrics::new();
+    let cache = args.cache.open(&metrics)?;
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
@@ -191,7 +191,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     cfg.fetch =
         FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
     let stop = super::serve::Shutdown::install();
-    let guard = casfs::fs::mount(root, cache, cfg, metrics)?;
+    let guard = casfs::fs::mount(root, cache.clone(), cfg, metrics)?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
@@ -199,6 +199,8 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     ready.send("ready\n");
     stop.wait().await;
     let res: Result<()> = guard.unmount();
+    // Blobs served from memory reach the disk cache before the daemon goes away.
+    let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }

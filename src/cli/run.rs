@@ -86,10 +86,11 @@ pub async fn run(args: RunArgs) -> CmdResult {
         Err(u) => return Ok(Err(u)),
     };
     let store = Arc::new(args.remote.store()?);
-    let cache = Arc::new(args.cache.open()?);
+    let metrics = Metrics::new();
+    let cache = args.cache.open(&metrics)?;
     let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     let stop = super::serve::Shutdown::install();
-    let exec = Executor::new(store.clone(), store, cache, cfg, Metrics::new());
+    let exec = Executor::new(store.clone(), store, cache, cfg, metrics);
     exec.clean_stale()?;
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
     // are undone by their guards before we exit.

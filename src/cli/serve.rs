@@ -126,7 +126,8 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let name = format!("casfs-serve@{}", super::run::hostname());
         let cfg = args.exec.config(name, args.storage.join("exec"));
         // The store is also the executor's blob cache: inputs are already local.
-        let exec = Arc::new(Executor::new(cas.clone(), store.clone(), store.clone(), cfg, metrics.clone()));
+        let cache = casfs::cache::LocalCache::over_store(store.clone(), &metrics)?;
+        let exec = Arc::new(Executor::new(cas.clone(), store.clone(), cache, cfg, metrics.clone()));
         exec.clean_stale()?;
         let mut sc = SchedulerConfig {
             max_queued: args.max_queued_actions,

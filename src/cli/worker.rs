@@ -83,11 +83,11 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let cas_url = args.cas.clone().unwrap_or_else(|| args.scheduler.clone());
     let cas = Arc::new(GrpcStore::new(&args.conn.config(&cas_url)?)?);
     let bots = BotsClient::new(&args.conn.config(&args.scheduler)?)?;
-    let cache = Arc::new(args.cache.open()?);
     let mut cfg = args.exec.config(bot_id.clone(), work_dir);
     // BuildGrid writes the result to its action cache when the lease completes.
     cfg.cache_results = false;
     let metrics = Metrics::new();
+    let cache = args.cache.open(&metrics)?;
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         let bound = l.local_addr().map_err(|e| Error::io("metrics listener", e))?;

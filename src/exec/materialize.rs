@@ -10,7 +10,8 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use super::capture::Unchanged;
-use crate::cas::{Cas, DiskStore, SharedCas};
+use crate::cache::LocalCache;
+use crate::cas::{Cas, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::tree::Directory;
@@ -55,15 +56,17 @@ impl Unchanged for Materialized {
     }
 }
 
-/// Makes every blob of the tree `root` local (fetching only what the cache lacks).
-async fn fetch_all(cas: &SharedCas, cache: &DiskStore, digests: Vec<Digest>) -> Result<()> {
-    let missing: Vec<Digest> = digests.into_iter().filter(|d| !cache.touch(d)).collect();
+/// Makes every blob of the tree `root` local (fetching only what the cache lacks, in any of
+/// its tiers). Fetched blobs go straight to blob files: each is about to be linked.
+async fn fetch_all(cas: &SharedCas, cache: &LocalCache, digests: Vec<Digest>) -> Result<()> {
+    let missing: Vec<Digest> = digests.into_iter().filter(|d| !cache.contains(d)).collect();
+    let files = cache.files();
     let (small, large): (Vec<Digest>, Vec<Digest>) = missing.into_iter().partition(|d| d.size() <= SMALL);
     let mut missing_inputs = Vec::new();
     for chunk in small.chunks(512) {
         for (d, r) in cas.read_many(chunk).await? {
             match r {
-                Ok(bytes) => cache.write(&d, bytes).await?,
+                Ok(bytes) => files.write(&d, bytes).await?,
                 Err(Error::MissingBlob(m)) => missing_inputs.push(m),
                 Err(e) => return Err(e),
             }
@@ -72,7 +75,7 @@ async fn fetch_all(cas: &SharedCas, cache: &DiskStore, digests: Vec<Digest>) -> 
     futures::stream::iter(large)
         .map(|d| async move {
             let s = cas.read_stream(&d, 0, 0).await?;
-            cache.write_stream(&d, s).await
+            files.write_stream(&d, s).await
         })
         .buffer_unordered(4)
         .try_collect::<Vec<_>>()
@@ -87,8 +90,18 @@ async fn fetch_all(cas: &SharedCas, cache: &DiskStore, digests: Vec<Digest>) -> 
     Ok(())
 }
 
+/// Every blob to a file of its own, for hard links: (digest, blob file path).
+async fn link_sources(cache: &LocalCache, digests: impl Iterator<Item = Digest>) -> Result<HashMap<Digest, PathBuf>> {
+    let mut out = HashMap::new();
+    for d in digests.filter(|d| !d.is_empty_blob()) {
+        let path = cache.link_source(&d).await?.ok_or(Error::MissingInputs(vec![d]))?;
+        out.insert(d, path);
+    }
+    Ok(out)
+}
+
 /// Lays the tree of `root` out under `dest` (an existing empty folder).
-pub async fn materialize(cas: &SharedCas, cache: &Arc<DiskStore>, root: Digest, dest: &Path) -> Result<Materialized> {
+pub async fn materialize(cas: &SharedCas, cache: &Arc<LocalCache>, root: Digest, dest: &Path) -> Result<Materialized> {
     let dirs: HashMap<Digest, Directory> = match cas.get_tree(&root).await {
         Err(Error::MissingBlob(m)) => return Err(Error::MissingInputs(vec![m])),
         other => other?.into_iter().collect(),
@@ -96,9 +109,9 @@ pub async fn materialize(cas: &SharedCas, cache: &Arc<DiskStore>, root: Digest, 
     let mut layout = crate::transfer::Layout::default();
     crate::transfer::lay_out(&dirs, &root, dest.to_path_buf(), &mut layout, 0)?;
     fetch_all(cas, cache, layout.files.keys().copied().collect()).await?;
+    let sources = link_sources(cache, layout.files.keys().copied()).await?;
     let empty = dest.join(".casfs-empty");
     let dest = dest.to_path_buf();
-    let cache = cache.clone();
     tokio::task::spawn_blocking(move || -> Result<Materialized> {
         for d in &layout.dirs {
             std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
@@ -106,11 +119,12 @@ pub async fn materialize(cas: &SharedCas, cache: &Arc<DiskStore>, root: Digest, 
         let mut out = Materialized { root: dest.clone(), files: HashMap::new() };
         let mut linked_paths = Vec::new();
         for (digest, paths) in &layout.files {
-            let src = if digest.is_empty_blob() {
-                std::fs::write(&empty, b"").ctx(|| "creating an empty file".into())?;
-                empty.clone()
-            } else {
-                cache.blob_path(digest)
+            let src = match sources.get(digest) {
+                Some(p) => p.clone(),
+                None => {
+                    std::fs::write(&empty, b"").ctx(|| "creating an empty file".into())?;
+                    empty.clone()
+                }
             };
             let mut linked = false;
             for (p, exec) in paths {

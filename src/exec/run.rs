@@ -10,7 +10,8 @@ use prost::Message;
 use super::capture::{capture, Captured, Source, Unchanged};
 use super::sandbox::{self, Exit, Job, SandboxConfig};
 use super::spec::{ActionSpec, Limits};
-use crate::cas::{DiskStore, SharedActionCache, SharedCas};
+use crate::cache::LocalCache;
+use crate::cas::{SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remote, Root};
@@ -89,7 +90,7 @@ pub struct RunOptions {
 pub struct Executor {
     cas: SharedCas,
     ac: SharedActionCache,
-    cache: Arc<DiskStore>,
+    cache: Arc<LocalCache>,
     cfg: ExecConfig,
     metrics: Arc<Metrics>,
     lock: std::sync::Mutex<Option<std::fs::File>>,
@@ -179,7 +180,7 @@ impl Executor {
     pub fn new(
         cas: SharedCas,
         ac: SharedActionCache,
-        cache: Arc<DiskStore>,
+        cache: Arc<LocalCache>,
         cfg: ExecConfig,
         metrics: Arc<Metrics>,
     ) -> Self {

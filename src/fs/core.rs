@@ -321,7 +321,7 @@ impl CasFs {
             }
         }
         if done < buf.len() {
-            self.fetch.drop_file(digest);
+            self.fetch.cache().drop_file(digest);
             return Err(Error::Internal(format!("cached blob {digest} is shorter than its digest says")));
         }
         Ok(buf)

@@ -1,27 +1,23 @@
-//! Lazy, verified fetching for the filesystem: a bounded cache of validated Directories, the
-//! persistent local blob cache, one fetch per digest however many readers wait, and batched
-//! fetching of small sibling files. Verified blobs are served from memory at once and reach
-//! the disk cache in the background: small ones from `hot`, large ones from memory files
-//! (`large`).
+//! Lazy, verified fetching for the filesystem: what to fetch, when and from where. One fetch
+//! per digest however many readers wait, deadlines, a bounded cache of validated
+//! Directories, and batched fetching of small sibling files; the bytes land in the
+//! [`LocalCache`], which owns every tier they live in.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
-use super::hot::HotBlobs;
-use super::large::{memory_file, LargeBlobs};
-use crate::cas::{Cas, DiskStore, SharedActionCache, SharedCas};
+use crate::cache::LocalCache;
+pub use crate::cache::SMALL_BLOB;
+use crate::cas::{SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::tree::Directory;
 
-/// Files up to this size are fetched in batches with their small siblings.
-pub const SMALL_BLOB: u64 = 256 << 10;
 /// Most bytes one sibling batch brings in.
 const SIBLING_BATCH_BYTES: u64 = 3 << 20;
 /// Most files one sibling batch brings in.
@@ -36,33 +32,12 @@ pub struct FetchConfig {
     pub dir_cache_bytes: u64,
     /// Fetch the small files of a directory together once a second one is read.
     pub batch_siblings: bool,
-    /// Bytes of small blobs (and Directories) kept in memory for immediate reads.
-    pub mem_cache_bytes: u64,
-    /// Bytes of large blobs that may wait in memory for their copy to the disk cache; a
-    /// large fetch that finds no room writes to the disk cache before it is served.
-    pub mem_large_bytes: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig {
-            deadline: Duration::from_secs(30),
-            dir_cache_bytes: 256 << 20,
-            batch_siblings: true,
-            mem_cache_bytes: 256 << 20,
-            mem_large_bytes: default_large_bytes(),
-        }
+        FetchConfig { deadline: Duration::from_secs(30), dir_cache_bytes: 256 << 20, batch_siblings: true }
     }
-}
-
-/// An eighth of the machine's memory, at most 4 GiB.
-fn default_large_bytes() -> u64 {
-    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if pages <= 0 || page <= 0 {
-        return 1 << 30;
-    }
-    ((pages as u64 * page as u64) / 8).min(4 << 30)
 }
 
 type Flight<V> = Shared<BoxFuture<'static, std::result::Result<V, Arc<Error>>>>;
@@ -119,23 +94,15 @@ impl Remote {
     }
 }
 
-/// Fetches Directories and file contents on demand, verified, through the local caches.
+/// Fetches Directories and file contents on demand, verified, into the local cache.
 pub struct Fetcher {
-    local: Arc<DiskStore>,
-    hot: Arc<HotBlobs>,
-    large: Arc<LargeBlobs>,
-    /// Open disk cache files, for reads and passthrough backing.
-    fds: moka::sync::Cache<Digest, Arc<std::fs::File>>,
+    cache: Arc<LocalCache>,
     dirs: moka::sync::Cache<Digest, Arc<Directory>>,
     dir_flight: SingleFlight<Arc<Directory>>,
     blob_flight: SingleFlight<()>,
     reads_per_dir: moka::sync::Cache<Digest, ()>,
-    empty_file: PathBuf,
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
-    /// Hit counters of the read path, looked up once.
-    mem_hits: Arc<std::sync::atomic::AtomicU64>,
-    disk_hits: Arc<std::sync::atomic::AtomicU64>,
     failures: Mutex<FetchFailures>,
 }
 
@@ -150,32 +117,27 @@ pub struct FetchFailures {
 }
 
 impl Fetcher {
-    /// A fetcher reading through the local blob cache `local` from the remotes its callers name.
-    pub fn new(local: Arc<DiskStore>, cfg: FetchConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
+    /// A fetcher reading into `cache` from the remotes its callers name.
+    pub fn new(cache: Arc<LocalCache>, cfg: FetchConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let dirs = moka::sync::Cache::builder()
             .max_capacity(cfg.dir_cache_bytes)
             .weigher(|_, d: &Arc<Directory>| (64 + 96 * d.len()).min(u32::MAX as usize) as u32)
             .build();
-        // Opened here, not on the first read: its index loads in proportion to the cache.
-        let _ = local.packs();
-        let empty_file = local.root().join("empty");
-        std::fs::write(&empty_file, b"").map_err(|e| Error::io("creating the empty backing file", e))?;
-        Ok(Arc::new(Fetcher {
-            hot: HotBlobs::new(local.clone(), cfg.mem_cache_bytes),
-            large: LargeBlobs::new(local.clone(), cfg.mem_large_bytes),
-            fds: moka::sync::Cache::new(256),
-            local,
+        Arc::new(Fetcher {
+            cache,
             dirs,
             dir_flight: SingleFlight::new(),
             blob_flight: SingleFlight::new(),
             reads_per_dir: moka::sync::Cache::new(100_000),
-            empty_file,
             cfg,
-            mem_hits: metrics.counter("casfs_blob_memory_hits_total"),
-            disk_hits: metrics.counter("casfs_blob_cache_hits_total"),
             metrics,
             failures: Mutex::new(FetchFailures::default()),
-        }))
+        })
+    }
+
+    /// The local cache the fetched bytes land in.
+    pub fn cache(&self) -> &Arc<LocalCache> {
+        &self.cache
     }
 
     /// The metrics registry.
@@ -233,10 +195,10 @@ impl Fetcher {
     }
 
     async fn fetch_dir(&self, digest: Digest, remote: &Remote) -> Result<Arc<Directory>> {
-        let bytes = if let Some(b) = self.bytes_now(&digest) {
+        let bytes = if let Some(b) = self.cache.bytes_now(&digest) {
             b
-        } else if self.local.contains(&digest) {
-            self.local.read(&digest).await?
+        } else if self.cache.contains(&digest) {
+            crate::cas::Cas::read(self.cache.as_ref(), &digest).await?
         } else {
             let started = Instant::now();
             let bytes = remote.cas.read(&digest).await?;
@@ -244,7 +206,7 @@ impl Fetcher {
             self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
             self.metrics.histogram("casfs_fetch_seconds{kind=\"dir\"}").observe(started.elapsed());
             // `read` returned verified bytes.
-            self.hot.insert(digest, bytes.clone());
+            self.cache.insert_verified(digest, bytes.clone());
             bytes
         };
         Ok(Arc::new(Directory::decode(&digest, &bytes)?))
@@ -259,84 +221,14 @@ impl Fetcher {
         }
     }
 
-    /// Path of a blob in the local cache, if it is there now (no fetch).
-    pub fn local_path(&self, digest: &Digest) -> Option<PathBuf> {
-        if digest.is_empty_blob() {
-            return Some(self.empty_file.clone());
-        }
-        if self.local.touch(digest) {
-            self.disk_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Some(self.local.blob_path(digest));
-        }
-        None
-    }
-
-    /// The bytes of a small blob at hand now (no fetch): held in memory, or in the disk
-    /// cache's packs (then kept in memory as well).
+    /// The bytes of a small blob at hand now (no fetch).
     pub fn bytes_now(&self, digest: &Digest) -> Option<bytes::Bytes> {
-        if let Some(b) = self.hot.get(digest) {
-            self.mem_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Some(b);
-        }
-        let packs = self.local.packs()?;
-        match packs.read(digest) {
-            Ok(Some(b)) => {
-                self.disk_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.hot.remember(*digest, b.clone());
-                Some(b)
-            }
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(digest = %digest, error = %e, "cannot read the local cache's packs");
-                None
-            }
-        }
+        self.cache.bytes_now(digest)
     }
 
-    /// True when the blob is local: in memory or in the disk cache (no fetch).
-    fn is_local(&self, digest: &Digest) -> bool {
-        digest.is_empty_blob()
-            || self.hot.contains(digest)
-            || self.large.contains(digest)
-            || self.local.packs().is_some_and(|p| p.contains(digest))
-            || self.local.contains(digest)
-    }
-
-    /// Waits until every blob fetched so far is in the disk cache (blocking).
-    pub fn flush(&self) {
-        self.hot.flush();
-        self.large.flush();
-    }
-
-    /// An open file holding a blob's verified bytes, if it is local now (no fetch): its
-    /// memory file while it waits for the disk, else its disk cache file.
+    /// An open file holding a blob's verified bytes, if it has one now (no fetch).
     pub fn file_now(&self, digest: &Digest) -> Result<Option<Arc<std::fs::File>>> {
-        if let Some(f) = self.large.get(digest) {
-            return Ok(Some(f));
-        }
-        let Some(path) = self.local_path(digest) else {
-            // Evicted (or never here): an open file of it would outlive the cache's bound.
-            self.fds.invalidate(digest);
-            return Ok(None);
-        };
-        if let Some(f) = self.fds.get(digest) {
-            return Ok(Some(f));
-        }
-        match std::fs::File::open(&path) {
-            Ok(f) => {
-                let f = Arc::new(f);
-                self.fds.insert(*digest, f.clone());
-                Ok(Some(f))
-            }
-            // Evicted since: not local after all.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("opening cached {digest}"), e)),
-        }
-    }
-
-    /// Forgets an open disk cache file that turned out bad (short).
-    pub fn drop_file(&self, digest: &Digest) {
-        self.fds.invalidate(digest);
+        self.cache.file_now(digest)
     }
 
     /// Makes a blob local (fetched once, verified) and returns an open file holding it (a
@@ -348,27 +240,21 @@ impl Fetcher {
         remote: &Arc<Remote>,
         parent: Option<Digest>,
     ) -> Result<Arc<std::fs::File>> {
-        if let Some(f) = self.file_now(&digest)? {
+        if let Some(f) = self.cache.file_now(&digest)? {
             return Ok(f);
         }
         self.load(digest, remote, parent).await?;
-        if !self.local.contains(&digest) && !self.large.contains(&digest) {
-            // A small blob, in memory or a pack: give it a file of its own.
-            if let Some(bytes) = self.bytes_now(&digest) {
-                let local = self.local.clone();
-                tokio::task::spawn_blocking(move || local.insert_verified(&digest, &bytes))
-                    .await
-                    .map_err(|e| Error::Internal(format!("storing {digest}: {e}")))??;
-            }
-        }
-        self.file_now(&digest)?.ok_or_else(|| Error::Internal(format!("fetched blob {digest} left the cache at once")))
+        self.cache
+            .file(&digest)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("fetched blob {digest} left the cache at once")))
     }
 
     /// Makes a blob local (fetched once, verified): small ones in memory (on disk soon),
     /// large ones in the disk cache. `parent` is the Directory it was found in: once two files
     /// of one directory are read, the directory's other small files come along in one batch.
     pub async fn load(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>, parent: Option<Digest>) -> Result<()> {
-        if self.is_local(&digest) {
+        if self.cache.contains(&digest) {
             return Ok(());
         }
         self.metrics.add("casfs_blob_cache_misses_total", 1);
@@ -402,7 +288,7 @@ impl Fetcher {
                         self.metrics.add("casfs_fetch_blobs_total", 1);
                         self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
                         // `read_many` returns verified bytes only.
-                        self.hot.insert(d, bytes);
+                        self.cache.insert_verified(d, bytes);
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -428,21 +314,7 @@ impl Fetcher {
                         }
                     })
                     .boxed();
-                // Into memory while it is hashed, served once verified, on disk soon after;
-                // straight to the disk cache when memory is short.
-                let Some(room) = self.large.reserve(digest.size()) else {
-                    return self.local.write_stream(&digest, counted).await;
-                };
-                let file = match memory_file(c"casfs-blob") {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "no memory file; writing to the disk cache first");
-                        return self.local.write_stream(&digest, counted).await;
-                    }
-                };
-                let file = crate::cas::pipe::write_verified(&digest, counted, file).await?;
-                self.large.insert(room, digest, file);
-                Ok(())
+                self.cache.insert_stream(&digest, counted).await
             }
             .await;
             match res {
@@ -465,10 +337,10 @@ impl Fetcher {
             return Ok(Vec::new());
         }
         self.load(digest, remote, None).await?;
-        if let Some(b) = self.bytes_now(&digest) {
+        if let Some(b) = self.cache.bytes_now(&digest) {
             return Ok(b.to_vec());
         }
-        let file = self.file_now(&digest)?.ok_or(Error::MissingBlob(digest))?;
+        let file = self.cache.file_now(&digest)?.ok_or(Error::MissingBlob(digest))?;
         let mut buf = vec![0u8; digest.size() as usize];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, 0)
             .map_err(|e| Error::io(format!("reading cached {digest}"), e))?;
@@ -479,14 +351,14 @@ impl Fetcher {
     /// local cache (its digest was computed from these bytes) and the Directory cache.
     pub async fn insert_dir(&self, digest: Digest, bytes: bytes::Bytes, dir: Directory) -> Result<()> {
         crate::cas::verify(&digest, &bytes)?;
-        self.hot.insert(digest, bytes);
+        self.cache.insert_verified(digest, bytes);
         self.dirs.insert(digest, Arc::new(dir));
         Ok(())
     }
 
     /// Whether `remote` holds a blob (for lookups that must not answer for absent content).
     pub async fn exists(&self, digest: Digest, remote: &Remote) -> Result<bool> {
-        if self.is_local(&digest) {
+        if self.cache.contains(&digest) {
             return Ok(true);
         }
         let missing = self.with_deadline(digest, remote.cas.find_missing(&[digest])).await?;
@@ -519,7 +391,7 @@ impl Fetcher {
         let mut seen = std::collections::HashSet::from([*me]);
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.is_local(&d) {
+            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.cache.contains(&d) {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

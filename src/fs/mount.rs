@@ -8,7 +8,7 @@ use super::core::{CasFs, FsConfig};
 use super::fetch::{FetchConfig, Fetcher, Remote};
 use super::fuse::{FuseAdapter, OpenMode};
 use super::node::Node;
-use crate::cas::DiskStore;
+use crate::cache::LocalCache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -79,8 +79,6 @@ impl MountGuard {
         if is_mounted(&self.mountpoint) {
             detach(&self.mountpoint)?;
         }
-        // Blobs served from memory must be in the disk cache before the daemon goes away.
-        self.fs.fetcher().flush();
         Ok(())
     }
 }
@@ -215,27 +213,30 @@ impl std::fmt::Debug for Root {
 }
 
 /// Mounts `root`, read lazily through the local blob cache `cache`. Must be called inside a
-/// tokio runtime, which runs the fetches.
+/// tokio runtime, which runs the fetches. Blobs the mount fetched may still be on their way
+/// to disk when it is unmounted: whoever owns the cache flushes it before the process ends.
 ///
 /// ```no_run
 /// # async fn demo(root: casfs::Digest) -> casfs::Result<()> {
 /// use std::sync::Arc;
-/// use casfs::cas::{DiskStore, GrpcStore, RemoteConfig};
+/// use casfs::cache::{CacheConfig, LocalCache};
+/// use casfs::cas::{GrpcStore, RemoteConfig};
 /// use casfs::fs::{mount, MountConfig, Remote, Root};
 /// let remote = Arc::new(GrpcStore::new(&RemoteConfig::new("grpc://127.0.0.1:8980"))?);
-/// let cache = Arc::new(DiskStore::open_cache("/var/cache/casfs", 10 << 30)?);
 /// let metrics = casfs::metrics::Metrics::new();
+/// let cache = LocalCache::open(&CacheConfig::new("/var/cache/casfs", 10 << 30), &metrics)?;
 /// let root = Root::Digest(root, Remote::new(remote, None));
-/// let guard = mount(root, cache, MountConfig::new("/mnt/input"), metrics)?;
+/// let guard = mount(root, cache.clone(), MountConfig::new("/mnt/input"), metrics)?;
 /// // ... run something that reads /mnt/input ...
 /// drop(guard); // unmounts
+/// cache.flush(); // everything fetched is on disk
 /// # Ok(()) }
 /// ```
-pub fn mount(root: Root, cache: Arc<DiskStore>, cfg: MountConfig, metrics: Arc<Metrics>) -> Result<MountGuard> {
+pub fn mount(root: Root, cache: Arc<LocalCache>, cfg: MountConfig, metrics: Arc<Metrics>) -> Result<MountGuard> {
     preflight(&cfg.mountpoint)?;
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|_| Error::Internal("casfs::fs::mount needs a tokio runtime".into()))?;
-    let fetcher = Fetcher::new(cache, cfg.fetch.clone(), metrics)?;
+    let fetcher = Fetcher::new(cache, cfg.fetch.clone(), metrics);
     let name = match &root {
         Root::Digest(d, _) => format!("casfs:{}", d.to_path_form()),
         Root::Browse(_) => "casfs:browse".to_string(),

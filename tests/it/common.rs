@@ -103,6 +103,12 @@ pub async fn serve_in_process(backend: Backend) -> TestResult<InProcessServer> {
     Ok(InProcessServer { url, stop: Some(tx) })
 }
 
+/// A local blob cache in `dir`, unbounded, with default memory budgets.
+pub fn local_cache(dir: &Path) -> TestResult<Arc<casfs::cache::LocalCache>> {
+    let metrics = casfs::metrics::Metrics::new();
+    Ok(casfs::cache::LocalCache::open(&casfs::cache::CacheConfig::new(dir, 0), &metrics)?)
+}
+
 /// A backend over a fresh memory store.
 pub fn memory_backend() -> (Arc<MemoryStore>, Backend) {
     let m = Arc::new(MemoryStore::new());

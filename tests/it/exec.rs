@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use casfs::cas::{ActionCache, Cas, DiskStore, GrpcStore, RemoteConfig};
+use casfs::cas::{ActionCache, Cas, GrpcStore, RemoteConfig};
 use casfs::digest::Digest;
 use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
@@ -81,7 +81,7 @@ fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>)
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let client = Arc::new(GrpcStore::new(&RemoteConfig::new(&server.url))?);
-    let cache = Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?);
+    let cache = local_cache(&tmp.path().join("cache"))?;
     let work = tmp.path().join("work");
     let cfg = ExecConfig {
         materialize,
@@ -344,13 +344,8 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     .await?;
     std::fs::write(&log, b"")?;
     let cfg = lazy_config(&tmp.path().join("work"), FetchConfig::default());
-    let exec = Executor::new(
-        client.clone(),
-        client.clone(),
-        Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?),
-        cfg,
-        Metrics::new(),
-    );
+    let exec =
+        Executor::new(client.clone(), client.clone(), local_cache(&tmp.path().join("cache"))?, cfg, Metrics::new());
     let o = exec.execute(d, false).await?;
     assert_eq!(o.result.exit_code, 0);
     let out = client.read(&Digest::try_from(o.result.output_files[0].digest.as_ref().ok_or("digest")?)?).await?;
@@ -381,7 +376,7 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     let exec = Arc::new(Executor::new(
         client.clone(),
         client.clone(),
-        Arc::new(DiskStore::open_cache(tmp.path().join("cache"), 0)?),
+        local_cache(&tmp.path().join("cache"))?,
         cfg,
         Metrics::new(),
     ));

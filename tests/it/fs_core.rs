@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use casfs::cas::{ByteStream, Cas, DiskStore, MemoryStore};
+use casfs::cache::{CacheConfig, LocalCache};
+use casfs::cas::{ByteStream, Cas, MemoryStore};
 use casfs::digest::Digest;
 use casfs::error::Result;
 use casfs::fs::inode::ROOT;
@@ -61,6 +62,11 @@ async fn fixture(delay: Duration, deadline: Duration) -> TestResult<Fixture> {
 }
 
 async fn fixture_with(delay: Duration, cfg: FetchConfig) -> TestResult<Fixture> {
+    fixture_cached(delay, cfg, None).await
+}
+
+/// A fixture whose cache holds at most `mem_large` bytes of large blobs in memory.
+async fn fixture_cached(delay: Duration, cfg: FetchConfig, mem_large: Option<u64>) -> TestResult<Fixture> {
     let remote = Arc::new(Counting { inner: MemoryStore::new(), reads: Default::default(), delay });
     let file = Bytes::from_static(b"contents\n");
     let fd = Digest::of_bytes(&file);
@@ -86,8 +92,11 @@ async fn fixture_with(delay: Duration, cfg: FetchConfig) -> TestResult<Fixture> 
     let (rd, rb) = root.encode();
     remote.inner.write(&rd, rb.into()).await?;
     let cache = tempfile::tempdir()?;
-    let local = Arc::new(DiskStore::open_cache(cache.path(), 0)?);
-    let fetcher = Fetcher::new(local, cfg, Metrics::new())?;
+    let mut cache_cfg = CacheConfig::new(cache.path(), 0);
+    cache_cfg.mem_large_bytes = mem_large.unwrap_or(cache_cfg.mem_large_bytes);
+    let metrics = Metrics::new();
+    let local = LocalCache::open(&cache_cfg, &metrics)?;
+    let fetcher = Fetcher::new(local, cfg, metrics);
     let root = Node::Dir { digest: rd, remote: Remote::new(remote.clone(), None) };
     let fs = CasFs::new(root, fetcher, FsConfig::default());
     Ok(Fixture { fs, remote, file: fd, big: bd, cache })
@@ -171,20 +180,20 @@ async fn concurrent_misses_share_one_fetch_and_slow_fetches_hit_the_deadline() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_blobs_wait_in_memory_within_the_budget_and_go_to_disk_beyond_it() -> TestResult {
     // No memory for large blobs: each is in the disk cache before anyone reads it.
-    let fx = fixture_with(Duration::ZERO, FetchConfig { mem_large_bytes: 0, ..FetchConfig::default() }).await?;
+    let fx = fixture_cached(Duration::ZERO, FetchConfig::default(), Some(0)).await?;
     let big = fx.fs.lookup(ROOT, "big").await?;
     fx.fs.load_file(big.ino).await?;
     assert!(fx.on_disk(&fx.big), "without memory the blob goes to the disk first");
     assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
 
     // With room: served from a memory file at once, in the disk cache once flushed.
-    let fx = fixture_with(Duration::ZERO, FetchConfig { mem_large_bytes: 1 << 30, ..FetchConfig::default() }).await?;
+    let fx = fixture_cached(Duration::ZERO, FetchConfig::default(), Some(1 << 30)).await?;
     let big = fx.fs.lookup(ROOT, "big").await?;
     let file = fx.fs.fetch_backing(big.ino).await?;
     let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     assert!(link.to_string_lossy().starts_with("/memfd:casfs-blob"), "backing file is {link:?}");
     assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
-    fx.fs.fetcher().flush();
+    fx.fs.fetcher().cache().flush();
     assert!(fx.on_disk(&fx.big), "flush leaves the blob in the disk cache");
     assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
     Ok(())

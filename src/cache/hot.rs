@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 
-use crate::cas::DiskStore;
+use super::tiers::OnDisk;
 use crate::digest::Digest;
 
 /// Most bytes waiting for the disk writer; past this, callers write themselves.
@@ -43,22 +43,22 @@ struct Shared {
 pub struct HotBlobs {
     mem: moka::sync::Cache<Digest, Bytes>,
     shared: Arc<Shared>,
-    local: Arc<DiskStore>,
+    disk: Arc<OnDisk>,
 }
 
 impl HotBlobs {
-    /// A store holding up to `mem_bytes` of blobs in memory and writing them into `local`
+    /// A store holding up to `mem_bytes` of blobs in memory and writing them to `disk`
     /// from its own thread.
-    pub fn new(local: Arc<DiskStore>, mem_bytes: u64) -> Arc<Self> {
+    pub(crate) fn new(disk: Arc<OnDisk>, mem_bytes: u64) -> Arc<Self> {
         let mem = moka::sync::Cache::builder()
             .max_capacity(mem_bytes)
             .weigher(|_, b: &Bytes| (b.len() + 64).min(u32::MAX as usize) as u32)
             .build();
         let shared =
             Arc::new(Shared { pending: Mutex::new(Pending::default()), work: Condvar::new(), done: Condvar::new() });
-        let hot = Arc::new(HotBlobs { mem, shared: shared.clone(), local: local.clone() });
+        let hot = Arc::new(HotBlobs { mem, shared: shared.clone(), disk: disk.clone() });
         let spawned =
-            std::thread::Builder::new().name("casfs-cache-writer".into()).spawn(move || writer(&shared, &local));
+            std::thread::Builder::new().name("casfs-cache-writer".into()).spawn(move || writer(&shared, &disk));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no background cache writer; blobs are written as they arrive");
             hot.shared.pending.lock().unwrap().closed = true;
@@ -83,7 +83,7 @@ impl HotBlobs {
     /// disk cache gets it soon. Blocks (writing it itself) only when the writer is far behind,
     /// so call it from a blocking context or accept a short write.
     pub fn insert(&self, digest: Digest, data: Bytes) {
-        if on_disk(&self.local, &digest) {
+        if self.disk.contains(&digest) {
             return;
         }
         self.mem.insert(digest, data.clone());
@@ -99,7 +99,7 @@ impl HotBlobs {
             }
         };
         if overflow {
-            store(&self.local, &[(digest, data)]);
+            self.disk.store(&[(digest, data)]);
         } else {
             self.shared.work.notify_one();
         }
@@ -119,7 +119,7 @@ impl HotBlobs {
                 let left: Vec<(Digest, Bytes)> = p.map.drain().collect();
                 p.bytes = 0;
                 drop(p);
-                store(&self.local, &left);
+                self.disk.store(&left);
                 return;
             }
             self.shared.work.notify_one();
@@ -139,39 +139,17 @@ impl Drop for HotBlobs {
 /// Lowers the calling thread's CPU priority (nice 10): copies to the disk cache yield to
 /// readers and the fetches they wait on. Best effort.
 pub fn background_priority() {
-    // On Linux a thread id names one thread for setpriority.
+    // SAFETY: gettid has no arguments and cannot fail.
     let tid = unsafe { libc::gettid() };
+    // SAFETY: on Linux a thread id names one thread for setpriority; no memory is touched.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) } != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower a writer thread's priority");
     }
 }
 
-/// True when the disk cache has the blob (in a pack or a file of its own).
-fn on_disk(local: &DiskStore, digest: &Digest) -> bool {
-    local.packs().is_some_and(|p| p.contains(digest)) || local.contains(digest)
-}
-
-/// Writes verified blobs to the disk cache: appended to its packs in one write, or one file
-/// each where a blob is too large for a pack or there is no pack store.
-fn store(local: &DiskStore, blobs: &[(Digest, Bytes)]) {
-    let packs = local.packs();
-    let (packed, files): (Vec<_>, Vec<_>) =
-        blobs.iter().cloned().partition(|(d, _)| packs.is_some() && d.size() <= crate::cas::pack::MAX_BLOB);
-    if let Some(p) = packs.filter(|_| !packed.is_empty()) {
-        if let Err(e) = p.append_verified(&packed) {
-            tracing::warn!(blobs = packed.len(), error = %e, "could not append blobs to the local cache's packs");
-        }
-    }
-    for (d, data) in files {
-        if let Err(e) = local.insert_verified(&d, &data) {
-            tracing::warn!(digest = %d, error = %e, "could not write a blob to the local cache");
-        }
-    }
-}
-
 /// The writer thread: takes waiting blobs in rounds, writes them, then lets readers forget
 /// them (only after they are on disk, so a blob never falls between memory and disk).
-fn writer(shared: &Shared, local: &DiskStore) {
+fn writer(shared: &Shared, disk: &OnDisk) {
     background_priority();
     loop {
         let batch: Vec<(Digest, Bytes)> = {
@@ -186,7 +164,7 @@ fn writer(shared: &Shared, local: &DiskStore) {
             p.busy = batch.len();
             batch
         };
-        store(local, &batch);
+        disk.store(&batch);
         let mut p = shared.pending.lock().unwrap();
         for (d, b) in &batch {
             if p.map.remove(d).is_some() {

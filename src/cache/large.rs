@@ -14,7 +14,7 @@ use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::cas::DiskStore;
+use super::tiers::OnDisk;
 use crate::digest::Digest;
 
 /// Bytes held in memory files by every `LargeBlobs` of the process, or reserved for fetches
@@ -37,7 +37,7 @@ struct Shared {
     work: Condvar,
     /// Signalled when the writer finished a blob.
     done: Condvar,
-    local: Arc<DiskStore>,
+    disk: Arc<OnDisk>,
 }
 
 /// Verified large blobs in memory, copied to the disk cache in the background.
@@ -60,10 +60,12 @@ impl Drop for Reservation {
 
 /// A new, empty memory file that can be sealed.
 pub fn memory_file(name: &std::ffi::CStr) -> std::io::Result<File> {
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
@@ -71,6 +73,7 @@ pub fn memory_file(name: &std::ffi::CStr) -> std::io::Result<File> {
 fn seal(file: &File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor `file` owns; F_ADD_SEALS takes an integer, no memory.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -78,11 +81,12 @@ fn seal(file: &File) -> std::io::Result<()> {
 }
 
 impl LargeBlobs {
-    /// Holds large blobs in memory, copying each into `local` from its own thread, while
-    /// the process holds at most `budget` bytes of them. A budget of 0 keeps nothing.
-    pub fn new(local: Arc<DiskStore>, budget: u64) -> Arc<Self> {
+    /// Holds large blobs in memory, copying each into `disk`'s blob files from its own
+    /// thread, while the process holds at most `budget` bytes of them. A budget of 0 keeps
+    /// nothing.
+    pub(crate) fn new(disk: Arc<OnDisk>, budget: u64) -> Arc<Self> {
         let shared =
-            Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new(), done: Condvar::new(), local });
+            Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new(), done: Condvar::new(), disk });
         let mut budget = budget;
         if budget > 0 {
             let s = shared.clone();
@@ -186,7 +190,7 @@ fn writer(shared: &Shared) {
                 }
             }
         };
-        let res = shared.local.insert_verified_file(&digest, &file);
+        let res = shared.disk.files.insert_verified_file(&digest, &file);
         drop(file);
         let mut s = shared.state.lock().unwrap();
         match res {

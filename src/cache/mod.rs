@@ -1,0 +1,290 @@
+//! The local blob cache of mounts, runs and workers: one type over every tier.
+//!
+//! Verified blobs live in one of four places, and [`LocalCache`] is the only way in or out:
+//! - small blobs in memory ([`hot`]), appended to pack files ([`pack`]) by a background thread;
+//! - large blobs in sealed memory files ([`large`]), copied to blob files in the background;
+//! - blob files, one per large blob (a [`DiskStore`] without action cache use);
+//! - pack files of small blobs.
+//!
+//! A blob is always in memory or on disk once it is in; nothing unverified ever enters. The
+//! mount, the eager materializer and the executor all see the same cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::cas::{ByteStream, Cas, DiskStore};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::metrics::Metrics;
+
+pub mod hot;
+pub mod large;
+pub mod pack;
+mod tiers;
+
+use hot::HotBlobs;
+use large::{memory_file, LargeBlobs};
+pub use pack::PackStore;
+use tiers::OnDisk;
+
+/// Largest blob kept in memory and in packs rather than in a file of its own.
+pub const SMALL_BLOB: u64 = 256 << 10;
+
+/// Where the cache lives and how much it may hold.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// The cache's folder (blob files under `cas/`, packs under `packs/`).
+    pub dir: PathBuf,
+    /// Bound on disk (0 = none): blob files get three quarters, packs one quarter.
+    pub max_bytes: u64,
+    /// Small blobs (and Directories) kept in memory for immediate reads.
+    pub mem_small_bytes: u64,
+    /// Large blobs that may wait in memory files for their copy to disk (bounded across the
+    /// process); a large blob that finds no room goes to disk before it is served.
+    pub mem_large_bytes: u64,
+}
+
+impl CacheConfig {
+    /// Defaults for everything but the folder and the bound.
+    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
+        CacheConfig { dir: dir.into(), max_bytes, mem_small_bytes: 256 << 20, mem_large_bytes: default_large_bytes() }
+    }
+}
+
+/// An eighth of the machine's memory, at most 4 GiB.
+fn default_large_bytes() -> u64 {
+    // SAFETY: sysconf only reads system configuration values.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || page <= 0 {
+        return 1 << 30;
+    }
+    ((pages as u64 * page as u64) / 8).min(4 << 30)
+}
+
+/// The local blob cache (see the module docs).
+pub struct LocalCache {
+    disk: Arc<OnDisk>,
+    hot: Arc<HotBlobs>,
+    large: Arc<LargeBlobs>,
+    /// Open blob files, for reads and passthrough backing.
+    fds: moka::sync::Cache<Digest, Arc<std::fs::File>>,
+    empty_file: PathBuf,
+    mem_hits: Arc<AtomicU64>,
+    disk_hits: Arc<AtomicU64>,
+}
+
+impl LocalCache {
+    /// Opens (creating) the cache; its hit counters land in `metrics`.
+    pub fn open(cfg: &CacheConfig, metrics: &Metrics) -> Result<Arc<Self>> {
+        let disk = OnDisk::open(&cfg.dir, cfg.max_bytes)?;
+        Self::with(disk, cfg, metrics)
+    }
+
+    /// A cache whose disk tier is an existing store, read in place (a server executing
+    /// actions over its own storage: inputs are already local, nothing is copied).
+    pub fn over_store(store: Arc<DiskStore>, metrics: &Metrics) -> Result<Arc<Self>> {
+        let cfg = CacheConfig::new(store.root(), 0);
+        Self::with(OnDisk::over(store), &cfg, metrics)
+    }
+
+    fn with(disk: OnDisk, cfg: &CacheConfig, metrics: &Metrics) -> Result<Arc<Self>> {
+        let disk = Arc::new(disk);
+        let empty_file = disk.files.root().join("empty");
+        std::fs::write(&empty_file, b"").ctx(|| "creating the empty backing file".into())?;
+        Ok(Arc::new(LocalCache {
+            hot: HotBlobs::new(disk.clone(), cfg.mem_small_bytes),
+            large: LargeBlobs::new(disk.clone(), cfg.mem_large_bytes),
+            disk,
+            fds: moka::sync::Cache::new(256),
+            empty_file,
+            mem_hits: metrics.counter("casfs_blob_memory_hits_total"),
+            disk_hits: metrics.counter("casfs_blob_cache_hits_total"),
+        }))
+    }
+
+    /// The cache's folder.
+    pub fn dir(&self) -> &Path {
+        self.disk.files.root()
+    }
+
+    /// The blob files' store (its bound, its counts).
+    pub fn files(&self) -> &DiskStore {
+        &self.disk.files
+    }
+
+    /// True when the blob is here, in any tier (no fetch, no wait).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        digest.is_empty_blob() || self.hot.contains(digest) || self.large.contains(digest) || self.disk.contains(digest)
+    }
+
+    /// The bytes of a small blob at hand now: held in memory, or in a pack (then kept in
+    /// memory as well).
+    pub fn bytes_now(&self, digest: &Digest) -> Option<Bytes> {
+        if let Some(b) = self.hot.get(digest) {
+            self.mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(b);
+        }
+        let b = self.disk.packed(digest)?;
+        self.disk_hits.fetch_add(1, Ordering::Relaxed);
+        self.hot.remember(*digest, b.clone());
+        Some(b)
+    }
+
+    /// Path of a blob's own file, if it has one now (marked recently used).
+    pub fn path_now(&self, digest: &Digest) -> Option<PathBuf> {
+        if digest.is_empty_blob() {
+            return Some(self.empty_file.clone());
+        }
+        if self.disk.files.touch(digest) {
+            self.disk_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(self.disk.files.blob_path(digest));
+        }
+        None
+    }
+
+    /// An open file holding a blob's verified bytes, if it has one now: its memory file while
+    /// it waits for the disk, else its blob file.
+    pub fn file_now(&self, digest: &Digest) -> Result<Option<Arc<std::fs::File>>> {
+        if let Some(f) = self.large.get(digest) {
+            return Ok(Some(f));
+        }
+        let Some(path) = self.path_now(digest) else {
+            // Evicted (or never here): an open file of it would outlive the cache's bound.
+            self.fds.invalidate(digest);
+            return Ok(None);
+        };
+        if let Some(f) = self.fds.get(digest) {
+            return Ok(Some(f));
+        }
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.fds.insert(*digest, f.clone());
+                Ok(Some(f))
+            }
+            // Evicted since: not here after all.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("opening cached {digest}"), e)),
+        }
+    }
+
+    /// Forgets an open blob file that turned out bad (short).
+    pub fn drop_file(&self, digest: &Digest) {
+        self.fds.invalidate(digest);
+    }
+
+    /// Takes a small blob whose bytes were checked against `digest`: readable at once, on
+    /// disk soon. Blocks only when the disk writer is far behind.
+    pub fn insert_verified(&self, digest: Digest, data: Bytes) {
+        self.hot.insert(digest, data);
+    }
+
+    /// Stores a large blob from a stream, verifying it: into a memory file while it is hashed
+    /// (served once it matched, copied to disk after), or straight to a blob file when memory
+    /// is short.
+    pub async fn insert_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        let Some(room) = self.large.reserve(digest.size()) else {
+            return self.disk.files.write_stream(digest, data).await;
+        };
+        let file = match memory_file(c"casfs-blob") {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "no memory file; writing to the disk cache first");
+                return self.disk.files.write_stream(digest, data).await;
+            }
+        };
+        let file = crate::cas::pipe::write_verified(digest, data, file).await?;
+        self.large.insert(room, *digest, file);
+        Ok(())
+    }
+
+    /// An open file of its own holding a blob that is here (a small blob held in memory or
+    /// a pack is written to a blob file first). `None` when the blob is not here.
+    pub async fn file(&self, digest: &Digest) -> Result<Option<Arc<std::fs::File>>> {
+        if let Some(f) = self.file_now(digest)? {
+            return Ok(Some(f));
+        }
+        let Some(bytes) = self.bytes_now(digest) else { return Ok(None) };
+        let disk = self.disk.clone();
+        let d = *digest;
+        tokio::task::spawn_blocking(move || disk.files.insert_verified(&d, &bytes))
+            .await
+            .map_err(|e| Error::Internal(format!("storing {digest}: {e}")))??;
+        self.file_now(digest)
+    }
+
+    /// A blob file to hard-link from, written from memory or a pack if the blob has none yet
+    /// (the eager materializer links inputs). `None` when the blob is not here.
+    pub async fn link_source(&self, digest: &Digest) -> Result<Option<PathBuf>> {
+        if let Some(p) = self.path_now(digest) {
+            return Ok(Some(p));
+        }
+        if self.large.contains(digest) {
+            // Its disk copy is on the way; wait for it rather than write it twice.
+            let large = self.large.clone();
+            tokio::task::spawn_blocking(move || large.flush())
+                .await
+                .map_err(|e| Error::Internal(format!("flushing: {e}")))?;
+        }
+        match self.file(digest).await? {
+            Some(_) => Ok(self.path_now(digest)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until every blob taken so far is on disk (blocking).
+    pub fn flush(&self) {
+        self.hot.flush();
+        self.large.flush();
+    }
+}
+
+/// The cache as a store: the eager materializer and tests read and write through it like
+/// any other store. Writes are verified; small blobs go to memory and packs, large ones to
+/// files.
+#[async_trait::async_trait]
+impl Cas for LocalCache {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut seen = std::collections::HashSet::new();
+        Ok(digests.iter().filter(|d| !self.contains(d) && seen.insert(**d)).copied().collect())
+    }
+
+    async fn read_stream(&self, digest: &Digest, offset: u64, limit: u64) -> Result<ByteStream> {
+        if offset > digest.size() {
+            return Err(Error::InvalidArgument(format!("read offset {offset} is past the end of {digest}")));
+        }
+        if let Some(b) = self.bytes_now(digest) {
+            let end = if limit == 0 { b.len() } else { b.len().min((offset + limit) as usize) };
+            let part = b.slice(offset as usize..end);
+            return Ok(futures::stream::once(async move { Ok(part) }).boxed());
+        }
+        if let Some(f) = self.large.get(digest) {
+            return Ok(crate::cas::file_range_stream(f, *digest, offset, limit));
+        }
+        self.disk.files.read_stream(digest, offset, limit).await
+    }
+
+    async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        if digest.size() > SMALL_BLOB {
+            return self.insert_stream(digest, data).await;
+        }
+        let mut buf = Vec::with_capacity(digest.size() as usize);
+        let mut data = data;
+        while let Some(chunk) = data.next().await {
+            buf.extend_from_slice(&chunk?);
+            if buf.len() as u64 > digest.size() {
+                return Err(Error::InvalidArgument(format!("more than {} bytes sent for {digest}", digest.size())));
+            }
+        }
+        crate::cas::verify(digest, &buf)?;
+        self.insert_verified(*digest, buf.into());
+        Ok(())
+    }
+}
