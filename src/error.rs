@@ -164,8 +164,19 @@ impl Error {
                 value: pf.encode_to_vec(),
             });
         }
-        crate::proto::rpc::Status { code: self.code() as i32, message: self.to_string(), details }
+        crate::proto::rpc::Status { details, ..rpc_status(self.code(), self.to_string()) }
     }
+}
+
+/// A `google.rpc.Status` with `code` and `message` and no details: the one way casfs makes
+/// one (errors make theirs with [`Error::to_rpc_status`]).
+pub fn rpc_status(code: tonic::Code, message: impl Into<String>) -> crate::proto::rpc::Status {
+    crate::proto::rpc::Status { code: code as i32, message: message.into(), details: vec![] }
+}
+
+/// The OK `google.rpc.Status`.
+pub fn rpc_ok() -> crate::proto::rpc::Status {
+    rpc_status(tonic::Code::Ok, "")
 }
 
 impl From<Error> for tonic::Status {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
+use casfs::exec::{CachedExecutor, ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
@@ -49,7 +49,7 @@ pub struct ExecArgs {
     #[arg(long = "host-dir", env = "CASFS_HOST_DIRS", value_delimiter = ',', default_values = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"])]
     pub host_dirs: Vec<PathBuf>,
     /// How the input root is provided: auto, lazy (FUSE + overlayfs), eager (hard links).
-    #[arg(long, env = "CASFS_MATERIALIZE", value_enum, default_value = "auto")]
+    #[arg(long, env = "CASFS_MATERIALIZE", default_value = "auto")]
     pub materialize: Materialize,
     /// Run commands as this uid:gid instead of the executor's own.
     #[arg(long, env = "CASFS_RUN_AS", value_parser = parse_ids)]
@@ -74,7 +74,6 @@ impl ExecArgs {
             },
             worker_name,
             fetch: FetchConfig::default(),
-            cache_results: true,
         }
     }
 }
@@ -90,8 +89,9 @@ pub async fn run(args: RunArgs) -> CmdResult {
     let cache = args.cache.open(&metrics)?;
     let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     let stop = super::serve::Shutdown::install();
-    let exec = Executor::new(store.clone(), store, cache, cfg, metrics);
+    let exec = Arc::new(Executor::new(store.clone(), cache, cfg, metrics));
     exec.clean_stale()?;
+    let exec = CachedExecutor::new(exec, store);
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder
     // are undone by their guards before we exit.
     let outcome = tokio::select! {

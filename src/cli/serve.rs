@@ -127,7 +127,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let cfg = args.exec.config(name, args.storage.join("exec"));
         // The store is also the executor's blob cache: inputs are already local.
         let cache = casfs::cache::LocalCache::over_store(store.clone(), &metrics)?;
-        let exec = Arc::new(Executor::new(cas.clone(), store.clone(), cache, cfg, metrics.clone()));
+        let exec = Arc::new(Executor::new(cas.clone(), cache, cfg, metrics.clone()));
         exec.clean_stale()?;
         let mut sc = SchedulerConfig {
             max_queued: args.max_queued_actions,
@@ -139,7 +139,8 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
             sc.max_concurrent = n.max(1);
         }
         tracing::info!(max_concurrent = sc.max_concurrent, materialize = ?args.exec.materialize.resolve(), "execution enabled");
-        backend.execution = Some(Scheduler::new(exec, cas, store, sc, metrics));
+        let cached = Arc::new(casfs::exec::CachedExecutor::new(exec, store.clone()));
+        backend.execution = Some(Scheduler::new(cached, sc));
     }
     bound.serve_with(backend, tls, stop.wait()).await?;
     tracing::info!("server stopped");

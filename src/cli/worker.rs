@@ -83,9 +83,8 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let cas_url = args.cas.clone().unwrap_or_else(|| args.scheduler.clone());
     let cas = Arc::new(GrpcStore::new(&args.conn.config(&cas_url)?)?);
     let bots = BotsClient::new(&args.conn.config(&args.scheduler)?)?;
-    let mut cfg = args.exec.config(bot_id.clone(), work_dir);
-    // BuildGrid writes the result to its action cache when the lease completes.
-    cfg.cache_results = false;
+    // BuildGrid looks results up and writes them itself: the bare executor runs leases.
+    let cfg = args.exec.config(bot_id.clone(), work_dir);
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
     if let Some(addr) = &args.metrics_listen {
@@ -94,7 +93,7 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
         eprintln!("casfs: metrics on http://{bound}/metrics");
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
     }
-    let exec = Arc::new(Executor::new(cas.clone(), cas.clone(), cache, cfg, metrics));
+    let exec = Arc::new(Executor::new(cas.clone(), cache, cfg, metrics));
     let stale = exec.clean_stale()?;
     if stale > 0 {
         eprintln!("casfs: cleared {stale} stale action folders (and their mounts) of a previous run");

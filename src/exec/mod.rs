@@ -1,24 +1,29 @@
 //! The executor: runs a REAPI Action inside its lazily mounted input root (overlayfs on top
 //! for writes), sandboxed, and reports an ActionResult. `spec` validates the request,
-//! `sandbox` confines the command, `capture` collects outputs, `run` ties them together.
+//! `workspace` makes the input root, `sandbox` confines the command, `capture` collects
+//! outputs, `run` ties them together; `cached` puts the action cache around it.
 
+pub mod cached;
 pub mod capture;
 pub mod client;
 pub mod materialize;
 pub mod run;
 pub mod sandbox;
 pub mod spec;
+pub mod workspace;
 
-pub use run::{ExecConfig, Executor, Materialize, Outcome, RunOptions};
+pub use cached::{CachedExecutor, Outcome};
+pub use run::{load_action, ExecConfig, Executed, Executor};
 pub use sandbox::SandboxConfig;
 pub use spec::{ActionSpec, Limits, OutputKind, OutputSpec};
+pub use workspace::Materialize;
 
 /// Runs `f`, which makes system calls that may land in an action's own FUSE mount, without
 /// holding up the async runtime: the FUSE replies need the runtime's other tasks to run
 /// (fetches, the gRPC connection), and a worker thread stuck in such a call would starve
 /// them (a task parked in that thread's LIFO slot is never stolen). On a multi-threaded
 /// runtime the thread hands its queue to another one for the duration; elsewhere `f` just runs.
-pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

@@ -1,5 +1,6 @@
-//! Executes one Action: cache lookup, prepare the input root (lazy FUSE mount with an
-//! overlayfs writable layer), run sandboxed, capture and upload outputs, report and cache.
+//! Executes one decoded Action: prepare its input root (lazy FUSE mount with an overlayfs
+//! writable layer, or eager), run it sandboxed, capture and upload its outputs, and report an
+//! ActionResult. The executor knows nothing of the action cache (see `cached.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,44 +8,17 @@ use std::time::SystemTime;
 
 use prost::Message;
 
-use super::capture::{capture, Captured, Source, Unchanged};
+use super::capture::{capture, Captured, Source};
 use super::sandbox::{self, Exit, Job, SandboxConfig};
 use super::spec::{ActionSpec, Limits};
+use super::workspace::{Materialize, Setup, Workspace};
 use crate::cache::LocalCache;
-use crate::cas::{SharedActionCache, SharedCas};
+use crate::cas::SharedCas;
 use crate::digest::Digest;
-use crate::error::{Error, IoContext, Result};
-use crate::fs::{FetchConfig, Fetcher, MountConfig, MountGuard, Remote, Root};
+use crate::error::{rpc_ok, rpc_status, Error, IoContext, Result};
+use crate::fs::FetchConfig;
 use crate::metrics::Metrics;
 use crate::proto::{reapi, rpc};
-
-/// How the input root is made available to the command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Materialize {
-    /// `lazy` when FUSE and overlayfs work here, else `eager`.
-    Auto,
-    /// Mounted with casfs's FUSE filesystem, an overlayfs layer on top for writes: only what
-    /// the command reads is fetched.
-    Lazy,
-    /// Everything fetched first and laid out with hard links from the blob cache.
-    Eager,
-}
-
-impl Materialize {
-    /// The mode `Auto` stands for on this host.
-    pub fn resolve(self) -> Materialize {
-        if self != Materialize::Auto {
-            return self;
-        }
-        let fuse = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
-        let overlay = std::fs::read_to_string("/proc/filesystems").map(|f| f.contains("overlay")).unwrap_or(false);
-        if fuse && overlay && unsafe { libc::geteuid() } == 0 {
-            Materialize::Lazy
-        } else {
-            Materialize::Eager
-        }
-    }
-}
 
 /// Executor settings.
 #[derive(Clone, Debug)]
@@ -61,35 +35,33 @@ pub struct ExecConfig {
     pub worker_name: String,
     /// Fetch deadline and caches of input mounts.
     pub fetch: FetchConfig,
-    /// Write successful results to the action cache. Off when a scheduler that writes the
-    /// cache itself (BuildGrid, on lease completion) would do the same write again.
-    pub cache_results: bool,
 }
 
-/// The result of one execution, as Execute reports it.
+/// What one execution produced.
 #[derive(Clone, Debug)]
-pub struct Outcome {
+pub struct Executed {
     /// The ActionResult (present even on timeout: stdout, stderr and outputs attached).
     pub result: reapi::ActionResult,
-    /// OK, DEADLINE_EXCEEDED, or an infrastructure failure.
+    /// OK, or DEADLINE_EXCEEDED when the command ran out of time.
     pub status: rpc::Status,
-    /// Served from the action cache.
-    pub cached: bool,
 }
 
-/// Per-execution options.
-#[derive(Clone, Copy, Debug)]
-pub struct RunOptions {
-    /// Do not serve the result from the action cache (it is still written there).
-    pub skip_cache_lookup: bool,
-    /// When the action entered the queue (reported as `queued_timestamp`).
-    pub queued: SystemTime,
+/// Loads and decodes the Action `digest` from `cas` (absent: MISSING, as rule 2 wants).
+pub async fn load_action(cas: &SharedCas, digest: Digest) -> Result<reapi::Action> {
+    message(cas, digest).await
 }
 
-/// Runs Actions against one CAS and action cache.
+async fn message<M: Message + Default>(cas: &SharedCas, d: Digest) -> Result<M> {
+    let bytes = match cas.read(&d).await {
+        Err(Error::MissingBlob(m)) => return Err(Error::MissingInputs(vec![m])),
+        other => other?,
+    };
+    M::decode(bytes.as_ref()).map_err(|e| Error::InvalidArgument(format!("{d} does not decode: {e}")))
+}
+
+/// Runs Actions whose inputs are in one CAS, outputs going to it.
 pub struct Executor {
     cas: SharedCas,
-    ac: SharedActionCache,
     cache: Arc<LocalCache>,
     cfg: ExecConfig,
     metrics: Arc<Metrics>,
@@ -100,91 +72,15 @@ fn now() -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(SystemTime::now()))
 }
 
-fn ok_status() -> rpc::Status {
-    rpc::Status { code: 0, message: String::new(), details: vec![] }
-}
-
-/// Scratch folder, overlay and FUSE mount of one action; all undone on drop (also when the
-/// executor unwinds from a panic).
-struct Workspace {
-    dir: PathBuf,
-    overlay: Option<PathBuf>,
-    mount: Option<MountGuard>,
-    eager: Option<Arc<super::materialize::Materialized>>,
-    closed: bool,
-}
-
-impl Workspace {
-    /// Undoes everything off the async workers: unmounting waits on the FUSE session, whose
-    /// requests are served by those same workers.
-    async fn close(mut self) {
-        let _ = tokio::task::spawn_blocking(move || self.cleanup()).await;
-    }
-
-    fn cleanup(&mut self) {
-        if self.closed {
-            return;
-        }
-        self.closed = true;
-        if let Some(o) = self.overlay.take() {
-            if let Err(e) = crate::fs::mount::detach(&o) {
-                tracing::error!(path = %o.display(), error = %e, "could not unmount the overlay");
-            }
-        }
-        drop(self.mount.take());
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch folder");
-        }
-    }
-}
-
-impl Drop for Workspace {
-    /// On cancellation or unwinding: clean up here, letting the runtime move its other tasks
-    /// (FUSE replies among them) to another worker while this one blocks.
-    fn drop(&mut self) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.cleanup())
-            }
-            _ => self.cleanup(),
-        }
-    }
-}
-
-/// Files left as the input root had them keep their digest: the overlay's upper layer holds
-/// exactly what the command created or changed.
-struct OverlayUnchanged<'a> {
-    upper: &'a Path,
-    fetcher: &'a Fetcher,
-    input_root: Digest,
-}
-
-impl Unchanged for OverlayUnchanged<'_> {
-    fn digest(&self, rel: &Path) -> Option<Digest> {
-        if std::fs::symlink_metadata(self.upper.join(rel)).is_ok() {
-            return None;
-        }
-        let mut dir = self.fetcher.cached_dir(&self.input_root)?;
-        let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-        let (last, dirs) = parts.split_last()?;
-        for p in dirs {
-            let d = dir.dirs.iter().find(|e| &e.name == p)?.digest;
-            dir = self.fetcher.cached_dir(&d)?;
-        }
-        dir.files.iter().find(|f| &f.name == last).map(|f| f.digest)
-    }
-}
-
 impl Executor {
-    /// An executor over `cas` and `ac`, caching input blobs in `cache`.
-    pub fn new(
-        cas: SharedCas,
-        ac: SharedActionCache,
-        cache: Arc<LocalCache>,
-        cfg: ExecConfig,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Executor { cas, ac, cache, cfg, metrics, lock: Default::default() }
+    /// An executor reading inputs from `cas` through `cache`, writing outputs to `cas`.
+    pub fn new(cas: SharedCas, cache: Arc<LocalCache>, cfg: ExecConfig, metrics: Arc<Metrics>) -> Self {
+        Executor { cas, cache, cfg, metrics, lock: Default::default() }
+    }
+
+    /// The CAS inputs come from and outputs go to.
+    pub fn cas(&self) -> &SharedCas {
+        &self.cas
     }
 
     /// Removes what a killed executor left in its work folder: overlays and mounts are
@@ -240,43 +136,23 @@ impl Executor {
         &self.metrics
     }
 
-    async fn message<M: Message + Default>(&self, d: Digest) -> Result<M> {
-        let bytes = match self.cas.read(&d).await {
-            Err(Error::MissingBlob(m)) => return Err(Error::MissingInputs(vec![m])),
-            other => other?,
-        };
-        M::decode(bytes.as_ref()).map_err(|e| Error::InvalidArgument(format!("{d} does not decode: {e}")))
-    }
-
-    /// Executes an Action. Errors before the command starts (missing or invalid Action,
-    /// Command or inputs) are returned as `Err`; everything after is in the Outcome.
-    pub async fn execute(&self, action_digest: Digest, skip_cache_lookup: bool) -> Result<Outcome> {
-        self.execute_with(action_digest, RunOptions { skip_cache_lookup, queued: SystemTime::now() }).await
-    }
-
-    /// [`Executor::execute`] for an action that waited in a queue since `opts.queued`.
-    pub async fn execute_with(&self, action_digest: Digest, opts: RunOptions) -> Result<Outcome> {
+    /// Executes `action` (whose digest is `action_digest`), queued since `queued`. Errors
+    /// before the command starts (missing or invalid Command or inputs) are returned as
+    /// `Err`; everything after is in the result.
+    pub async fn execute(&self, action_digest: Digest, action: &reapi::Action, queued: SystemTime) -> Result<Executed> {
         let mut meta = reapi::ExecutedActionMetadata {
             worker: self.cfg.worker_name.clone(),
-            queued_timestamp: Some(prost_types::Timestamp::from(opts.queued)),
+            queued_timestamp: Some(prost_types::Timestamp::from(queued)),
             worker_start_timestamp: now(),
             ..Default::default()
         };
-        let action: reapi::Action = self.message(action_digest).await?;
-        if !opts.skip_cache_lookup && !action.do_not_cache {
-            let found = crate::cas::verified_action_result(self.cas.as_ref(), self.ac.as_ref(), &action_digest).await;
-            if let Some(r) = found? {
-                self.metrics.add("casfs_exec_cache_hits_total", 1);
-                return Ok(Outcome { result: r, status: ok_status(), cached: true });
-            }
-        }
         let command_digest = action
             .command_digest
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("action has no command_digest".into()))
             .and_then(|d| Ok(Digest::try_from(d)?))?;
-        let command: reapi::Command = self.message(command_digest).await?;
-        let spec = ActionSpec::new(action_digest, &action, command_digest, &command, &self.cfg.limits)?;
+        let command: reapi::Command = message(&self.cas, command_digest).await?;
+        let spec = ActionSpec::new(action_digest, action, command_digest, &command, &self.cfg.limits)?;
         self.metrics.add("casfs_exec_actions_total", 1);
 
         meta.input_fetch_start_timestamp = now();
@@ -284,7 +160,16 @@ impl Executor {
         if let Some(m) = self.cas.find_missing(&[spec.input_root]).await?.first() {
             return Err(Error::MissingInputs(vec![*m]));
         }
-        let ws = self.prepare(&spec).await?;
+        let setup = Setup {
+            work_dir: &self.cfg.work_dir,
+            materialize: self.cfg.materialize,
+            cas: &self.cas,
+            cache: &self.cache,
+            fetch: &self.cfg.fetch,
+            metrics: &self.metrics,
+            run_as: self.cfg.sandbox.run_as,
+        };
+        let ws = Workspace::prepare(setup, &spec).await?;
         let out = self.run_prepared(&ws, spec, action_digest, meta).await;
         ws.close().await;
         out
@@ -297,16 +182,16 @@ impl Executor {
         spec: ActionSpec,
         action_digest: Digest,
         mut meta: reapi::ExecutedActionMetadata,
-    ) -> Result<Outcome> {
+    ) -> Result<Executed> {
         meta.input_fetch_completed_timestamp = now();
-        let root = ws.dir.join("root");
+        let root = ws.dir().join("root");
         let argv = {
             let (root, spec) = (root.clone(), spec.clone());
             tokio::task::spawn_blocking(move || resolve_argv0(&root, &spec))
                 .await
                 .map_err(|e| Error::Internal(format!("argv task: {e}")))??
         };
-        let (stdout, stderr) = (ws.dir.join("stdout"), ws.dir.join("stderr"));
+        let (stdout, stderr) = (ws.dir().join("stdout"), ws.dir().join("stderr"));
         meta.execution_start_timestamp = now();
         let job = Job {
             root: &root,
@@ -323,8 +208,8 @@ impl Executor {
 
         // A fetch that failed under the command is the infrastructure's fault, not the
         // command's: report it as such and cache nothing (rule 2).
-        if let Some(m) = &ws.mount {
-            let f = m.fs().fetcher().failures();
+        if let Some(fetcher) = ws.fetcher() {
+            let f = fetcher.failures();
             if !f.missing.is_empty() {
                 return Err(Error::MissingInputs(f.missing));
             }
@@ -335,22 +220,10 @@ impl Executor {
 
         meta.output_upload_start_timestamp = now();
         let captured = {
-            let fetcher = ws.mount.as_ref().map(|m| m.fs().fetcher().clone());
-            let eager = ws.eager.clone();
-            let upper = ws.dir.join("upper");
-            let root = root.clone();
-            let spec2 = spec.clone();
+            let unchanged = ws.unchanged(spec.input_root);
+            let (root, spec) = (root.clone(), spec.clone());
             tokio::task::spawn_blocking(move || -> Result<Captured> {
-                match (&fetcher, &eager) {
-                    (Some(f), _) => {
-                        let u = OverlayUnchanged { upper: &upper, fetcher: f, input_root: spec2.input_root };
-                        capture(&root, &spec2.working_directory, &spec2.outputs, &u)
-                    }
-                    (None, Some(m)) => capture(&root, &spec2.working_directory, &spec2.outputs, m.as_ref()),
-                    (None, None) => {
-                        capture(&root, &spec2.working_directory, &spec2.outputs, &super::capture::HashEverything)
-                    }
-                }
+                capture(&root, &spec.working_directory, &spec.outputs, unchanged.as_ref())
             })
             .await
             .map_err(|e| Error::Internal(format!("capture task: {e}")))??
@@ -365,14 +238,13 @@ impl Executor {
         meta.worker_completed_timestamp = now();
 
         let (exit_code, status) = match exit {
-            Exit::Code(c) => (c, ok_status()),
+            Exit::Code(c) => (c, rpc_ok()),
             Exit::TimedOut => (
                 -1,
-                rpc::Status {
-                    code: tonic::Code::DeadlineExceeded as i32,
-                    message: format!("the action ran longer than its {:?} timeout and was killed", spec.timeout),
-                    details: vec![],
-                },
+                rpc_status(
+                    tonic::Code::DeadlineExceeded,
+                    format!("the action ran longer than its {:?} timeout and was killed", spec.timeout),
+                ),
             ),
         };
         let result = reapi::ActionResult {
@@ -387,65 +259,8 @@ impl Executor {
             execution_metadata: Some(meta),
             ..Default::default()
         };
-        if self.cfg.cache_results && exit_code == 0 && status.code == 0 && !spec.do_not_cache {
-            self.ac.update_action_result(&action_digest, &result).await?;
-        }
         tracing::info!(action = %action_digest, exit_code, hashed = captured.hashed_bytes, reused = captured.reused_files, "action done");
-        Ok(Outcome { result, status, cached: false })
-    }
-
-    async fn prepare(&self, spec: &ActionSpec) -> Result<Workspace> {
-        std::fs::create_dir_all(&self.cfg.work_dir).ctx(|| format!("creating {}", self.cfg.work_dir.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix("action-")
-            .tempdir_in(&self.cfg.work_dir)
-            .ctx(|| format!("creating a scratch folder in {}", self.cfg.work_dir.display()))?
-            .keep();
-        let mut ws = Workspace { dir: dir.clone(), overlay: None, mount: None, eager: None, closed: false };
-        for sub in ["lower", "upper", "work", "root"] {
-            std::fs::create_dir(dir.join(sub)).ctx(|| format!("creating {sub}"))?;
-        }
-        if self.cfg.materialize.resolve() == Materialize::Eager {
-            let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
-            ws.eager = Some(Arc::new(m));
-            if let Some(ids) = self.cfg.sandbox.run_as {
-                give_dirs(&dir.join("root"), ids)?;
-            }
-            create_output_parents(&dir.join("root"), spec, self.cfg.sandbox.run_as)?;
-            return Ok(ws);
-        }
-        let mut cfg = MountConfig::new(dir.join("lower"));
-        cfg.fetch = self.cfg.fetch.clone();
-        cfg.fetch.batch_siblings = true;
-        let run_as = self.cfg.sandbox.run_as;
-        if let Some((uid, gid)) = run_as {
-            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
-            (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
-        }
-        let remote = Remote::new(self.cas.clone(), None);
-        let cache = self.cache.clone();
-        let metrics = self.metrics.clone();
-        let spec = spec.clone();
-        // Mounting and the first lookups through the mount are answered by FUSE handlers
-        // running on the async workers: never block one of them waiting for that.
-        tokio::task::spawn_blocking(move || -> Result<Workspace> {
-            // Fetch counters and latencies land in the executor's registry, so a worker's
-            // /metrics shows what its actions read from the CAS.
-            ws.mount = Some(crate::fs::mount(Root::Digest(spec.input_root, remote), cache, cfg, metrics)?);
-            let opts = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                dir.join("lower").display(),
-                dir.join("upper").display(),
-                dir.join("work").display()
-            );
-            let root = dir.join("root");
-            mount_overlay(&root, &opts)?;
-            ws.overlay = Some(root.clone());
-            create_output_parents(&root, &spec, run_as)?;
-            Ok(ws)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("prepare task: {e}")))?
+        Ok(Executed { result, status })
     }
 
     async fn upload(&self, blobs: std::collections::HashMap<Digest, Source>) -> Result<()> {
@@ -467,33 +282,6 @@ impl Executor {
         }
         Ok(())
     }
-}
-
-/// Mounts the writable layer. `volatile` (Linux 5.10+) skips the sync of the upper layer's
-/// whole filesystem at unmount: the layer is scratch, thrown away with the action, and that
-/// sync costs seconds when the disk has unrelated dirty data. Older kernels get the plain
-/// mount.
-fn mount_overlay(target: &Path, opts: &str) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let t = std::ffi::CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument("NUL in path".into()))?;
-    let mount = |opts: &str| -> Result<i32> {
-        let o = std::ffi::CString::new(opts).map_err(|_| Error::InvalidArgument("NUL in overlay options".into()))?;
-        Ok(unsafe {
-            libc::mount(c"overlay".as_ptr(), t.as_ptr(), c"overlay".as_ptr(), 0, o.as_ptr() as *const libc::c_void)
-        })
-    };
-    let mut rc = mount(&format!("{opts},volatile"))?;
-    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-        rc = mount(opts)?;
-    }
-    if rc != 0 {
-        return Err(Error::io(
-            format!("mounting the overlay at {}", target.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
 }
 
 /// argv[0] as given when it has a slash; otherwise looked up in the Command's own PATH
@@ -520,48 +308,4 @@ fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
         }
     }
     Err(Error::InvalidArgument(format!("{:?} not found in the command's PATH {path:?}", argv[0])))
-}
-
-/// Hands every folder under `root` to `ids` (uid, gid), so a command running as that user
-/// can create files anywhere in its input root (files stay read-only, as the cache has them).
-fn give_dirs(root: &Path, ids: (u32, u32)) -> Result<()> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        std::os::unix::fs::lchown(&d, Some(ids.0), Some(ids.1)).ctx(|| format!("chown {}", d.display()))?;
-        for e in std::fs::read_dir(&d).ctx(|| format!("listing {}", d.display()))? {
-            let e = e.ctx(|| format!("listing {}", d.display()))?;
-            if e.file_type().ctx(|| format!("stat {}", e.path().display()))?.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Checks the working directory exists and creates the parents of every output (rule 8),
-/// owned by the command's user when it runs as another one.
-fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u32)>) -> Result<()> {
-    let wd = root.join(&spec.working_directory);
-    if !std::fs::metadata(&wd).map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(Error::InvalidArgument(format!(
-            "working directory {:?} is not a directory of the input root",
-            spec.working_directory
-        )));
-    }
-    for o in &spec.outputs {
-        if let Some(parent) = Path::new(&o.path).parent() {
-            std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
-            if let Some((uid, gid)) = run_as {
-                let mut p = wd.clone();
-                for c in parent.components() {
-                    p.push(c);
-                    use std::os::unix::fs::MetadataExt;
-                    if std::fs::symlink_metadata(&p).map(|m| m.uid() != uid).unwrap_or(false) {
-                        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).ctx(|| format!("chown {}", p.display()))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }

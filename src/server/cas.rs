@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{status, Backend, MAX_BATCH_BYTES};
 use crate::digest::{Digest, DigestFunction};
-use crate::error::Error;
+use crate::error::{rpc_ok, Error};
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use crate::proto::reapi::{self, batch_read_blobs_response, batch_update_blobs_response};
 use crate::proto::rpc;
@@ -29,11 +29,11 @@ impl CasService {
 }
 
 fn ok_status() -> Option<rpc::Status> {
-    Some(rpc::Status { code: 0, message: String::new(), details: vec![] })
+    Some(rpc_ok())
 }
 
 fn err_status(e: &Error) -> Option<rpc::Status> {
-    Some(rpc::Status { code: e.code() as i32, message: e.to_string(), details: vec![] })
+    Some(e.to_rpc_status())
 }
 
 fn check_function(value: i32) -> Result<(), Status> {

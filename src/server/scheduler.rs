@@ -7,10 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Semaphore};
 
-use crate::cas::{verified_action_result, SharedActionCache, SharedCas};
 use crate::digest::Digest;
-use crate::error::{Error, Result};
-use crate::exec::{Executor, RunOptions};
+use crate::error::{rpc_ok, rpc_status, Error, Result};
+use crate::exec::{load_action, CachedExecutor};
 use crate::metrics::Metrics;
 use crate::proto::reapi::{self, execution_stage::Value as Stage};
 use crate::proto::rpc;
@@ -83,9 +82,7 @@ struct Table {
 
 /// Accepts actions, runs them on the executor, tracks their operations.
 pub struct Scheduler {
-    exec: Arc<Executor>,
-    cas: SharedCas,
-    ac: SharedActionCache,
+    exec: Arc<CachedExecutor>,
     cfg: SchedulerConfig,
     permits: Arc<Semaphore>,
     table: Mutex<Table>,
@@ -102,16 +99,12 @@ pub struct Request {
 }
 
 impl Scheduler {
-    /// A scheduler running actions on `exec`, looking results up in `ac` (verified against `cas`).
-    pub fn new(
-        exec: Arc<Executor>,
-        cas: SharedCas,
-        ac: SharedActionCache,
-        cfg: SchedulerConfig,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
+    /// A scheduler running actions on `exec` (which looks results up and writes them); its
+    /// counters go to the executor's registry.
+    pub fn new(exec: Arc<CachedExecutor>, cfg: SchedulerConfig) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(cfg.max_concurrent.max(1)));
-        Arc::new(Scheduler { exec, cas, ac, cfg, permits, table: Mutex::new(Table::default()), metrics })
+        let metrics = exec.metrics().clone();
+        Arc::new(Scheduler { exec, cfg, permits, table: Mutex::new(Table::default()), metrics })
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -131,15 +124,15 @@ impl Scheduler {
     /// Starts (or joins) the execution of `req`. Identical cacheable actions in flight share
     /// one operation; `do_not_cache` ones never do (rule 12).
     pub async fn submit(self: &Arc<Self>, req: Request) -> Result<Arc<Operation>> {
-        // The Action is read first: do_not_cache decides whether it may join another run.
-        // A missing Action is reported in the operation's response, not as an RPC error.
-        let do_not_cache = match self.cas.read(&req.action).await {
-            Ok(bytes) => {
-                <reapi::Action as prost::Message>::decode(bytes.as_ref()).map(|a| a.do_not_cache).unwrap_or(true)
-            }
-            Err(Error::MissingBlob(_)) => true,
+        // The Action is read first, once: do_not_cache decides whether it may join another
+        // run. A missing or undecodable Action is reported in the operation's response, not
+        // as an RPC error.
+        let action = match load_action(self.exec.executor().cas(), req.action).await {
+            Ok(a) => Ok(a),
+            Err(e @ (Error::MissingInputs(_) | Error::InvalidArgument(_))) => Err(e),
             Err(e) => return Err(e),
         };
+        let do_not_cache = action.as_ref().map(|a| a.do_not_cache).unwrap_or(true);
         let op = {
             let mut t = self.table();
             self.reap(&mut t);
@@ -169,7 +162,7 @@ impl Scheduler {
         let me = self.clone();
         let op2 = op.clone();
         tokio::spawn(async move {
-            let response = me.run(&op2, req, do_not_cache).await;
+            let response = me.run(&op2, req, action).await;
             {
                 let mut t = me.table();
                 if t.in_flight.get(&req.action).is_some_and(|o| Arc::ptr_eq(o, &op2)) {
@@ -181,15 +174,22 @@ impl Scheduler {
         Ok(op)
     }
 
-    async fn run(&self, op: &Operation, req: Request, do_not_cache: bool) -> reapi::ExecuteResponse {
+    async fn run(&self, op: &Operation, req: Request, action: Result<reapi::Action>) -> reapi::ExecuteResponse {
         let queued_at = SystemTime::now();
         let dequeue = |me: &Self| me.table().queued -= 1;
-        if !req.skip_cache_lookup && !do_not_cache {
-            match verified_action_result(self.cas.as_ref(), self.ac.as_ref(), &req.action).await {
+        let action = match action {
+            Ok(a) => a,
+            Err(e) => {
+                dequeue(self);
+                tracing::info!(action = %req.action, error = %e, "action not executed");
+                return response(None, false, e.to_rpc_status());
+            }
+        };
+        if !req.skip_cache_lookup {
+            match self.exec.lookup(req.action, &action).await {
                 Ok(Some(result)) => {
                     dequeue(self);
-                    self.metrics.add("casfs_exec_cache_hits_total", 1);
-                    return response(Some(result), true, ok());
+                    return response(Some(result), true, rpc_ok());
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(action = %req.action, error = %e, "action cache lookup failed; executing"),
@@ -209,14 +209,16 @@ impl Scheduler {
         };
         op.set(Stage::Executing, None);
         let started = Instant::now();
-        let opts = RunOptions { skip_cache_lookup: true, queued: queued_at };
         // Dropping the execution kills its processes and undoes its mounts.
         let run = tokio::select! {
-            r = self.exec.execute_with(req.action, opts) => r,
+            r = self.exec.executor().execute(req.action, &action, queued_at) => r,
             _ = self.abandoned(op) => return self.cancelled(req.action, "while executing"),
         };
         let out = match run {
-            Ok(o) => response(Some(o.result), o.cached, o.status),
+            Ok(done) => {
+                self.exec.record(req.action, &action, &done).await;
+                response(Some(done.result), false, done.status)
+            }
             Err(e) => {
                 tracing::info!(action = %req.action, error = %e, "action not executed");
                 response(None, false, e.to_rpc_status())
@@ -247,11 +249,7 @@ impl Scheduler {
     fn cancelled(&self, action: Digest, when: &str) -> reapi::ExecuteResponse {
         tracing::info!(%action, "no client waits for this action any more; cancelled {when}");
         self.metrics.add("casfs_exec_abandoned_total", 1);
-        let st = rpc::Status {
-            code: tonic::Code::Cancelled as i32,
-            message: format!("cancelled {when}: no client was waiting for the result"),
-            details: vec![],
-        };
+        let st = rpc_status(tonic::Code::Cancelled, format!("cancelled {when}: no client was waiting for the result"));
         response(None, false, st)
     }
 
@@ -263,10 +261,6 @@ impl Scheduler {
             None => true,
         });
     }
-}
-
-fn ok() -> rpc::Status {
-    rpc::Status { code: 0, message: String::new(), details: vec![] }
 }
 
 fn response(result: Option<reapi::ActionResult>, cached: bool, status: rpc::Status) -> reapi::ExecuteResponse {

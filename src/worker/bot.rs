@@ -14,10 +14,9 @@ use super::session::{heartbeat, Answer, Backoff, BotsClient, CallError};
 use super::WorkerConfig;
 use crate::cas::SharedCas;
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{rpc_status, Error, Result};
 use crate::exec::Executor;
 use crate::proto::google::devtools::remoteworkers::v1test2::{self as rwapi, BotStatus, Lease};
-use crate::proto::rpc;
 
 /// How long a call in flight may still take once a lease has finished, before it is
 /// dropped so that the result can be reported.
@@ -268,8 +267,7 @@ impl Bot {
         let queued: HashMap<Digest, Option<SystemTime>> = a.queued.into_iter().collect();
         let mut started = false;
         for l in start {
-            let refuse =
-                |why: &str| rpc::Status { code: tonic::Code::Unavailable as i32, message: why.into(), details: vec![] };
+            let refuse = |why: &str| rpc_status(tonic::Code::Unavailable, why);
             let status = if stop != StopLevel::Run {
                 Err(refuse("the worker is shutting down"))
             } else if self.ledger.running() >= self.cfg.concurrency {
@@ -359,11 +357,7 @@ impl Bot {
         self.collect_finished();
         for id in ids {
             if self.ledger.running_ids().contains(&id) {
-                let st = rpc::Status {
-                    code: tonic::Code::Unavailable as i32,
-                    message: "the worker was stopped during the action".into(),
-                    details: vec![],
-                };
+                let st = rpc_status(tonic::Code::Unavailable, "the worker was stopped during the action");
                 self.ledger.refuse(lease::completed(&id, st, None));
             }
         }

@@ -14,8 +14,8 @@ use prost::Message;
 
 use crate::cas::SharedCas;
 use crate::digest::Digest;
-use crate::error::Error;
-use crate::exec::{Executor, Outcome, RunOptions};
+use crate::error::{rpc_status, Error};
+use crate::exec::{load_action, Executed, Executor};
 use crate::metrics::Metrics;
 use crate::proto::google::devtools::remoteworkers::v1test2::{Lease, LeaseState};
 use crate::proto::{reapi, rpc};
@@ -31,14 +31,14 @@ pub struct Job {
     pub id: String,
     /// Digest of the Action to run.
     pub action: Digest,
-    /// The serialized Action when the payload carried it whole: uploaded if the CAS does
-    /// not hold exactly these bytes (a scheduler may re-encode the client's Action).
+    /// The serialized Action when the payload carried it whole (then it is run from these
+    /// bytes: a scheduler may re-encode the client's Action, so the CAS need not hold them).
     pub action_bytes: Option<Bytes>,
 }
 
 /// Reads a lease's payload: a whole `Action` (BuildGrid) or an Action `Digest`.
 pub fn decode(lease: &Lease) -> Result<Job, rpc::Status> {
-    let bad = |why: String| rpc::Status { code: tonic::Code::InvalidArgument as i32, message: why, details: vec![] };
+    let bad = |why: String| rpc_status(tonic::Code::InvalidArgument, why);
     let p = lease.payload.as_ref().ok_or_else(|| bad(format!("lease {} has no payload", lease.id)))?;
     let type_name = p.type_url.rsplit('/').next().unwrap_or("");
     let (action, action_bytes) = match type_name {
@@ -95,19 +95,18 @@ impl Runner {
             self.metrics.histogram("casfs_worker_queue_wait_seconds").observe(q);
         }
         tracing::info!(lease = %job.id, action = %job.action, "lease started");
-        let opts = RunOptions { skip_cache_lookup: true, queued: queued.unwrap_or_else(SystemTime::now) };
         // The scheduler looked in the action cache before queueing (and writes the result
-        // there itself), so the executor neither reads nor writes it.
-        let mut r = self.exec.execute_with(job.action, opts).await;
-        if let (Err(Error::MissingInputs(m)), Some(bytes)) = (&r, &job.action_bytes) {
-            if m.as_slice() == [job.action] {
-                // The payload's encoding is not what the client uploaded: store it as is.
-                r = match self.cas.write(&job.action, bytes.clone()).await {
-                    Ok(()) => self.exec.execute_with(job.action, opts).await,
-                    Err(e) => Err(e),
-                };
-            }
-        }
+        // there itself), so the bare executor runs it: neither reads nor writes the cache.
+        let action = match &job.action_bytes {
+            Some(bytes) => reapi::Action::decode(bytes.as_ref())
+                .map_err(|e| Error::InvalidArgument(format!("the lease's Action does not decode: {e}"))),
+            None => load_action(&self.cas, job.action).await,
+        };
+        let queued = queued.unwrap_or_else(SystemTime::now);
+        let r = match action {
+            Ok(action) => self.exec.execute(job.action, &action, queued).await,
+            Err(e) => Err(e),
+        };
         self.metrics.histogram("casfs_worker_lease_seconds").observe(started.elapsed());
         match r {
             Ok(o) => self.finish(&job, o),
@@ -119,7 +118,7 @@ impl Runner {
         }
     }
 
-    fn finish(&self, job: &Job, o: Outcome) -> Lease {
+    fn finish(&self, job: &Job, o: Executed) -> Lease {
         if let Some(m) = &o.result.execution_metadata {
             let phase = |name: &str, a: &Option<prost_types::Timestamp>, b: &Option<prost_types::Timestamp>| {
                 let t = |x: &Option<prost_types::Timestamp>| x.and_then(|x| SystemTime::try_from(x).ok());

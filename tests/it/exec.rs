@@ -9,7 +9,7 @@ use prost::Message;
 
 use casfs::cas::{ActionCache, Cas, GrpcStore, RemoteConfig};
 use casfs::digest::Digest;
-use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
+use casfs::exec::{CachedExecutor, ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 use casfs::proto::reapi;
@@ -64,7 +64,7 @@ struct Rig {
     _tmp: tempfile::TempDir,
     _server: ServeProcess,
     client: Arc<GrpcStore>,
-    exec: Executor,
+    exec: CachedExecutor,
     work: std::path::PathBuf,
     url: String,
 }
@@ -90,11 +90,15 @@ fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>)
         sandbox: SandboxConfig { pids_limit, run_as, ..SandboxConfig::default() },
         worker_name: "test-worker".into(),
         fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },
-        cache_results: true,
     };
-    let exec = Executor::new(client.clone(), client.clone(), cache, cfg, Metrics::new());
+    let exec = cached_executor(&client, cache, cfg);
     let url = server.url.clone();
     Ok(Rig { _tmp: tmp, _server: server, client, exec, work, url })
+}
+
+/// An executor over `client` with its action cache in front, as `casfs run` has it.
+fn cached_executor(client: &Arc<GrpcStore>, cache: Arc<casfs::cache::LocalCache>, cfg: ExecConfig) -> CachedExecutor {
+    CachedExecutor::new(Arc::new(Executor::new(client.clone(), cache, cfg, Metrics::new())), client.clone())
 }
 
 fn no_leftovers(r: &Rig) -> TestResult {
@@ -270,7 +274,6 @@ fn lazy_config(work: &Path, fetch: FetchConfig) -> ExecConfig {
         sandbox: SandboxConfig::default(),
         worker_name: "test".into(),
         fetch,
-        cache_results: true,
     }
 }
 
@@ -344,8 +347,7 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     .await?;
     std::fs::write(&log, b"")?;
     let cfg = lazy_config(&tmp.path().join("work"), FetchConfig::default());
-    let exec =
-        Executor::new(client.clone(), client.clone(), local_cache(&tmp.path().join("cache"))?, cfg, Metrics::new());
+    let exec = cached_executor(&client, local_cache(&tmp.path().join("cache"))?, cfg);
     let o = exec.execute(d, false).await?;
     assert_eq!(o.result.exit_code, 0);
     let out = client.read(&Digest::try_from(o.result.output_files[0].digest.as_ref().ok_or("digest")?)?).await?;
@@ -373,13 +375,7 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
         &tmp.path().join("work"),
         FetchConfig { deadline: Duration::from_secs(3), ..FetchConfig::default() },
     );
-    let exec = Arc::new(Executor::new(
-        client.clone(),
-        client.clone(),
-        local_cache(&tmp.path().join("cache"))?,
-        cfg,
-        Metrics::new(),
-    ));
+    let exec = Arc::new(cached_executor(&client, local_cache(&tmp.path().join("cache"))?, cfg));
 
     // A blob missing from the CAS while the command reads it: FAILED_PRECONDITION MISSING.
     let gone = Digest::of_bytes(b"deleted from the server\n");
