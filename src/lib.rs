@@ -21,6 +21,7 @@ pub mod exec;
 pub mod fs;
 pub mod metrics;
 pub mod proto;
+pub mod render;
 pub mod server;
 pub mod transfer;
 pub mod tree;

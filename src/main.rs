@@ -93,6 +93,7 @@ fn main() -> ExitCode {
     // GiB on a VM, more than receiving the bytes (a 1 GiB read took 2.5 s instead of 0.7 s
     // with 1 MiB thresholds).
     #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's tuning; called before any thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);

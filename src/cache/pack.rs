@@ -3,7 +3,6 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, ErrorKind, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -494,12 +493,11 @@ fn parse_stem(stem: &str) -> Option<u64> {
 
 /// Takes a file's exclusive lock without waiting; false when another open file holds it.
 fn try_lock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock takes a descriptor this `File` owns and touches no memory.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    let e = io::Error::last_os_error();
-    (e.raw_os_error() == Some(libc::EWOULDBLOCK)).then_some(false).ok_or(e)
 }
 
 /// The names in a folder.

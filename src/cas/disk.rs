@@ -243,6 +243,8 @@ impl DiskStore {
         let mut offset: libc::off_t = 0;
         while (offset as u64) < digest.size() {
             let left = (digest.size() - offset as u64).min(1 << 30) as usize;
+            // SAFETY: both descriptors are owned by live `File`s and `offset` is a local the
+            // call updates in place.
             let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut offset, left) };
             match n {
                 0 => return Err(Error::Internal(format!("{offset} bytes offered as {digest}"))),

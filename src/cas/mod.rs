@@ -1,7 +1,8 @@
-//! The store contracts (`Cas`, `ActionCache`) and their backends: memory, disk, gRPC client.
+//! The store contracts (`Cas`, `ActionCache`) and their backends (memory, disk, gRPC client),
+//! the access-log decorator, and the client of a remote Execution service.
 //!
 //! Every backend honours the same rules, checked by one conformance suite
-//! (`tests/store_conformance.rs`) run against each of them:
+//! (`tests/it/conformance.rs`) run against each of them:
 //! - the empty blob is always present: never reported missing, always readable;
 //! - `write` hashes the bytes and refuses (`DigestMismatch`, nothing stored) when they do not
 //!   match the digest; a write of a blob already present succeeds and changes nothing;
@@ -22,8 +23,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
 use crate::tree::Directory;
 
+pub mod access_log;
 pub mod channel;
 pub mod disk;
+pub mod execution;
 pub mod grpc;
 pub mod memory;
 pub mod pipe;

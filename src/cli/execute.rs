@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use casfs::cas::execution::{execute as remote_execute, stage_name};
 use casfs::cas::{Cas, GrpcStore};
 use casfs::digest::Digest;
 use casfs::error::{Error, IoContext, Result};
-use casfs::exec::client::{execute as remote_execute, stage_name};
 use casfs::proto::reapi;
 
 use super::make_action::{upload_action, ActionArgs};
@@ -52,7 +52,7 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
         ));
     };
     if args.json {
-        print!("{}", casfs::fs::render::action_result_json(&result));
+        print!("{}", casfs::render::action_result_json(&result));
     } else {
         let out = output(&store, &result.stdout_raw, &result.stdout_digest).await?;
         std::io::stdout().write_all(&out).ctx(|| "writing stdout".into())?;

@@ -87,16 +87,22 @@ impl Ready {
 pub fn prepare(args: &MountArgs) -> std::result::Result<Ready, u8> {
     if args.foreground {
         return Ok(match args.ready_fd {
+            // SAFETY: the caller handed us this descriptor for the readiness report; nothing
+            // else in the process owns it.
             Some(fd) if fd > 2 => Ready::Fd(unsafe { OwnedFd::from_raw_fd(fd) }),
             _ => Ready::Nobody,
         });
     }
     let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         eprintln!("casfs: pipe: {}", std::io::Error::last_os_error());
         return Err(1);
     }
+    // SAFETY: pipe2 just made both descriptors; each gets exactly one owner.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: called from main before any thread (runtime, logging) exists, so the child is
+    // a complete copy of a single-threaded process.
     match unsafe { libc::fork() } {
         -1 => {
             eprintln!("casfs: fork: {}", std::io::Error::last_os_error());
@@ -104,6 +110,7 @@ pub fn prepare(args: &MountArgs) -> std::result::Result<Ready, u8> {
         }
         0 => {
             drop(r);
+            // SAFETY: setsid takes no arguments; the child leaves the caller's session.
             unsafe { libc::setsid() };
             redirect_stdio(args.log_file.as_deref());
             Ok(Ready::Fd(w))
@@ -131,9 +138,11 @@ fn redirect_stdio(log: Option<&std::path::Path>) {
     };
     use std::os::fd::AsRawFd;
     if let Ok(n) = &null {
+        // SAFETY: dup2 onto the standard descriptors from a file we hold open.
         unsafe { libc::dup2(n.as_raw_fd(), 0) };
     }
     if let Ok(o) = &out {
+        // SAFETY: as above.
         unsafe {
             libc::dup2(o.as_raw_fd(), 1);
             libc::dup2(o.as_raw_fd(), 2);

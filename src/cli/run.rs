@@ -106,7 +106,7 @@ pub async fn run(args: RunArgs) -> CmdResult {
     if outcome.cached {
         eprintln!("casfs: served from the action cache");
     }
-    print!("{}", casfs::fs::render::action_result_json(&outcome.result));
+    print!("{}", casfs::render::action_result_json(&outcome.result));
     Ok(Ok(()))
 }
 

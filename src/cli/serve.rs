@@ -106,7 +106,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     println!("casfs: serving on {url}");
     let _ = std::io::stdout().flush();
     let cas: casfs::cas::SharedCas = match &args.access_log {
-        Some(p) => Arc::new(casfs::server::access_log::AccessLog::open(store.clone(), p)?),
+        Some(p) => Arc::new(casfs::cas::access_log::AccessLog::open(store.clone(), p)?),
         None => store.clone(),
     };
     let mut backend = Backend::new(cas.clone(), store.clone());

@@ -1,7 +1,6 @@
 //! `casfs worker`: attach the executor to a Remote Workers API scheduler (BuildGrid) and run
 //! its leases until stopped.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,7 +152,7 @@ fn lock_bot_id(work_dir: &Path, bot_id: &str) -> Result<std::fs::File> {
     let h = hex::encode(sha2::Sha256::digest(bot_id.as_bytes()));
     let path = work_dir.join(format!(".bot-{}.lock", &h[..16]));
     let f = std::fs::File::create(&path).ctx(|| format!("creating {}", path.display()))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if f.try_lock().is_err() {
         return Err(Error::FailedPrecondition(format!(
             "another worker with bot id {bot_id:?} runs on {}; give each worker its own --work-dir or --bot-id",
             work_dir.display()

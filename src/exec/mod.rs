@@ -5,7 +5,6 @@
 
 pub mod cached;
 pub mod capture;
-pub mod client;
 pub mod materialize;
 pub mod run;
 pub mod sandbox;

@@ -90,17 +90,19 @@ impl Executor {
     /// Executors sharing a work folder hold a shared lock on it; the cleaning happens only
     /// when no other live executor holds one, so it never removes a running action's folder.
     pub fn clean_stale(&self) -> Result<usize> {
-        use std::os::fd::AsRawFd;
         super::sandbox::reap_orphans();
         let dir = &self.cfg.work_dir;
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("locking {}", dir.display()))?;
-        let alone = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let alone = lock.try_lock().is_ok();
         let n = if alone { self.remove_stale()? } else { 0 };
-        // Shared from now on: other executors may use the folder, none may clean it.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH) } != 0 {
-            return Err(Error::io(format!("locking {}", dir.display()), std::io::Error::last_os_error()));
+        // Shared from now on: other executors may use the folder, none may clean it. (An
+        // executor that takes the exclusive lock in between finds nothing of ours to clean:
+        // no action has started yet.)
+        if alone {
+            lock.unlock().ctx(|| format!("unlocking {}", dir.display()))?;
         }
+        lock.lock_shared().ctx(|| format!("locking {}", dir.display()))?;
         *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
         Ok(n)
     }

@@ -8,10 +8,10 @@ use prost::Message;
 
 use super::fetch::{Fetcher, Remote};
 use super::node::{Node, VDir};
-use super::render;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::reapi;
+use crate::render;
 use crate::tree::{check_name, Directory};
 
 /// A mutable tree used while laying outputs out.

@@ -11,10 +11,10 @@ use prost::Message;
 use super::action_view;
 use super::fetch::{Fetcher, Remote};
 use super::node::{Folder, Node, VDir};
-use super::render;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::reapi;
+use crate::render;
 use crate::tree::check_name;
 
 /// The name that stands for the default (empty) instance.

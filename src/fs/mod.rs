@@ -12,7 +12,6 @@ pub mod fuse;
 pub mod inode;
 pub mod mount;
 pub mod node;
-pub mod render;
 
 pub use self::core::{CasFs, FsConfig};
 pub use browse::{Instances, RemoteFactory};

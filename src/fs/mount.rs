@@ -37,6 +37,7 @@ impl MountConfig {
             mountpoint: mountpoint.into(),
             open_mode: OpenMode::Auto,
             threads: 4,
+            // SAFETY: geteuid only reads the calling process's credentials.
             allow_other: unsafe { libc::geteuid() } == 0,
             fs: FsConfig::default(),
             fetch: FetchConfig::default(),
@@ -141,6 +142,7 @@ pub fn abort_fuse(path: &Path) -> bool {
         // Not mounted yet on this host (it is a pseudo filesystem; mounting it is harmless).
         let none = c"none";
         let target = c"/sys/fs/fuse/connections";
+        // SAFETY: the strings are NUL-terminated literals; fusectl takes no data.
         unsafe { libc::mount(none.as_ptr(), target.as_ptr(), c"fusectl".as_ptr(), 0, std::ptr::null()) };
     }
     match std::fs::write(conns.join(&minor).join("abort"), "1") {
@@ -160,6 +162,7 @@ pub fn detach(path: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidArgument(format!("{} contains NUL", path.display())))?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINVAL) {

@@ -19,7 +19,6 @@ use crate::proto::reapi::content_addressable_storage_server::ContentAddressableS
 use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
-pub mod access_log;
 pub mod auth;
 mod bytestream;
 mod capabilities;

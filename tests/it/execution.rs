@@ -347,7 +347,7 @@ async fn the_remote_apis_testing_contract_holds() -> TestResult {
     std::fs::write(tmp.path().join("in/data.txt"), "contract\n")?;
     let act = Act { argv: &["cat", "data.txt"], ..Default::default() };
     let action = upload_action(&client, &tmp.path().join("in"), &act).await?;
-    let resp = casfs::exec::client::execute(&client, action, false, |_, _| {}).await?;
+    let resp = casfs::cas::execution::execute(&client, action, false, |_, _| {}).await?;
     assert_eq!(resp.status.map(|s| s.code), Some(0));
     let stdout = resp.result.ok_or("no result")?.stdout_digest.ok_or("no stdout")?;
     assert_eq!(&client.read(&Digest::try_from(&stdout)?).await?[..], b"contract\n");

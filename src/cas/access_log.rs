@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use crate::cas::{ByteStream, Cas, SharedCas};
+use super::{ByteStream, Cas, SharedCas};
 use crate::digest::Digest;
 use crate::error::{IoContext, Result};
 

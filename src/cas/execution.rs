@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use crate::cas::GrpcStore;
+use super::GrpcStore;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::longrunning::{self, operation};
