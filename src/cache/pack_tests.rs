@@ -1,3 +1,5 @@
+//! Unit tests of the pack store: records, indexes, eviction, recovery, sharing a folder.
+
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;

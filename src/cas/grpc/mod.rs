@@ -5,20 +5,23 @@ use std::path::Path;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::OnceCell;
 
 pub use super::channel::RemoteConfig;
 use super::channel::{connect, Conn, Retry};
-use super::{verify, ActionCache, ByteStream, Cas, CHUNK};
+use super::{verify, ByteStream, Cas};
+use upload::write_requests;
+
+mod action_cache;
+mod upload;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
 use crate::proto::bytestream::{ReadRequest, WriteRequest};
+use crate::proto::reapi;
 use crate::proto::reapi::capabilities_client::CapabilitiesClient;
 use crate::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use crate::proto::reapi::{self, action_cache_client::ActionCacheClient};
 use crate::tree::Directory;
 
 /// The gRPC limit most servers enforce on one message.
@@ -523,96 +526,4 @@ impl GrpcStore {
         }
         Ok(out)
     }
-}
-
-#[async_trait::async_trait]
-impl ActionCache for GrpcStore {
-    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
-        let req = reapi::GetActionResultRequest {
-            instance_name: self.instance.clone(),
-            action_digest: Some(action.to_proto()),
-            inline_stdout: false,
-            inline_stderr: false,
-            inline_output_files: vec![],
-            digest_function: DigestFunction::Sha256.proto_value(),
-        };
-        let client = ActionCacheClient::new(self.conn.clone());
-        match self
-            .retry
-            .run("GetActionResult", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.get_action_result(r).await.map(|r| r.into_inner()) }
-            })
-            .await
-        {
-            Ok(r) => Ok(Some(r)),
-            Err(Error::Remote { code: tonic::Code::NotFound, .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
-        let req = reapi::UpdateActionResultRequest {
-            instance_name: self.instance.clone(),
-            action_digest: Some(action.to_proto()),
-            action_result: Some(result.clone()),
-            results_cache_policy: None,
-            digest_function: DigestFunction::Sha256.proto_value(),
-        };
-        let client = ActionCacheClient::new(self.conn.clone());
-        self.retry
-            .run("UpdateActionResult", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.update_action_result(r).await.map(|_| ()) }
-            })
-            .await
-    }
-}
-
-struct WriteState {
-    data: ByteStream,
-    pending: Bytes,
-    resource: String,
-    size: u64,
-    offset: u64,
-    first: bool,
-    done: bool,
-}
-
-/// Turns a chunk stream into ByteStream WriteRequests of at most `CHUNK` bytes, the first
-/// naming the resource and the last finishing the write.
-fn write_requests(resource: String, size: u64, data: ByteStream) -> BoxStream<'static, WriteRequest> {
-    let st = WriteState { data, pending: Bytes::new(), resource, size, offset: 0, first: true, done: false };
-    futures::stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        while st.pending.is_empty() {
-            match st.data.next().await {
-                Some(Ok(chunk)) => st.pending = chunk,
-                // A failed source ends the upload short; the server refuses the partial blob.
-                Some(Err(_)) | None => break,
-            }
-        }
-        let piece = st.pending.split_to(st.pending.len().min(CHUNK));
-        let len = piece.len() as u64;
-        if len == 0 && !st.first && st.offset < st.size {
-            // Source ended early: finish so the server can judge (and refuse).
-            st.done = true;
-        }
-        let finish = st.offset + len == st.size || len == 0;
-        let req = WriteRequest {
-            resource_name: if st.first { st.resource.clone() } else { String::new() },
-            write_offset: st.offset as i64,
-            finish_write: finish,
-            data: piece,
-        };
-        st.first = false;
-        st.offset += len;
-        st.done |= finish;
-        Some((req, st))
-    })
-    .boxed()
 }
