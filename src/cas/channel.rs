@@ -143,6 +143,22 @@ pub struct Retry {
 }
 
 impl Retry {
+    /// [`Retry::run`] for one unary call: each attempt calls `f` with fresh clones of
+    /// `client` and `req`.
+    pub async fn unary<C, Q, T, F, Fut>(&self, what: &str, client: &C, req: &Q, f: F) -> Result<T>
+    where
+        C: Clone,
+        Q: Clone,
+        F: Fn(C, Q) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.run(what, || {
+            let call = f(client.clone(), req.clone());
+            async move { call.await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
     /// Runs `call` until it succeeds, fails for good, or the attempts run out. Retries
     /// UNAVAILABLE, RESOURCE_EXHAUSTED and attempts that hit the deadline, with exponential
     /// backoff (100 ms doubling to 5 s, with jitter).

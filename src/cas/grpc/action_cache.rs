@@ -17,13 +17,10 @@ impl ActionCache for GrpcStore {
             inline_output_files: vec![],
             digest_function: DigestFunction::Sha256.proto_value(),
         };
-        let client = ActionCacheClient::new(self.conn.clone());
         match self
             .retry
-            .run("GetActionResult", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.get_action_result(r).await.map(|r| r.into_inner()) }
+            .unary("GetActionResult", &ActionCacheClient::new(self.conn.clone()), &req, |mut c, r| async move {
+                c.get_action_result(r).await
             })
             .await
         {
@@ -43,11 +40,8 @@ impl ActionCache for GrpcStore {
         };
         let client = ActionCacheClient::new(self.conn.clone());
         self.retry
-            .run("UpdateActionResult", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.update_action_result(r).await.map(|_| ()) }
-            })
-            .await
+            .unary("UpdateActionResult", &client, &req, |mut c, r| async move { c.update_action_result(r).await })
+            .await?;
+        Ok(())
     }
 }

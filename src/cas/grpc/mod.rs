@@ -93,12 +93,9 @@ impl GrpcStore {
     /// The server's capabilities.
     pub async fn capabilities(&self) -> Result<reapi::ServerCapabilities> {
         let req = reapi::GetCapabilitiesRequest { instance_name: self.instance.clone() };
-        let client = CapabilitiesClient::new(self.conn.clone());
         self.retry
-            .run("GetCapabilities", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.get_capabilities(r).await.map(|r| r.into_inner()) }
+            .unary("GetCapabilities", &CapabilitiesClient::new(self.conn.clone()), &req, |mut c, r| async move {
+                c.get_capabilities(r).await
             })
             .await
     }
@@ -160,14 +157,9 @@ impl GrpcStore {
             acceptable_compressors: vec![],
             digest_function: DigestFunction::Sha256.proto_value(),
         };
-        let client = self.cas();
         let resp = self
             .retry
-            .run("BatchReadBlobs", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.batch_read_blobs(r).await.map(|r| r.into_inner()) }
-            })
+            .unary("BatchReadBlobs", &self.cas(), &req, |mut c, r| async move { c.batch_read_blobs(r).await })
             .await?;
         let mut got: HashMap<Digest, Result<Bytes>> = HashMap::new();
         for r in resp.responses {
@@ -214,14 +206,9 @@ impl GrpcStore {
                 .collect(),
             digest_function: DigestFunction::Sha256.proto_value(),
         };
-        let client = self.cas();
         let resp = self
             .retry
-            .run("BatchUpdateBlobs", || {
-                let mut c = client.clone();
-                let r = req.clone();
-                async move { c.batch_update_blobs(r).await.map(|r| r.into_inner()) }
-            })
+            .unary("BatchUpdateBlobs", &self.cas(), &req, |mut c, r| async move { c.batch_update_blobs(r).await })
             .await?;
         let mut failed: HashMap<Digest, Error> = HashMap::new();
         for r in resp.responses {
@@ -297,6 +284,17 @@ impl GrpcStore {
     }
 }
 
+/// Runs `call` on every batch, `PARALLEL_BATCHES` at a time, and joins the per-blob results.
+async fn in_parallel<B, T, F, Fut>(batches: Vec<B>, call: F) -> Result<Vec<(Digest, T)>>
+where
+    F: Fn(B) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<(Digest, T)>>>,
+{
+    let done: Vec<Vec<(Digest, T)>> =
+        futures::stream::iter(batches).map(call).buffer_unordered(PARALLEL_BATCHES).try_collect().await?;
+    Ok(done.into_iter().flatten().collect())
+}
+
 fn status_for(digest: &Digest, st: tonic::Status) -> Error {
     if st.code() == tonic::Code::NotFound {
         Error::MissingBlob(*digest)
@@ -324,14 +322,9 @@ impl Cas for GrpcStore {
                 blob_digests: chunk.iter().map(|d| d.to_proto()).collect(),
                 digest_function: DigestFunction::Sha256.proto_value(),
             };
-            let client = self.cas();
             let resp = self
                 .retry
-                .run("FindMissingBlobs", || {
-                    let mut c = client.clone();
-                    let r = req.clone();
-                    async move { c.find_missing_blobs(r).await.map(|r| r.into_inner()) }
-                })
+                .unary("FindMissingBlobs", &self.cas(), &req, |mut c, r| async move { c.find_missing_blobs(r).await })
                 .await?;
             for d in &resp.missing_blob_digests {
                 missing.insert(Digest::try_from(d)?);
@@ -402,14 +395,7 @@ impl Cas for GrpcStore {
     async fn read_many(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes>)>> {
         let budget = self.max_batch_bytes().await;
         let (batches, large) = Self::plan(digests, budget);
-        let mut out: Vec<(Digest, Result<Bytes>)> = futures::stream::iter(batches)
-            .map(|b| self.batch_read(b))
-            .buffer_unordered(PARALLEL_BATCHES)
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut out = in_parallel(batches, |b| self.batch_read(b)).await?;
         for d in large {
             out.push((d, self.read(&d).await));
         }
@@ -425,14 +411,7 @@ impl Cas for GrpcStore {
             .into_iter()
             .map(|b| b.into_iter().filter_map(|d| by_digest.remove(&d).map(|x| (d, x))).collect())
             .collect();
-        let mut out: Vec<(Digest, Result<()>)> = futures::stream::iter(batches)
-            .map(|b| self.batch_write(b))
-            .buffer_unordered(PARALLEL_BATCHES)
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut out = in_parallel(batches, |b| self.batch_write(b)).await?;
         for d in large {
             if let Some(data) = by_digest.remove(&d) {
                 out.push((d, self.write(&d, data).await));
