@@ -150,7 +150,19 @@ fn redirect_stdio(log: Option<&std::path::Path>) {
     }
 }
 
-/// Mounts, reports readiness, waits for SIGINT/SIGTERM, unmounts.
+/// Resolves once the mount was taken away from outside (`umount`, `umount -l`, systemd).
+async fn gone(guard: &casfs::fs::MountGuard) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if guard.is_gone() {
+            return;
+        }
+    }
+}
+
+/// Mounts, reports readiness, waits for SIGINT/SIGTERM or an unmount from outside, then
+/// unmounts (if still mounted) and flushes the cache.
 pub async fn run(args: MountArgs, mut ready: Ready) -> CmdResult {
     let res = mount_and_wait(args, &mut ready).await;
     match &res {
@@ -206,8 +218,13 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
             .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
     }
     ready.send("ready\n");
-    stop.wait().await;
-    let res: Result<()> = guard.unmount();
+    tokio::select! {
+        _ = stop.wait() => {}
+        _ = gone(&guard) => {
+            tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; the daemon exits");
+        }
+    }
+    let res: Result<()> = tokio::task::block_in_place(|| guard.unmount());
     // Blobs served from memory reach the disk cache before the daemon goes away.
     let _ = tokio::task::spawn_blocking(move || cache.flush()).await;
     if let Some(p) = &args.pidfile {

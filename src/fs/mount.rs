@@ -49,6 +49,9 @@ impl MountConfig {
 pub struct MountGuard {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    /// The mount's device, `major:minor` as mountinfo writes it (the minor is also the FUSE
+    /// connection's number): tells our mount from whatever else is mounted at the path.
+    device: String,
     fs: Arc<CasFs>,
 }
 
@@ -63,6 +66,14 @@ impl MountGuard {
         &self.mountpoint
     }
 
+    /// True once the filesystem was unmounted from outside (`umount`, `umount -l`, systemd):
+    /// the session ended, or the mount no longer shows at its mountpoint. A mount daemon then
+    /// has nothing left to serve.
+    pub fn is_gone(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+            || mounted_device(&self.mountpoint).as_deref() != Some(&self.device)
+    }
+
     /// Unmounts now, reporting failure (a busy mount is detached lazily instead).
     pub fn unmount(mut self) -> Result<()> {
         self.unmount_inner()
@@ -72,6 +83,15 @@ impl MountGuard {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        if mounted_device(&self.mountpoint).as_deref() != Some(&self.device) {
+            // Unmounted from outside. What is at the path now is not ours to unmount; readers
+            // of a lazily detached mount are cut off, so nothing waits on this daemon.
+            if let Some(minor) = self.device.split(':').nth(1) {
+                abort_connection(minor);
+            }
+            drop(session);
+            return Ok(());
+        }
         if let Err(e) = session.umount_and_join() {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching lazily");
             detach(&self.mountpoint)?;
@@ -113,13 +133,19 @@ fn unescape_mountinfo(s: &str) -> String {
 /// True when something is mounted exactly at `path` (read from /proc/self/mountinfo, which
 /// also sees dead FUSE mounts that `stat` cannot).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(abs) = std::path::absolute(path) else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| Path::new(&unescape_mountinfo(mp)) == abs)
+    mounted_device(path).is_some()
+}
+
+/// The device (`major:minor`) of the topmost mount exactly at `path`, if any.
+fn mounted_device(path: &Path) -> Option<String> {
+    let abs = std::path::absolute(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (Path::new(&unescape_mountinfo(mp)) == abs).then(|| dev.to_string())
+    })
 }
 
 /// Aborts the FUSE connection of the filesystem mounted at `path`, if it is one: every
@@ -137,21 +163,28 @@ pub fn abort_fuse(path: &Path) -> bool {
         (here && fstype.starts_with("fuse")).then(|| f.get(2)?.split(':').nth(1).map(str::to_string))?
     });
     let Some(minor) = minor else { return false };
+    if abort_connection(&minor) {
+        tracing::warn!(path = %abs.display(), connection = %minor, "aborted the FUSE connection of a stale mount");
+        return true;
+    }
+    false
+}
+
+/// Aborts FUSE connection `minor`: every request waiting on it fails at once and its
+/// daemon's reads end. Mounts fusectl on /sys/fs/fuse/connections when needed.
+fn abort_connection(minor: &str) -> bool {
     let conns = Path::new("/sys/fs/fuse/connections");
-    if !conns.join(&minor).exists() {
+    if !conns.join(minor).exists() {
         // Not mounted yet on this host (it is a pseudo filesystem; mounting it is harmless).
         let none = c"none";
         let target = c"/sys/fs/fuse/connections";
         // SAFETY: the strings are NUL-terminated literals; fusectl takes no data.
         unsafe { libc::mount(none.as_ptr(), target.as_ptr(), c"fusectl".as_ptr(), 0, std::ptr::null()) };
     }
-    match std::fs::write(conns.join(&minor).join("abort"), "1") {
-        Ok(()) => {
-            tracing::warn!(path = %abs.display(), connection = %minor, "aborted the FUSE connection of a stale mount");
-            true
-        }
+    match std::fs::write(conns.join(minor).join("abort"), "1") {
+        Ok(()) => true,
         Err(e) => {
-            tracing::debug!(path = %abs.display(), error = %e, "could not abort the FUSE connection");
+            tracing::debug!(connection = %minor, error = %e, "could not abort the FUSE connection");
             false
         }
     }
@@ -267,7 +300,8 @@ pub fn mount(root: Root, cache: Arc<LocalCache>, cfg: MountConfig, metrics: Arc<
     fc.clone_fd = cfg.threads > 1;
     let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
         .map_err(|e| Error::io(format!("mounting at {}", cfg.mountpoint.display()), e))?;
-    let guard = MountGuard { session: Some(session), mountpoint: cfg.mountpoint.clone(), fs };
+    let device = mounted_device(&cfg.mountpoint).unwrap_or_default();
+    let guard = MountGuard { session: Some(session), mountpoint: cfg.mountpoint.clone(), device, fs };
     raise_readahead(&cfg.mountpoint);
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     Ok(guard)

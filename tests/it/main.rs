@@ -9,6 +9,7 @@ mod execution;
 mod fs_core;
 mod golden;
 mod mount;
+mod mount_life;
 mod mount_modes;
 mod remote;
 mod roundtrip;

@@ -19,6 +19,7 @@ pub struct MountProcess {
     pub pid: i32,
     pub mountpoint: PathBuf,
     pub log: PathBuf,
+    pub pidfile: PathBuf,
 }
 
 impl MountProcess {
@@ -44,7 +45,7 @@ impl MountProcess {
             return Err(format!("casfs mount failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
         let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-        Ok(MountProcess { pid, mountpoint: mountpoint.to_path_buf(), log })
+        Ok(MountProcess { pid, mountpoint: mountpoint.to_path_buf(), log, pidfile })
     }
 
     /// The daemon's log so far.
@@ -55,6 +56,11 @@ impl MountProcess {
     /// Sends a signal and waits (up to 20 s) for the process to exit.
     pub fn signal_and_wait(&self, sig: i32) -> bool {
         unsafe { libc::kill(self.pid, sig) };
+        self.wait_exit()
+    }
+
+    /// Waits (up to 20 s) for the process to exit; false if it is still there.
+    pub fn wait_exit(&self) -> bool {
         for _ in 0..400 {
             if unsafe { libc::kill(self.pid, 0) } != 0 {
                 return true;
