@@ -177,10 +177,15 @@ impl LocalCache {
         self.fds.invalidate(digest);
     }
 
-    /// Takes a small blob whose bytes were checked against `digest`: readable at once, on
-    /// disk soon. Blocks only when the disk writer is far behind.
+    /// Takes a blob whose bytes were checked against `digest`. A small one is readable at
+    /// once and on disk soon (this blocks only when the disk writer is far behind); a large
+    /// one is written to its blob file now (blocking), never held in memory.
     pub fn insert_verified(&self, digest: Digest, data: Bytes) {
-        self.hot.insert(digest, data);
+        if digest.size() <= SMALL_BLOB {
+            self.hot.insert(digest, data);
+        } else if let Err(e) = self.disk.files.insert_verified(&digest, &data) {
+            tracing::warn!(digest = %digest, error = %e, "could not write a blob to the local cache");
+        }
     }
 
     /// Stores a large blob from a stream, verifying it: into a memory file while it is hashed

@@ -195,21 +195,34 @@ impl Fetcher {
     }
 
     async fn fetch_dir(&self, digest: Digest, remote: &Remote) -> Result<Arc<Directory>> {
-        let bytes = if let Some(b) = self.cache.bytes_now(&digest) {
-            b
+        let (bytes, fresh) = if let Some(b) = self.cache.bytes_now(&digest) {
+            (b, false)
         } else if self.cache.contains(&digest) {
-            crate::cas::Cas::read(self.cache.as_ref(), &digest).await?
+            (crate::cas::Cas::read(self.cache.as_ref(), &digest).await?, false)
         } else {
             let started = Instant::now();
             let bytes = remote.cas.read(&digest).await?;
             self.metrics.add("casfs_fetch_dirs_total", 1);
             self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
             self.metrics.histogram("casfs_fetch_seconds{kind=\"dir\"}").observe(started.elapsed());
-            // `read` returned verified bytes.
-            self.cache.insert_verified(digest, bytes.clone());
-            bytes
+            (bytes, true)
         };
-        Ok(Arc::new(Directory::decode(&digest, &bytes)?))
+        let cache = self.cache.clone();
+        let store_and_decode = move || -> Result<Arc<Directory>> {
+            if fresh {
+                // `read` returned verified bytes.
+                cache.insert_verified(digest, bytes.clone());
+            }
+            Ok(Arc::new(Directory::decode(&digest, &bytes)?))
+        };
+        if digest.size() <= SMALL_BLOB {
+            return store_and_decode();
+        }
+        // A large Directory (a folder of 100k entries is ~8 MB) is decoded and written off the
+        // runtime's threads, so lookups elsewhere in the tree are answered meanwhile.
+        tokio::task::spawn_blocking(store_and_decode)
+            .await
+            .map_err(|e| Error::Internal(format!("decoding {digest}: {e}")))?
     }
 
     async fn with_deadline<T>(&self, digest: Digest, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
