@@ -168,7 +168,9 @@ impl GrpcStore {
             };
             let code = r.status.as_ref().map(|s| s.code).unwrap_or(0);
             let res = if code == tonic::Code::Ok as i32 {
-                let data = r.data;
+                // Each blob gets its own buffer: a slice would keep the whole multi-MiB
+                // response alive for as long as any one of its blobs is cached.
+                let data = Bytes::copy_from_slice(&r.data);
                 verify(&d, &data).map(|_| data)
             } else if code == tonic::Code::NotFound as i32 {
                 Err(Error::MissingBlob(d))
