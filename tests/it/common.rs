@@ -302,3 +302,29 @@ macro_rules! require_fuse {
 pub fn free_port() -> TestResult<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// The environment variable that marks every process of a test's action.
+pub const MARK_VAR: &str = "CASFS_TEST_MARK";
+
+/// A marker unique to this call, for `MARK_VAR`.
+pub fn unique_mark(what: &str) -> String {
+    format!("{what}-{}-{}", std::process::id(), rand::random::<u64>())
+}
+
+/// Live processes (pid, command name) whose environment holds `MARK_VAR=mark`, anywhere on
+/// the machine (zombies have no environment left and do not count).
+pub fn marked_processes(mark: &str) -> Vec<(i32, String)> {
+    let needle = format!("{MARK_VAR}={mark}");
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_string())
+        })
+        .collect()
+}

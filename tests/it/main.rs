@@ -6,6 +6,7 @@ mod browse;
 mod cli_status;
 mod conformance;
 mod exec;
+mod exec_limits;
 mod execution;
 mod fs_core;
 mod golden;
