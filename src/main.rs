@@ -32,6 +32,7 @@ enum Cmd {
         files: Vec<PathBuf>,
     },
     /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
+    #[command(after_help = cli::run::EXIT_STATUS_HELP)]
     Run(cli::run::RunArgs),
     /// Execute actions for a Remote Workers API scheduler (BuildGrid): take leases, run them,
     /// report their results.
@@ -110,7 +111,11 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Mount(_) | Cmd::Worker(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CASFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal: never in log files (`--log-file` redirects
+    // stderr before this point), pipes or CI logs, and never with NO_COLOR set.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -119,7 +124,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli.cmd, ready)) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Ok(code)) => ExitCode::from(code),
         Ok(Err(Usage(msg))) => {
             eprintln!("casfs: {msg}");
             ExitCode::from(2)
@@ -131,11 +136,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
-    match cmd {
+/// Runs a subcommand; returns its exit status (0 unless it says otherwise) or a usage error.
+async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> casfs::error::Result<Result<u8, Usage>> {
+    let done: CmdResult = match cmd {
         Cmd::Serve(args) => cli::serve::serve(args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
-        Cmd::Run(args) => cli::run::run(args).await,
+        // `casfs run` says by its exit status how the action went.
+        Cmd::Run(args) => return cli::run::run(args).await,
         Cmd::Worker(args) => cli::worker::run(args).await,
         Cmd::Action(args) => cli::make_action::create(args).await,
         Cmd::Execute(args) => cli::execute::execute(args).await,
@@ -192,5 +199,6 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult {
                 (false, Some(_)) => Ok(Err(Usage("a PATH needs --action".into()))),
             }
         }
-    }
+    };
+    done.map(|r| r.map(|()| 0))
 }

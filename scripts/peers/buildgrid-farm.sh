@@ -149,11 +149,15 @@ farm_metrics() {
     exec 3<&-
 }
 
-# farm_metric NAME METRIC: one value (0 when absent).
+# farm_metric NAME METRIC: one value. A worker that does not answer or does not export
+# METRIC is a failure (status 1, nothing printed): never a silent 0.
 farm_metric() {
     local v
-    v="$(farm_metrics "$1" 2>/dev/null | awk -v m="$2" '$1 == m { print $2 }')" || true
-    echo "${v:-0}"
+    if ! v="$(farm_metrics "$1" 2>/dev/null | awk -v m="$2" '$1 == m { print $2; found = 1 } END { exit !found }')"; then
+        echo "farm_metric: worker $1 exports no $2" >&2
+        return 1
+    fi
+    echo "$v"
 }
 
 # farm_worker_start NAME [ARGS...]: starts `casfs worker` with its own work folder, blob
@@ -178,7 +182,7 @@ farm_worker_start() {
             tail -n 20 "$wdir/worker.log" >&2
             return 1
         fi
-        [ "$(farm_metric "$name" casfs_worker_connected)" = 1 ] && return 0
+        [ "$(farm_metric "$name" casfs_worker_connected 2>/dev/null)" = 1 ] && return 0
         sleep 0.1
     done
     echo "farm: worker $name did not attach within 30 s" >&2

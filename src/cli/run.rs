@@ -10,7 +10,9 @@ use casfs::exec::{CachedExecutor, ExecConfig, Executor, Limits, Materialize, San
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
+use casfs::error::Result;
+
+use super::{digest_arg, parse_duration, RemoteArgs, Usage};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -78,8 +80,27 @@ impl ExecArgs {
     }
 }
 
-/// Runs the action and prints `status` and the ActionResult as JSON.
-pub async fn run(args: RunArgs) -> CmdResult {
+/// What the exit status of `casfs run` says (shown by `casfs run --help`).
+pub const EXIT_STATUS_HELP: &str = "Exit status:
+  0  the command ran and exited 0 (or its successful result came from the action cache)
+  1  casfs could not run it: a missing Action, Command or input, a CAS or sandbox failure,
+     an interruption (the ActionResult, if any, is still printed)
+  2  usage error (bad arguments, a malformed digest)
+  3  the command ran and exited non-zero (its exit code is in the printed ActionResult)
+  4  the action timed out (killed; its stdout, stderr and outputs are still attached)";
+
+/// Exit status: the command ran and exited 0.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: casfs could not run the command (infrastructure, missing inputs, an error).
+pub const EXIT_NOT_RUN: u8 = 1;
+/// Exit status: the command ran and exited non-zero.
+pub const EXIT_COMMAND_FAILED: u8 = 3;
+/// Exit status: the action timed out.
+pub const EXIT_TIMED_OUT: u8 = 4;
+
+/// Runs the action, prints `status` and the ActionResult as JSON, and returns the exit
+/// status that tells how it went (`EXIT_STATUS_HELP`).
+pub async fn run(args: RunArgs) -> Result<std::result::Result<u8, Usage>> {
     let digest = match digest_arg(&args.digest) {
         Ok(d) => d,
         Err(u) => return Ok(Err(u)),
@@ -107,7 +128,21 @@ pub async fn run(args: RunArgs) -> CmdResult {
         eprintln!("casfs: served from the action cache");
     }
     print!("{}", casfs::render::action_result_json(&outcome.result));
-    Ok(Ok(()))
+    Ok(Ok(exit_status(&outcome)))
+}
+
+/// The exit status for an outcome: timeouts and infrastructure failures first, since a
+/// killed command's exit code means nothing.
+fn exit_status(o: &casfs::exec::Outcome) -> u8 {
+    match tonic::Code::from_i32(o.status.code) {
+        tonic::Code::Ok if o.result.exit_code == 0 => EXIT_OK,
+        tonic::Code::Ok => {
+            eprintln!("casfs: the command exited with code {}", o.result.exit_code);
+            EXIT_COMMAND_FAILED
+        }
+        tonic::Code::DeadlineExceeded => EXIT_TIMED_OUT,
+        _ => EXIT_NOT_RUN,
+    }
 }
 
 fn parse_ids(s: &str) -> Result<(u32, u32), String> {

@@ -56,6 +56,24 @@ pub struct WorkerArgs {
     pub exec: ExecArgs,
 }
 
+/// The counters and gauges a worker exports at 0 before anything happened.
+const WORKER_COUNTERS: [&str; 14] = [
+    "casfs_worker_leases_taken_total",
+    "casfs_worker_leases_completed_total",
+    "casfs_worker_leases_failed_total",
+    "casfs_worker_leases_cancelled_total",
+    "casfs_worker_leases_refused_total",
+    "casfs_worker_leases_running",
+    "casfs_worker_connected",
+    "casfs_worker_sessions_created_total",
+    "casfs_worker_sessions_lost_total",
+    "casfs_worker_update_errors_total",
+    "casfs_exec_cache_hits_total",
+    "casfs_fetch_blobs_total",
+    "casfs_fetch_dirs_total",
+    "casfs_fetch_bytes_total",
+];
+
 /// Runs the worker until SIGTERM/SIGINT (drain) or a second one (abandon).
 pub async fn run(args: WorkerArgs) -> CmdResult {
     if args.concurrency == 0 {
@@ -86,6 +104,10 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let cfg = args.exec.config(bot_id.clone(), work_dir);
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
+    // Every counter a scrape reads exists from the start: "none yet" is 0, never absent.
+    for name in WORKER_COUNTERS {
+        metrics.counter(name);
+    }
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         let bound = l.local_addr().map_err(|e| Error::io("metrics listener", e))?;

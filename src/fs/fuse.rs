@@ -171,6 +171,9 @@ impl Filesystem for FuseAdapter {
         tracing::info!(mode = ?self.mode, granted = ?granted, refused = ?refused, "FUSE connection initialised");
         let m = self.fs.fetcher().metrics();
         m.add(&format!("casfs_fuse_open_mode{{mode=\"{:?}\"}}", self.mode), 1);
+        // Counters exist from the start, so "none yet" reads as 0, never as absent.
+        m.counter("casfs_fuse_passthrough_opens_total");
+        m.counter("casfs_fuse_opens_stopped_total");
         Ok(())
     }
 

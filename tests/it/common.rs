@@ -257,12 +257,49 @@ pub fn fuse_unavailable() -> Option<String> {
     None
 }
 
-/// Returns early from a test, saying why, where real mounts cannot run.
+/// True when `CI` is set (and not `false`, `0` or empty): a test must then never skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "false" | "0"))
+}
+
+/// A test cannot run here, because `why`. In CI that fails the test (panics); elsewhere
+/// the reason goes straight to stderr (libtest's capture only takes `eprintln!`, so it
+/// shows even for a passing test) and, as one line `TEST: WHY`, to the file named by
+/// `CASFS_SKIP_FILE`, where `scripts/test` counts it.
+pub fn skip(test: &str, why: &str) {
+    // `type_name_of_val` of a function nested in the test: `it::MODULE::TEST::here`.
+    let test = test.replace("::{{closure}}", "");
+    let test = test.strip_suffix("::here").unwrap_or(&test);
+    let test = test.strip_prefix("it::").unwrap_or(test);
+    assert!(!in_ci(), "{test}: cannot run, and CI never skips: {why}");
+    let line = format!("{test}: {}", why.replace('\n', " "));
+    let _ = writeln!(std::io::stderr(), "skipped: {line}");
+    if let Some(file) = std::env::var_os("CASFS_SKIP_FILE") {
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = appended {
+            panic!("{test}: cannot record the skip in {}: {e}", std::path::Path::new(&file).display());
+        }
+    }
+}
+
+/// Ends the test early (`Ok`), recording why it cannot run here; fails it in CI (see `skip`).
+macro_rules! skip {
+    ($($why:tt)+) => {{
+        fn here() {}
+        $crate::common::skip(std::any::type_name_of_val(&here), &format!($($why)+));
+        return Ok(());
+    }};
+}
+
+/// Skips the test (see `skip!`) where real mounts cannot run.
 macro_rules! require_fuse {
     () => {
         if let Some(why) = $crate::common::fuse_unavailable() {
-            eprintln!("skipped: {why}");
-            return Ok(());
+            skip!("{why}");
         }
     };
 }
@@ -270,4 +307,30 @@ macro_rules! require_fuse {
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> TestResult<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The environment variable that marks every process of a test's action.
+pub const MARK_VAR: &str = "CASFS_TEST_MARK";
+
+/// A marker unique to this call, for `MARK_VAR`.
+pub fn unique_mark(what: &str) -> String {
+    format!("{what}-{}-{}", std::process::id(), rand::random::<u64>())
+}
+
+/// Live processes (pid, command name) whose environment holds `MARK_VAR=mark`, anywhere on
+/// the machine (zombies have no environment left and do not count).
+pub fn marked_processes(mark: &str) -> Vec<(i32, String)> {
+    let needle = format!("{MARK_VAR}={mark}");
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_string())
+        })
+        .collect()
 }

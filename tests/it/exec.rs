@@ -1,5 +1,6 @@
 //! The executor against a real `casfs serve`: a gcc compile matching a local one bit for bit,
-//! a cache hit, timeouts, containment of escapes, fork bombs and network use.
+//! a cache hit, timeouts, containment of escapes and network use (pids limits and cleanup
+//! after signals: `exec_limits`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +26,18 @@ pub(crate) struct Act<'a> {
     pub timeout: Option<Duration>,
     pub network: bool,
     pub do_not_cache: bool,
+    /// Environment variables besides PATH.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// The Command's environment: PATH and `a.env`, sorted by name as REAPI requires.
+fn environment(a: &Act<'_>) -> Vec<reapi::command::EnvironmentVariable> {
+    let mut env: Vec<_> = std::iter::once(("PATH", "/usr/bin:/bin"))
+        .chain(a.env.iter().copied())
+        .map(|(name, value)| reapi::command::EnvironmentVariable { name: name.into(), value: value.into() })
+        .collect();
+    env.sort_by(|x, y| x.name.cmp(&y.name));
+    env
 }
 
 pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>) -> TestResult<Digest> {
@@ -35,10 +48,7 @@ pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>)
     }
     let command = reapi::Command {
         arguments: a.argv.iter().map(|s| s.to_string()).collect(),
-        environment_variables: vec![reapi::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/usr/bin:/bin".into(),
-        }],
+        environment_variables: environment(a),
         output_files: a.output_files.iter().map(|s| s.to_string()).collect(),
         output_paths: a.output_paths.iter().map(|s| s.to_string()).collect(),
         platform: Some(reapi::Platform { properties }),
@@ -60,16 +70,17 @@ pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>)
     Ok(ad)
 }
 
-struct Rig {
+/// A `casfs serve`, a client of it and an executor working under `work`.
+pub(crate) struct Rig {
     _tmp: tempfile::TempDir,
     _server: ServeProcess,
-    client: Arc<GrpcStore>,
-    exec: CachedExecutor,
-    work: std::path::PathBuf,
-    url: String,
+    pub client: Arc<GrpcStore>,
+    pub exec: CachedExecutor,
+    pub work: std::path::PathBuf,
+    pub url: String,
 }
 
-fn rig(pids_limit: u32) -> TestResult<Rig> {
+pub(crate) fn rig(pids_limit: u32) -> TestResult<Rig> {
     rig_with(pids_limit, Materialize::Lazy)
 }
 
@@ -101,7 +112,7 @@ fn cached_executor(client: &Arc<GrpcStore>, cache: Arc<casfs::cache::LocalCache>
     CachedExecutor::new(Arc::new(Executor::new(client.clone(), cache, cfg, Metrics::new())), client.clone())
 }
 
-fn no_leftovers(r: &Rig) -> TestResult {
+pub(crate) fn no_leftovers(r: &Rig) -> TestResult {
     let left: Vec<_> = std::fs::read_dir(&r.work)?.collect();
     assert!(left.is_empty(), "scratch folders left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/mounts")?;
@@ -114,8 +125,7 @@ fn no_leftovers(r: &Rig) -> TestResult {
 async fn gcc_compile_matches_a_local_build_and_hits_the_cache() -> TestResult {
     require_fuse!();
     if std::process::Command::new("gcc").arg("--version").output().is_err() {
-        eprintln!("skipped: gcc is not installed");
-        return Ok(());
+        skip!("gcc is not installed");
     }
     let r = rig(1024)?;
     let src = r.work.parent().ok_or("parent")?.join("src");
@@ -179,13 +189,13 @@ async fn gcc_compile_matches_a_local_build_and_hits_the_cache() -> TestResult {
     no_leftovers(&r)
 }
 
-async fn stdout_of(r: &Rig, o: &casfs::exec::Outcome) -> TestResult<String> {
+pub(crate) async fn stdout_of(r: &Rig, o: &casfs::exec::Outcome) -> TestResult<String> {
     let d = Digest::try_from(o.result.stdout_digest.as_ref().ok_or("stdout")?)?;
     Ok(String::from_utf8_lossy(&r.client.read(&d).await?).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_escapes_fork_bombs_and_network_are_contained() -> TestResult {
+async fn timeouts_escapes_and_network_are_contained() -> TestResult {
     require_fuse!();
     let r = rig(64)?;
     let input = r.work.parent().ok_or("parent")?.join("input");
@@ -236,16 +246,6 @@ async fn timeouts_escapes_fork_bombs_and_network_are_contained() -> TestResult {
     let o = r.exec.execute(d, false).await?;
     assert_eq!(stdout_of(&r, &o).await?, "done\n");
     assert!(!Path::new(&marker).exists() && !Path::new("/usr/casfs-evil").exists(), "the command wrote on the host");
-
-    // A fork bomb stops at the pids limit and the timeout; nothing survives the action.
-    let d = upload_action(
-        &r.client,
-        &input,
-        &Act { argv: &["sh", "-c", "b() { b | b & }; b"], timeout: Some(Duration::from_secs(5)), ..Default::default() },
-    )
-    .await?;
-    let o = r.exec.execute(d, false).await?;
-    assert!(o.status.code == tonic::Code::DeadlineExceeded as i32 || o.result.exit_code != 0 || o.status.code == 0);
 
     // No network unless the platform asks for it.
     let port = r.url.rsplit(':').next().ok_or("port")?.to_string();
@@ -406,41 +406,6 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     assert!(client.get_action_result(&d).await?.is_none());
     let left: Vec<_> = std::fs::read_dir(tmp.path().join("work"))?.collect();
     assert!(left.is_empty(), "scratch left: {left:?}");
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_of_casfs_run_cleans_up() -> TestResult {
-    require_fuse!();
-    let tmp = tempfile::tempdir()?;
-    let server = ServeProcess::start(&tmp.path().join("storage"))?;
-    let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
-    let input = tmp.path().join("input");
-    std::fs::create_dir_all(&input)?;
-    let d = upload_action(&client, &input, &Act { argv: &["sleep", "1000"], ..Default::default() }).await?;
-    let work = tmp.path().join("work");
-    let mut child = std::process::Command::new(casfs_bin())
-        .args(["run", &d.to_string(), "--remote", &server.url, "--work-dir"])
-        .arg(&work)
-        .arg("--cache-dir")
-        .arg(tmp.path().join("cache"))
-        .spawn()?;
-    // Wait until the command runs (its scratch folder exists and is mounted).
-    for _ in 0..200 {
-        if std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
-    assert!(!status.success());
-    assert!(!std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()), "mounts left");
-    let scratch = std::fs::read_dir(&work)?.flatten().filter(|e| e.file_name() != ".lock").count();
-    assert_eq!(scratch, 0, "scratch left");
-    let sleepers = std::process::Command::new("pgrep").args(["-x", "sleep", "-a"]).output()?;
-    assert!(!String::from_utf8_lossy(&sleepers.stdout).contains("sleep 1000"), "the action's process survived");
     Ok(())
 }
 

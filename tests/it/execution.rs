@@ -323,26 +323,47 @@ fn scratch_folders(dir: &Path) -> TestResult<Vec<String>> {
         .collect())
 }
 
+/// Whether 127.0.0.1:8980 can be bound right now (bound and let go at once).
+fn port_8980_free() -> bool {
+    std::net::TcpListener::bind("127.0.0.1:8980").is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_remote_apis_testing_contract_holds() -> TestResult {
     // Port 8980 with no flags, instance `remote-execution`, platform OSFamily=linux.
+    if !port_8980_free() {
+        skip!("127.0.0.1:8980 is taken on this machine (by another test run or server)");
+    }
     let tmp = tempfile::tempdir()?;
     let mut child = std::process::Command::new(casfs_bin())
         .args(["serve", "--storage"])
         .arg(tmp.path().join("storage"))
         .stdout(std::process::Stdio::piped())
         .env("CASFS_LOG", "warn")
+        .env_remove("CASFS_LISTEN")
         .spawn()?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?), &mut line)?;
-    let guard = scopeguard(child);
-    if !line.contains("127.0.0.1:8980") {
-        eprintln!("skipped: port 8980 is taken on this machine ({line:?})");
-        return Ok(());
+    let mut guard = Some(scopeguard(child));
+    const SERVING: &str = "casfs: serving on grpc://127.0.0.1:8980";
+    if line.trim() != SERVING {
+        // Stopped, our server holds nothing: if the port is still taken, someone took it
+        // between the probe and the server's bind.
+        drop(guard.take());
+        if !port_8980_free() {
+            skip!("127.0.0.1:8980 was taken while casfs serve started ({line:?})");
+        }
     }
+    assert_eq!(line.trim(), SERVING, "casfs serve without --listen");
+    // Something really answers REAPI there.
     let mut cfg = RemoteConfig::new("grpc://127.0.0.1:8980");
     cfg.instance_name = "remote-execution".into();
     let client = GrpcStore::new(&cfg)?;
+    let caps = reapi::capabilities_client::CapabilitiesClient::new(client.conn())
+        .get_capabilities(reapi::GetCapabilitiesRequest { instance_name: "remote-execution".into() })
+        .await?
+        .into_inner();
+    assert!(caps.execution_capabilities.as_ref().is_some_and(|e| e.exec_enabled), "{caps:?}");
     std::fs::create_dir_all(tmp.path().join("in"))?;
     std::fs::write(tmp.path().join("in/data.txt"), "contract\n")?;
     let act = Act { argv: &["cat", "data.txt"], ..Default::default() };

@@ -3,8 +3,10 @@
 #[macro_use]
 mod common;
 mod browse;
+mod cli_status;
 mod conformance;
 mod exec;
+mod exec_limits;
 mod execution;
 mod fs_core;
 mod golden;

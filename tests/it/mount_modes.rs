@@ -13,13 +13,48 @@ const SMALL_FILES: usize = casfs::fs::fuse::NO_OPEN_AFTER as usize + 200;
 /// A file above the passthrough threshold.
 const LARGE_LEN: usize = 3 << 20;
 
-/// The value of an unlabelled or fully labelled metric line, 0 when absent.
-fn metric(text: &str, name: &str) -> u64 {
+/// The value of an unlabelled or fully labelled metric line; an absent metric is an error.
+fn metric(text: &str, name: &str) -> TestResult<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
-        .unwrap_or(0)
+        .ok_or_else(|| format!("metric {name} is absent:\n{text}").into())
+}
+
+/// The open mode the mount settled on when the kernel answered its FUSE_INIT, from the
+/// `casfs_fuse_open_mode{mode="..."}` metric.
+fn open_mode(text: &str) -> TestResult<String> {
+    let modes: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("casfs_fuse_open_mode{mode=\"")?.strip_suffix("\"} 1")).collect();
+    match modes.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => Err(format!("not one casfs_fuse_open_mode metric: {modes:?}\n{text}").into()),
+    }
+}
+
+/// Why this kernel cannot pass files through to a FUSE daemon, if it cannot: the kernel was
+/// built without CONFIG_FUSE_PASSTHROUGH (no `fuse_passthrough_open` symbol; /dev/fuse was
+/// opened first, so a modular fuse is loaded), or we are not root (backing files need
+/// CAP_SYS_ADMIN).
+fn passthrough_unavailable() -> Option<String> {
+    if let Some(why) = fuse_unavailable() {
+        return Some(why);
+    }
+    match std::fs::read_to_string("/proc/kallsyms") {
+        Ok(syms) if syms.lines().any(|l| l.ends_with(" fuse_passthrough_open")) => None,
+        Ok(_) => Some("the kernel has no FUSE passthrough (CONFIG_FUSE_PASSTHROUGH)".into()),
+        Err(e) => Some(format!("cannot read /proc/kallsyms to learn whether the kernel has FUSE passthrough: {e}")),
+    }
+}
+
+/// Skips the test (see `skip!`) where the kernel offers no FUSE passthrough.
+macro_rules! require_passthrough {
+    () => {
+        if let Some(why) = passthrough_unavailable() {
+            skip!("{why}");
+        }
+    };
 }
 
 fn small_content(i: usize) -> String {
@@ -58,9 +93,9 @@ struct Rig {
     _tmp: tempfile::TempDir,
 }
 
-/// A rig, or None (having said why) when the kernel left the mount in another mode than
-/// `resolved` (no FUSE passthrough).
-fn rig(mode: &str, resolved: &str) -> TestResult<Option<Rig>> {
+/// A rig whose mount, on a kernel with passthrough, resolved `--open-mode MODE` to
+/// `resolved` (by its metric); anything else is an error.
+fn rig(mode: &str, resolved: &str) -> TestResult<Rig> {
     let tmp = tempfile::tempdir()?;
     let server = ServeProcess::start(&tmp.path().join("storage"))?;
     let (root, large) = upload_tree(tmp.path(), &server)?;
@@ -68,39 +103,68 @@ fn rig(mode: &str, resolved: &str) -> TestResult<Option<Rig>> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let extra = ["--metrics-listen", addr.as_str(), "--open-mode", mode];
     let m = MountProcess::start(&root, &mnt, &server.url, &tmp.path().join("cache"), &extra)?;
-    if !m.log_text().contains(&format!("mode={resolved}")) {
-        eprintln!("skipped: the kernel offers no FUSE passthrough (the mount resolved to another mode)");
-        return Ok(None);
-    }
-    Ok(Some(Rig { m, mnt, addr, large, _server: server, _tmp: tmp }))
+    let got = open_mode(&http_get(&addr, "/metrics")?)?;
+    assert_eq!(got, resolved, "--open-mode {mode} on a kernel with FUSE passthrough:\n{}", m.log_text());
+    Ok(Rig { m, mnt, addr, large, _server: server, _tmp: tmp })
+}
+
+/// The daemon's counts of what the kernel asked for, from its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    /// Opens the kernel sent (answered or refused).
+    opens: u64,
+    /// Reads the kernel sent: none for a passed-through file or a page-cache hit.
+    reads: u64,
+    /// Opens answered with passthrough.
+    passthrough: u64,
+    /// Times `auto` stopped answering opens (0 or 1).
+    stopped: u64,
+}
+
+fn counts(addr: &str) -> TestResult<Counts> {
+    let text = http_get(addr, "/metrics")?;
+    Ok(Counts {
+        opens: metric(&text, "casfs_fuse_ops_total{op=\"open\"}")?,
+        reads: metric(&text, "casfs_fuse_ops_total{op=\"read\"}")?,
+        passthrough: metric(&text, "casfs_fuse_passthrough_opens_total")?,
+        stopped: metric(&text, "casfs_fuse_opens_stopped_total")?,
+    })
 }
 
 #[test]
 fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
-    require_fuse!();
-    let Some(r) = rig("auto", "Auto")? else { return Ok(()) };
+    require_passthrough!();
+    let r = rig("auto", "Auto")?;
     let Rig { m, mnt, addr, large, .. } = &r;
+    // The large file first: one open, answered with passthrough; its 3 MiB never reach the
+    // daemon as reads.
     assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
-    let text = http_get(addr, "/metrics")?;
-    assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 1, "{text}");
-    assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 0, "stopped before small files were read");
+    let c = counts(addr)?;
+    assert_eq!(c, Counts { opens: 1, reads: 0, passthrough: 1, stopped: 0 }, "after the large file");
 
+    // The small files: NO_OPEN_AFTER opens answered (keep-cache), the next one refused, and
+    // then the kernel asks no more. Each file is read through the daemon once.
     read_small_files(mnt)?;
-    let text = http_get(addr, "/metrics")?;
-    assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 1, "{text}");
-    let opens = metric(&text, "casfs_fuse_ops_total{op=\"open\"}");
-    // 1 large + NO_OPEN_AFTER small answered + the first one refused.
-    assert!(opens <= casfs::fs::fuse::NO_OPEN_AFTER + 2, "{opens} opens answered");
+    let after_small = counts(addr)?;
+    let answered = 1 + casfs::fs::fuse::NO_OPEN_AFTER;
+    assert_eq!(after_small.opens, answered + 1, "opens: the large one, {answered} small ones, one refused");
+    assert_eq!((after_small.passthrough, after_small.stopped), (1, 1), "{after_small:?}");
+    assert_eq!(after_small.reads, SMALL_FILES as u64, "one read per small file");
     assert!(m.log_text().contains("no longer answering opens"), "{}", m.log_text());
 
-    // The kernel no longer asks: reading everything again (new files too) sends no open,
-    // and the large file still reads right, now through the daemon and the page cache.
+    // Everything small stays in the page cache (keep-cache, then no-open): reading it all
+    // again sends neither opens nor reads.
+    read_small_files(mnt)?;
+    assert_eq!(counts(addr)?, after_small, "re-reading the small files reached the daemon");
+
+    // The kernel no longer asks: with the page cache dropped, reading everything again sends
+    // no open, and the large file still reads right, now through the daemon.
     std::fs::write("/proc/sys/vm/drop_caches", "1")?;
     read_small_files(mnt)?;
     assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
-    let text = http_get(addr, "/metrics")?;
-    assert_eq!(metric(&text, "casfs_fuse_ops_total{op=\"open\"}"), opens, "opens sent after the switch");
-    assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 1);
+    let c = counts(addr)?;
+    assert_eq!((c.opens, c.passthrough), (after_small.opens, 1), "opens sent after the switch: {c:?}");
+    assert!(c.reads > after_small.reads + SMALL_FILES as u64, "the large file was not read through the daemon: {c:?}");
     let mnt = mnt.clone();
     drop(r);
     assert!(!casfs::fs::mount::is_mounted(&mnt));
@@ -109,16 +173,24 @@ fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
 
 #[test]
 fn passthrough_mode_passes_only_large_files_through() -> TestResult {
-    require_fuse!();
-    let Some(r) = rig("passthrough", "Passthrough")? else { return Ok(()) };
+    require_passthrough!();
+    let r = rig("passthrough", "Passthrough")?;
     let Rig { mnt, addr, large, .. } = &r;
+    // Small files: opened with keep-cache, read through the daemon once, then from the page
+    // cache; every open is answered (this mode never stops answering).
     read_small_files(mnt)?;
+    let c = counts(addr)?;
+    let small = SMALL_FILES as u64;
+    assert_eq!(c, Counts { opens: small, reads: small, passthrough: 0, stopped: 0 }, "after the small files");
+    read_small_files(mnt)?;
+    let c = counts(addr)?;
+    assert_eq!(c, Counts { opens: 2 * small, reads: small, passthrough: 0, stopped: 0 }, "small files again");
+    // The large file: passed through at every open; no read reaches the daemon.
     for _ in 0..3 {
         assert_eq!(std::fs::read(mnt.join("large.bin"))?, *large);
     }
-    let text = http_get(addr, "/metrics")?;
-    assert_eq!(metric(&text, "casfs_fuse_passthrough_opens_total"), 3, "{text}");
-    assert_eq!(metric(&text, "casfs_fuse_opens_stopped_total"), 0, "passthrough mode never stops answering");
+    let c = counts(addr)?;
+    assert_eq!(c, Counts { opens: 2 * small + 3, reads: small, passthrough: 3, stopped: 0 }, "after the large file");
     Ok(())
 }
 
