@@ -33,7 +33,7 @@ pub struct MountArgs {
     #[arg(long, env = "CASFS_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub fetch_timeout: Duration,
     /// How files are opened: auto, no-open, passthrough, open.
-    #[arg(long, env = "CASFS_OPEN_MODE", value_enum, default_value = "auto")]
+    #[arg(long, env = "CASFS_OPEN_MODE", default_value = "auto")]
     pub open_mode: OpenMode,
     /// FUSE worker threads.
     #[arg(long, env = "CASFS_FUSE_THREADS", default_value_t = 4)]

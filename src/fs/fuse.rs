@@ -28,7 +28,7 @@ pub const NO_OPEN_AFTER: u64 = 1000;
 pub const PASSTHROUGH_MIN: u64 = super::fetch::SMALL_BLOB;
 
 /// How the kernel opens files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenMode {
     /// Passthrough for large files until small ones dominate: opens are answered (large
     /// files with passthrough, small ones keeping their page cache) until `NO_OPEN_AFTER`
@@ -43,6 +43,19 @@ pub enum OpenMode {
     Passthrough,
     /// Plain opens with FOPEN_KEEP_CACHE; reads go through the daemon.
     Open,
+}
+
+impl std::str::FromStr for OpenMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(OpenMode::Auto),
+            "no-open" => Ok(OpenMode::NoOpen),
+            "passthrough" => Ok(OpenMode::Passthrough),
+            "open" => Ok(OpenMode::Open),
+            _ => Err(format!("{s:?} is not one of auto, no-open, passthrough, open")),
+        }
+    }
 }
 
 /// The fuser `Filesystem` over a `CasFs`.
