@@ -364,6 +364,18 @@ fn read_whole(path: &Path, digest: &Digest) -> Result<Bytes> {
     Ok(buf.into())
 }
 
+/// Reads `want` bytes of a blob file from `pos` (blocking); a short file is an error.
+fn read_chunk(file: &mut std::fs::File, digest: &Digest, pos: u64, want: usize) -> Result<Bytes> {
+    file.seek(SeekFrom::Start(pos)).ctx(|| format!("seeking in blob {digest}"))?;
+    // read_to_end fills spare capacity: no zeroing of each chunk first.
+    let mut buf = Vec::with_capacity(want);
+    let n = Read::take(&mut *file, want as u64).read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
+    if n != want {
+        return Err(Error::Internal(format!("blob {digest} is shorter than its digest says")));
+    }
+    Ok(buf.into())
+}
+
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
     if actual != *digest {
@@ -451,40 +463,29 @@ impl Cas for DiskStore {
         if digest.is_empty_blob() {
             return Ok(futures::stream::empty().boxed());
         }
-        let mut file = self.open_blob(digest)?;
+        let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
         let digest = *digest;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-                let _ = tx.blocking_send(Err(Error::io(format!("seeking in blob {digest}"), e)));
-                return;
+        // One blocking task per chunk, started only when the reader asks for the next one:
+        // a reader that stops reading holds an open file, never a thread.
+        let s = futures::stream::unfold((Some(file), offset), move |(file, pos)| async move {
+            let mut file = file?;
+            if pos >= end {
+                return None;
             }
-            let mut pos = offset;
-            while pos < end {
-                let want = ((end - pos) as usize).min(CHUNK);
-                // read_to_end fills spare capacity: no zeroing of each chunk first.
-                let mut buf = Vec::with_capacity(want);
-                match (&mut file).take(want as u64).read_to_end(&mut buf) {
-                    Ok(n) if n == want => {}
-                    Ok(_) => {
-                        let _ = tx.blocking_send(Err(Error::Internal(format!(
-                            "blob {digest} is shorter than its digest says"
-                        ))));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
-                        return;
-                    }
-                }
-                pos += want as u64;
-                if tx.blocking_send(Ok(buf.into())).is_err() {
-                    return;
-                }
+            let want = ((end - pos) as usize).min(CHUNK);
+            let read = tokio::task::spawn_blocking(move || {
+                let r = read_chunk(&mut file, &digest, pos, want);
+                (file, r)
+            })
+            .await;
+            match read {
+                Ok((file, Ok(buf))) => Some((Ok(buf), (Some(file), pos + want as u64))),
+                Ok((_, Err(e))) => Some((Err(e), (None, end))),
+                Err(e) => Some((Err(Error::Internal(format!("reading blob {digest}: {e}"))), (None, end))),
             }
         });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+        Ok(s.boxed())
     }
 
     async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
