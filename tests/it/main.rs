@@ -8,6 +8,8 @@ mod exec;
 mod execution;
 mod fs_core;
 mod golden;
+mod hostile_clients;
+mod hostile_exec;
 mod mount;
 mod mount_modes;
 mod remote;
