@@ -64,6 +64,7 @@ async fn batch_read_whose_sizes_wrap_past_2_64_is_refused_before_reading() -> Te
     let ch = channel(&server.url).await?;
     let got = cas_client(&ch).batch_read_blobs(req).await;
     let peak = peak_rss_mib(server.child.id())?;
+    eprintln!("server peak RSS after the wrap-around batch: {peak} MiB");
     let st = got.err().ok_or("a batch whose sizes add past 2^64 was answered")?;
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("advertised limit"), "{}", st.message());
@@ -429,5 +430,32 @@ async fn bytestream_lies_are_refused_and_leave_nothing_behind() -> TestResult {
         got.extend_from_slice(&m.data);
     }
     assert_eq!(got, data.slice(5..));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_with_a_huge_list_is_answered_within_the_message_limit() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start_with(&tmp.path().join("storage"), "127.0.0.1:0", &["--no-execution"])?;
+    let ch = channel(&server.url).await?;
+    let made_up = |n: usize| Digest::of_bytes(format!("absent {n}").as_bytes()).to_proto();
+    // 90,000 digests (under the 8 MiB message limit), each absent one named twice: each is
+    // reported once.
+    let mut list: Vec<reapi::Digest> = (0..45_000).map(made_up).collect();
+    list.extend((0..45_000).map(made_up));
+    let req = reapi::FindMissingBlobsRequest { blob_digests: list, ..Default::default() };
+    let missing = cas_client(&ch).find_missing_blobs(req).await?.into_inner().missing_blob_digests;
+    assert_eq!(missing.len(), 45_000);
+    // Past the message limit: refused as a whole, and the server goes on.
+    let req =
+        reapi::FindMissingBlobsRequest { blob_digests: (0..200_000).map(made_up).collect(), ..Default::default() };
+    let st = cas_client(&ch).find_missing_blobs(req).await.err().ok_or("a 15 MB request was decoded")?;
+    assert!(matches!(st.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{st:?}");
+    let req = reapi::FindMissingBlobsRequest { blob_digests: vec![made_up(1)], ..Default::default() };
+    assert_eq!(
+        cas_client(&channel(&server.url).await?).find_missing_blobs(req).await?.into_inner().missing_blob_digests.len(),
+        1
+    );
+    assert!(peak_rss_mib(server.child.id())? < 256);
     Ok(())
 }

@@ -95,11 +95,49 @@ async fn oversized_actions_are_refused_unread() -> TestResult {
     });
     let results = futures::future::join_all(calls).await;
     let peak = peak_rss_mib(server.child.id())?;
+    eprintln!("server peak RSS after 16 Executes of a 48 MiB action: {peak} MiB");
     for r in results {
         let st = r.err().ok_or("a 48 MiB action was accepted")?;
         assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     }
     assert!(peak < 256, "peak RSS {peak} MiB: the server read what it refused");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_more_actions() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start_with(
+        &tmp.path().join("storage"),
+        "127.0.0.1:0",
+        &["--max-concurrent-actions", "1", "--max-queued-actions", "2"],
+    )?;
+    let client = GrpcStore::new(&RemoteConfig::new(&server.url))?;
+    std::fs::create_dir_all(tmp.path().join("in"))?;
+    let mut actions = Vec::new();
+    for secs in ["60", "61", "62", "63"] {
+        actions.push(upload_action(&client, &tmp.path().join("in"), &act(&["sleep", secs])).await?);
+    }
+    let start = |d: Digest| {
+        let mut ex = ExecutionClient::new(client.conn());
+        async move {
+            let req = reapi::ExecuteRequest { action_digest: Some(d.to_proto()), ..Default::default() };
+            ex.execute(req).await
+        }
+    };
+    // The first runs (its stream says EXECUTING), the next two wait, the fourth is refused.
+    let mut running = start(actions[0]).await?.into_inner();
+    loop {
+        let op = running.message().await?.ok_or("the first action's stream ended")?;
+        let any = op.metadata.ok_or("no metadata")?;
+        let stage = reapi::ExecuteOperationMetadata::decode(any.value.as_slice())?.stage;
+        if stage == reapi::execution_stage::Value::Executing as i32 {
+            break;
+        }
+    }
+    let _queued = (start(actions[1]).await?, start(actions[2]).await?);
+    let st = start(actions[3]).await.err().ok_or("a third action was queued past --max-queued-actions 2")?;
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
     Ok(())
 }
 
@@ -151,6 +189,7 @@ fn casfs_execute_streams_a_large_stdout_in_bounded_memory() -> TestResult {
     assert!(status.success(), "casfs execute: {status:?}\n{err}");
     assert_eq!((count, nonzero), (SIZE, 0), "stdout bytes\n{err}");
     let peak = watcher.join().map_err(|_| "watcher panicked")?;
+    eprintln!("casfs execute peak RSS for a {} MiB stdout: {peak} MiB", SIZE >> 20);
     assert!(peak < 64, "casfs execute peaked at {peak} MiB for a {} MiB stdout", SIZE >> 20);
     Ok(())
 }
