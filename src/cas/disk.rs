@@ -466,23 +466,29 @@ impl Cas for DiskStore {
         let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
         let digest = *digest;
-        // One blocking task per chunk, started only when the reader asks for the next one:
-        // a reader that stops reading holds an open file, never a thread.
-        let s = futures::stream::unfold((Some(file), offset), move |(file, pos)| async move {
-            let mut file = file?;
-            if pos >= end {
-                return None;
-            }
+        // One blocking task per chunk, the next one started as a chunk is handed over (one
+        // chunk read ahead): a reader that stops reading holds a file and a chunk, never a
+        // thread.
+        let start = move |mut file: std::fs::File, pos: u64| {
             let want = ((end - pos) as usize).min(CHUNK);
-            let read = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 let r = read_chunk(&mut file, &digest, pos, want);
                 (file, r)
             })
-            .await;
-            match read {
-                Ok((file, Ok(buf))) => Some((Ok(buf), (Some(file), pos + want as u64))),
-                Ok((_, Err(e))) => Some((Err(e), (None, end))),
-                Err(e) => Some((Err(Error::Internal(format!("reading blob {digest}: {e}"))), (None, end))),
+        };
+        let first = (offset < end).then(|| start(file, offset));
+        let s = futures::stream::unfold((first, offset), move |(reading, pos)| async move {
+            let (file, r) = match reading?.await {
+                Ok(done) => done,
+                Err(e) => return Some((Err(Error::Internal(format!("reading blob {digest}: {e}"))), (None, end))),
+            };
+            match r {
+                Ok(buf) => {
+                    let next = pos + buf.len() as u64;
+                    let ahead = (next < end).then(|| start(file, next));
+                    Some((Ok(buf), (ahead, next)))
+                }
+                Err(e) => Some((Err(e), (None, end))),
             }
         });
         Ok(s.boxed())
