@@ -7,7 +7,7 @@
 //! Recency survives restarts through file mtimes, refreshed when a blob is read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -364,18 +364,6 @@ fn read_whole(path: &Path, digest: &Digest) -> Result<Bytes> {
     Ok(buf.into())
 }
 
-/// Reads `want` bytes of a blob file from `pos` (blocking); a short file is an error.
-fn read_chunk(file: &mut std::fs::File, digest: &Digest, pos: u64, want: usize) -> Result<Bytes> {
-    file.seek(SeekFrom::Start(pos)).ctx(|| format!("seeking in blob {digest}"))?;
-    // read_to_end fills spare capacity: no zeroing of each chunk first.
-    let mut buf = Vec::with_capacity(want);
-    let n = Read::take(&mut *file, want as u64).read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
-    if n != want {
-        return Err(Error::Internal(format!("blob {digest} is shorter than its digest says")));
-    }
-    Ok(buf.into())
-}
-
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
     if actual != *digest {
@@ -465,33 +453,8 @@ impl Cas for DiskStore {
         }
         let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
-        let digest = *digest;
-        // One blocking task per chunk, the next one started as a chunk is handed over (one
-        // chunk read ahead): a reader that stops reading holds a file and a chunk, never a
-        // thread.
-        let start = move |mut file: std::fs::File, pos: u64| {
-            let want = ((end - pos) as usize).min(CHUNK);
-            tokio::task::spawn_blocking(move || {
-                let r = read_chunk(&mut file, &digest, pos, want);
-                (file, r)
-            })
-        };
-        let first = (offset < end).then(|| start(file, offset));
-        let s = futures::stream::unfold((first, offset), move |(reading, pos)| async move {
-            let (file, r) = match reading?.await {
-                Ok(done) => done,
-                Err(e) => return Some((Err(Error::Internal(format!("reading blob {digest}: {e}"))), (None, end))),
-            };
-            match r {
-                Ok(buf) => {
-                    let next = pos + buf.len() as u64;
-                    let ahead = (next < end).then(|| start(file, next));
-                    Some((Ok(buf), (ahead, next)))
-                }
-                Err(e) => Some((Err(e), (None, end))),
-            }
-        });
-        Ok(s.boxed())
+        // A few chunks read ahead; a reader that stops reading holds no thread.
+        Ok(super::read_ahead::stream(file, *digest, offset, end))
     }
 
     async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {

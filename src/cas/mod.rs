@@ -28,6 +28,7 @@ pub mod grpc;
 pub mod memory;
 pub mod pack;
 pub mod pipe;
+mod read_ahead;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
