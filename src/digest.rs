@@ -69,9 +69,13 @@ pub enum DigestError {
     /// The text had no `/` or `-` between hash and size.
     #[error("expected HASH/SIZE or HASH-SIZE, got {0:?}")]
     Form(String),
-    /// The hash has a character that is not lower- or upper-case hex.
+    /// The hash has a character that is not hexadecimal.
     #[error("hash {0:?} is not hexadecimal")]
     BadHex(String),
+    /// The hash is hexadecimal but has upper-case letters; REAPI hashes are lower-case, so
+    /// an upper-case form would name the same blob twice.
+    #[error("hash {0:?} has upper-case letters; digests are lower-case hex (0-9, a-f)")]
+    UpperCase(String),
     /// The hash has the wrong number of characters for its function.
     #[error("hash has {got} hex characters, sha256 needs {want}")]
     WrongLength { got: usize, want: usize },
@@ -121,7 +125,8 @@ impl Digest {
         (Digest::of_bytes(&bytes), bytes)
     }
 
-    /// Parses a hex hash and a size, checking both.
+    /// Parses a lower-case hex hash and a size, checking both. Upper-case hex is refused:
+    /// the spec's form is lower case, and accepting both would give one blob two names.
     pub fn from_parts(hash_hex: &str, size: i64) -> Result<Self, DigestError> {
         if size < 0 {
             return Err(DigestError::NegativeSize(size));
@@ -129,6 +134,9 @@ impl Digest {
         let want = DigestFunction::Sha256.hex_len();
         if !hash_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DigestError::BadHex(truncate(hash_hex)));
+        }
+        if hash_hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(DigestError::UpperCase(truncate(hash_hex)));
         }
         if hash_hex.len() != want {
             return Err(DigestError::WrongLength { got: hash_hex.len(), want });
@@ -289,7 +297,17 @@ mod tests {
         assert_eq!(Digest::parse(&format!("{HELLO}-6")).unwrap(), d);
         assert_eq!(d.to_string(), format!("{HELLO}/6"));
         assert_eq!(d.to_path_form(), format!("{HELLO}-6"));
-        assert_eq!(Digest::parse(&format!("{}/6", HELLO.to_uppercase())).unwrap(), d);
+    }
+
+    #[test]
+    fn upper_case_hex_is_refused_by_name() {
+        let upper = HELLO.to_uppercase();
+        assert!(matches!(Digest::parse(&format!("{upper}/6")), Err(DigestError::UpperCase(_))));
+        let mixed = format!("{}A{}", &HELLO[..10], &HELLO[11..]);
+        let e = Digest::from_parts(&mixed, 6).unwrap_err();
+        assert!(e.to_string().contains("lower-case"), "{e}");
+        let wire = reapi::Digest { hash: upper, size_bytes: 6 };
+        assert!(matches!(Digest::try_from(&wire), Err(DigestError::UpperCase(_))));
     }
 
     #[test]

@@ -80,9 +80,14 @@ impl Error {
         Error::Io { context: context.into(), source }
     }
 
-    /// Wraps a remote status with the request that produced it.
+    /// Wraps a remote status with the request that produced it (and a hint when the
+    /// cause is a mistake with a known fix, such as a CA certificate used as the server's).
     pub fn remote(context: impl Into<String>, status: tonic::Status) -> Self {
-        Error::Remote { context: context.into(), code: status.code(), message: status.message().to_string() }
+        let mut message = status.message().to_string();
+        if let Some(hint) = hint_for(&status) {
+            message.push_str(hint);
+        }
+        Error::Remote { context: context.into(), code: status.code(), message }
     }
 
     /// The gRPC code this error is reported with.
@@ -197,6 +202,25 @@ impl From<prost::DecodeError> for Error {
         Error::InvalidArgument(format!("protobuf decode: {e}"))
     }
 }
+
+/// What to say about a failed call whose cause (anywhere in its source chain) has a known fix.
+fn hint_for(status: &tonic::Status) -> Option<&'static str> {
+    let mut texts = vec![status.message().to_string()];
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        texts.push(format!("{e} {e:?}"));
+        source = e.source();
+    }
+    texts.iter().any(|t| t.contains("CaUsedAsEndEntity")).then_some(CA_AS_SERVER_HINT)
+}
+
+/// The fix for rustls' `CaUsedAsEndEntity` (a plain `openssl req -x509` certificate).
+pub const CA_AS_SERVER_HINT: &str = "\nhint: the server presented a CA certificate (basicConstraints CA:TRUE, \
+    as plain `openssl req -x509` makes) as its own; TLS accepts only a leaf certificate \
+    (CA:FALSE) signed by the CA given with --tls-ca-file. A self-signed leaf, which is then \
+    its own --tls-ca-file: openssl req -x509 -newkey rsa:2048 -nodes -days 365 \
+    -keyout key.pem -out cert.pem -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+    -addext basicConstraints=critical,CA:FALSE (README: Security)";
 
 /// Adds context to I/O results: `fs::read(p).ctx(|| format!("reading {p:?}"))`.
 pub trait IoContext<T> {

@@ -7,7 +7,7 @@
 //! Recency survives restarts through file mtimes, refreshed when a blob is read.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -406,40 +406,10 @@ impl Cas for DiskStore {
         if digest.is_empty_blob() {
             return Ok(futures::stream::empty().boxed());
         }
-        let mut file = self.open_blob(digest)?;
+        let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
-        let digest = *digest;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-                let _ = tx.blocking_send(Err(Error::io(format!("seeking in blob {digest}"), e)));
-                return;
-            }
-            let mut pos = offset;
-            while pos < end {
-                let want = ((end - pos) as usize).min(CHUNK);
-                // read_to_end fills spare capacity: no zeroing of each chunk first.
-                let mut buf = Vec::with_capacity(want);
-                match (&mut file).take(want as u64).read_to_end(&mut buf) {
-                    Ok(n) if n == want => {}
-                    Ok(_) => {
-                        let _ = tx.blocking_send(Err(Error::Internal(format!(
-                            "blob {digest} is shorter than its digest says"
-                        ))));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::io(format!("reading blob {digest}"), e)));
-                        return;
-                    }
-                }
-                pos += want as u64;
-                if tx.blocking_send(Ok(buf.into())).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+        // A few chunks read ahead; a reader that stops reading holds no thread.
+        Ok(super::read_ahead::stream(file, *digest, offset, end))
     }
 
     async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {

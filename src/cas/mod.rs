@@ -30,6 +30,7 @@ pub mod execution;
 pub mod grpc;
 pub mod memory;
 pub mod pipe;
+mod read_ahead;
 
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};

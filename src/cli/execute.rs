@@ -8,7 +8,7 @@ use clap::Args;
 
 use casfs::cas::execution::{execute as remote_execute, stage_name};
 use casfs::cas::{Cas, GrpcStore};
-use casfs::digest::Digest;
+use casfs::digest::{Digest, Hasher};
 use casfs::error::{Error, IoContext, Result};
 use casfs::proto::reapi;
 
@@ -54,11 +54,11 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
     if args.json {
         print!("{}", casfs::render::action_result_json(&result));
     } else {
-        let out = output(&store, &result.stdout_raw, &result.stdout_digest).await?;
-        std::io::stdout().write_all(&out).ctx(|| "writing stdout".into())?;
+        let mut out = tokio::io::stdout();
+        copy_output(&store, &result.stdout_raw, &result.stdout_digest, &mut out, "stdout").await?;
     }
-    let err = output(&store, &result.stderr_raw, &result.stderr_digest).await?;
-    std::io::stderr().write_all(&err).ctx(|| "writing stderr".into())?;
+    let mut err = tokio::io::stderr();
+    copy_output(&store, &result.stderr_raw, &result.stderr_digest, &mut err, "stderr").await?;
     if let Some(dir) = &args.download {
         download(&store, &result, dir).await?;
     }
@@ -81,14 +81,37 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
     Ok(Ok(()))
 }
 
-async fn output(store: &GrpcStore, raw: &[u8], digest: &Option<reapi::Digest>) -> Result<Vec<u8>> {
+/// Writes a command's stdout or stderr to `to` as it arrives (inline bytes, or the blob
+/// read with ByteStream in chunks, never held whole), hashing it on the way: bytes that do
+/// not match their digest are an error after they were written.
+async fn copy_output(
+    store: &GrpcStore,
+    raw: &[u8],
+    digest: &Option<reapi::Digest>,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    name: &str,
+) -> Result<()> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
     if !raw.is_empty() {
-        return Ok(raw.to_vec());
+        to.write_all(raw).await.ctx(|| format!("writing {name}"))?;
+        return to.flush().await.ctx(|| format!("writing {name}"));
     }
-    match digest {
-        Some(d) => Ok(store.read(&Digest::try_from(d)?).await?.to_vec()),
-        None => Ok(Vec::new()),
+    let Some(d) = digest else { return Ok(()) };
+    let d = Digest::try_from(d)?;
+    let mut stream = store.read_stream(&d, 0, 0).await?;
+    let mut hasher = Hasher::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk);
+        to.write_all(&chunk).await.ctx(|| format!("writing {name}"))?;
     }
+    to.flush().await.ctx(|| format!("writing {name}"))?;
+    let actual = hasher.finish();
+    if actual != d {
+        return Err(Error::DigestMismatch { expected: d, actual });
+    }
+    Ok(())
 }
 
 /// Writes the outputs of `r` under `dir`: files with their executable bit, directories from

@@ -12,7 +12,7 @@ use casfs::error::Error;
 use casfs::exec::Executor;
 use casfs::metrics::Metrics;
 use casfs::server::scheduler::{Scheduler, SchedulerConfig};
-use casfs::server::{Backend, Bound, Listen};
+use casfs::server::{AcWrites, Backend, Bound, Listen};
 
 use super::run::ExecArgs;
 use super::{default_storage, parse_duration, parse_size, CmdResult, Usage};
@@ -66,6 +66,15 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9102).
     #[arg(long, env = "CASFS_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Abort an upload (DEADLINE_EXCEEDED, its temporary file removed) once its client has
+    /// sent less than 64 KiB in this long.
+    #[arg(long, env = "CASFS_UPLOAD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    upload_idle_timeout: Duration,
+    /// Who may write the action cache with UpdateActionResult: `all` clients (Bazel's
+    /// --remote_upload_local_results) or `none` (only this server's executor records
+    /// results; clients get PERMISSION_DENIED).
+    #[arg(long, env = "CASFS_AC_WRITES", default_value = "all", value_parser = parse_ac_writes)]
+    ac_writes: AcWrites,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -110,6 +119,11 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         None => store.clone(),
     };
     let mut backend = Backend::new(cas.clone(), store.clone());
+    if args.upload_idle_timeout.is_zero() {
+        return Ok(Err(Usage("--upload-idle-timeout must be more than 0".into())));
+    }
+    backend.upload_idle_timeout = args.upload_idle_timeout;
+    backend.ac_writes = args.ac_writes;
     if let Some(p) = &args.auth_token_file {
         let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
         if token.trim().is_empty() {
@@ -145,6 +159,10 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     bound.serve_with(backend, tls, stop.wait()).await?;
     tracing::info!("server stopped");
     Ok(Ok(()))
+}
+
+fn parse_ac_writes(s: &str) -> Result<AcWrites, String> {
+    s.parse().map_err(|_| format!("{s:?}: expected all or none"))
 }
 
 /// SIGINT and SIGTERM handlers, installed when created: a signal that arrives before

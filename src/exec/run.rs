@@ -52,6 +52,11 @@ pub async fn load_action(cas: &SharedCas, digest: Digest) -> Result<reapi::Actio
 }
 
 async fn message<M: Message + Default>(cas: &SharedCas, d: Digest) -> Result<M> {
+    // Read whole: bound what a client can make the executor hold (an Action or Command is
+    // far smaller; argv past the kernel's limit could not run anyway).
+    if d.size() > MAX_MESSAGE_BYTES {
+        return Err(Error::InvalidArgument(format!("{d} is too large for an Action or Command message")));
+    }
     let bytes = match cas.read(&d).await {
         Err(Error::MissingBlob(m)) => return Err(Error::MissingInputs(vec![m])),
         other => other?,
@@ -67,6 +72,9 @@ pub struct Executor {
     metrics: Arc<Metrics>,
     lock: std::sync::Mutex<Option<std::fs::File>>,
 }
+
+/// Largest Action or Command the executor reads.
+const MAX_MESSAGE_BYTES: u64 = 16 << 20;
 
 fn now() -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(SystemTime::now()))

@@ -2,12 +2,37 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
+
 use super::{status, Backend};
 use crate::cas::{referenced_blobs, verified_action_result};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::Result;
 use crate::proto::reapi::action_cache_server::ActionCache;
 use crate::proto::reapi::{self, ActionResult};
+
+/// Who may write the action cache through UpdateActionResult.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AcWrites {
+    /// Any client (Bazel's `--remote_upload_local_results`, Pants' remote cache writes).
+    #[default]
+    All,
+    /// No client: only the server's own executor records results, so every cached result
+    /// was produced here (a client cannot plant a forged result for an action that others
+    /// will take from the cache). Advertised as `update_enabled: false`.
+    None,
+}
+
+impl std::str::FromStr for AcWrites {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(AcWrites::All),
+            "none" => Ok(AcWrites::None),
+            _ => Err(Error::InvalidArgument(format!("{s:?} is not all or none"))),
+        }
+    }
+}
 
 pub(super) struct AcService {
     backend: Backend,
@@ -44,6 +69,14 @@ impl ActionCache for AcService {
         &self,
         req: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        if self.backend.ac_writes == AcWrites::None {
+            return Err(Status::permission_denied(
+                "this server takes action results only from its own executor (casfs serve --ac-writes none): \
+                 run the action with Execute, or stop uploading local results (Bazel: \
+                 --remote_upload_local_results=false); the operator can allow client writes with \
+                 --ac-writes all",
+            ));
+        }
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
         let result = req.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;

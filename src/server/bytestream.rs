@@ -1,13 +1,14 @@
 //! The ByteStream service: streamed blob reads and verified, resumable-free uploads.
 
 use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{parse_read, parse_write, Resource};
-use super::{status, Backend, READ_CHUNK};
+use super::{status, Backend, READ_CHUNK, UPLOAD_PROGRESS_BYTES};
 use crate::error::Error;
 use crate::proto::bytestream::byte_stream_server::ByteStream;
 use crate::proto::bytestream::{
@@ -34,6 +35,35 @@ fn uncompressed(r: Resource) -> Result<Resource, Status> {
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+
+/// The messages of one upload, with its idle clock: only the time spent waiting for the
+/// client counts (not the time the store takes to write what came), and it restarts each
+/// time the client has delivered [`UPLOAD_PROGRESS_BYTES`].
+struct Upload {
+    stream: Streaming<WriteRequest>,
+    idle: Duration,
+    waited: Duration,
+}
+
+impl Upload {
+    /// The next message; DEADLINE_EXCEEDED once the client has been idle for too long.
+    async fn next(&mut self, what: &str) -> Result<Option<WriteRequest>, Error> {
+        let left = self.idle.saturating_sub(self.waited);
+        let started = Instant::now();
+        let got = tokio::time::timeout(left, self.stream.message()).await;
+        self.waited += started.elapsed();
+        match got {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(Error::Unavailable(format!("{what} broke off: {}", e.message()))),
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "{what}: the client sent less than {} KiB in {:?}; upload aborted (the server's \
+                 --upload-idle-timeout)",
+                UPLOAD_PROGRESS_BYTES >> 10,
+                self.idle
+            ))),
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
@@ -75,34 +105,42 @@ impl ByteStream for ByteStreamService {
     }
 
     async fn write(&self, req: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
-        let mut incoming = req.into_inner();
-        let first =
-            incoming.message().await?.ok_or_else(|| Status::invalid_argument("upload stream carried no message"))?;
+        let mut incoming =
+            Upload { stream: req.into_inner(), idle: self.backend.upload_idle_timeout, waited: Duration::ZERO };
+        let first = match incoming.next("upload").await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(Status::invalid_argument("upload stream carried no message")),
+            Err(e) => return Err(status(e)),
+        };
         let r = uncompressed(parse_write(&first.resource_name).map_err(status)?)?;
         let digest = r.digest;
-        let size = digest.size() as i64;
+        let size = digest.size();
         if first.write_offset != 0 {
             return Err(Status::invalid_argument("resumed uploads are not supported: write_offset must start at 0"));
         }
         if self.backend.cas.find_missing(&[digest]).await.map_err(status)?.is_empty() {
             // Already stored: answer at once, as the spec allows.
-            return Ok(Response::new(WriteResponse { committed_size: size }));
+            return Ok(Response::new(WriteResponse { committed_size: size as i64 }));
         }
         let name = first.resource_name.clone();
+        let what = format!("upload of {digest}");
         let chunks = async_stream::stream! {
-            let mut offset = 0i64;
+            // Sizes are u64 here: `offset <= size < 2^63` and one message is at most a few
+            // MiB, so `offset + len` cannot overflow.
+            let mut offset = 0u64;
+            let mut progress = 0u64;
             let mut msg = Some(first);
             loop {
                 let m = match msg.take() {
                     Some(m) => m,
-                    None => match incoming.message().await {
+                    None => match incoming.next(&what).await {
                         Ok(Some(m)) => m,
                         Ok(None) => {
-                            yield Err(Error::InvalidArgument(format!("upload of {digest} ended without finish_write")));
+                            yield Err(Error::InvalidArgument(format!("{what} ended without finish_write")));
                             return;
                         }
                         Err(e) => {
-                            yield Err(Error::Unavailable(format!("upload of {digest} broke off: {}", e.message())));
+                            yield Err(e);
                             return;
                         }
                     },
@@ -111,14 +149,20 @@ impl ByteStream for ByteStreamService {
                     yield Err(Error::InvalidArgument("resource_name changed within one upload".into()));
                     return;
                 }
-                if m.write_offset != offset {
+                if m.write_offset != offset as i64 {
                     yield Err(Error::InvalidArgument(format!("write_offset {} where {offset} was expected", m.write_offset)));
                     return;
                 }
-                offset += m.data.len() as i64;
+                let len = m.data.len() as u64;
+                offset += len;
                 if offset > size {
                     yield Err(Error::InvalidArgument(format!("more than {size} bytes sent for {digest}")));
                     return;
+                }
+                progress += len;
+                if progress >= UPLOAD_PROGRESS_BYTES {
+                    progress = 0;
+                    incoming.waited = Duration::ZERO;
                 }
                 let finish = m.finish_write;
                 yield Ok::<Bytes, Error>(m.data);
@@ -128,7 +172,7 @@ impl ByteStream for ByteStreamService {
             }
         };
         match self.backend.cas.write_stream(&digest, chunks.boxed()).await {
-            Ok(()) => Ok(Response::new(WriteResponse { committed_size: size })),
+            Ok(()) => Ok(Response::new(WriteResponse { committed_size: size as i64 })),
             Err(e) => {
                 tracing::info!(digest = %digest, error = %e, "upload refused");
                 Err(status(e))

@@ -10,19 +10,23 @@ use crate::proto::semver::SemVer;
 
 pub(super) struct CapabilitiesService {
     pub(super) exec_enabled: bool,
+    pub(super) ac_update_enabled: bool,
 }
 
 fn version(major: i32, minor: i32) -> Option<SemVer> {
     Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
 }
 
-/// The capabilities the embedded server advertises (`exec_enabled` when it executes actions).
-pub fn server_capabilities(exec_enabled: bool) -> reapi::ServerCapabilities {
+/// The capabilities the embedded server advertises (`exec_enabled` when it executes actions,
+/// `ac_update_enabled` when clients may write the action cache).
+pub fn server_capabilities(exec_enabled: bool, ac_update_enabled: bool) -> reapi::ServerCapabilities {
     let functions: Vec<i32> = DigestFunction::ALL.iter().map(|f| f.proto_value()).collect();
     reapi::ServerCapabilities {
         cache_capabilities: Some(reapi::CacheCapabilities {
             digest_functions: functions.clone(),
-            action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities { update_enabled: true }),
+            action_cache_update_capabilities: Some(reapi::ActionCacheUpdateCapabilities {
+                update_enabled: ac_update_enabled,
+            }),
             cache_priority_capabilities: None,
             max_batch_total_size_bytes: MAX_BATCH_BYTES as i64,
             symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
@@ -53,6 +57,6 @@ impl Capabilities for CapabilitiesService {
         &self,
         _req: Request<reapi::GetCapabilitiesRequest>,
     ) -> Result<Response<reapi::ServerCapabilities>, Status> {
-        Ok(Response::new(server_capabilities(self.exec_enabled)))
+        Ok(Response::new(server_capabilities(self.exec_enabled, self.ac_update_enabled)))
     }
 }

@@ -1,22 +1,17 @@
 //! The ContentAddressableStorage service: FindMissingBlobs, batch reads and writes, GetTree.
 
 use std::collections::HashSet;
-use std::pin::Pin;
 
 use bytes::Bytes;
-use futures::Stream;
-use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::get_tree::{self, TreeStream};
 use super::{status, Backend, MAX_BATCH_BYTES};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{rpc_ok, Error};
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use crate::proto::reapi::{self, batch_read_blobs_response, batch_update_blobs_response};
 use crate::proto::rpc;
-
-/// Directories per GetTree page when the client does not say.
-const DEFAULT_TREE_PAGE: usize = 1000;
 
 pub(super) struct CasService {
     backend: Backend,
@@ -45,7 +40,29 @@ fn digests(list: &[reapi::Digest]) -> Result<Vec<Digest>, Status> {
     list.iter().map(|d| Digest::try_from(d).map_err(|e| status(e.into()))).collect()
 }
 
-type TreeStream = Pin<Box<dyn Stream<Item = Result<reapi::GetTreeResponse, Status>> + Send>>;
+/// The distinct digests of `list`, first occurrence first.
+fn distinct(list: Vec<Digest>) -> Vec<Digest> {
+    let mut seen = HashSet::with_capacity(list.len());
+    list.into_iter().filter(|d| seen.insert(*d)).collect()
+}
+
+/// The sum of `sizes`, or `None` past 2^64 - 1 (sizes come from the client: any i64 >= 0).
+fn checked_total(sizes: impl IntoIterator<Item = u64>) -> Option<u64> {
+    sizes.into_iter().try_fold(0u64, |acc, s| acc.checked_add(s))
+}
+
+/// Refuses a batch whose blobs add up past the advertised limit (or past 2^64).
+fn check_batch_total(what: &str, total: Option<u64>) -> Result<(), Status> {
+    match total {
+        Some(t) if t <= MAX_BATCH_BYTES => Ok(()),
+        Some(t) => Err(Status::invalid_argument(format!(
+            "batch {what} {t} bytes, over the advertised limit of {MAX_BATCH_BYTES}; use ByteStream"
+        ))),
+        None => Err(Status::invalid_argument(format!(
+            "batch {what} more than 2^64 bytes in all, over the advertised limit of {MAX_BATCH_BYTES}"
+        ))),
+    }
+}
 
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
@@ -68,12 +85,11 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
         let req = req.into_inner();
         check_function(req.digest_function)?;
-        let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
-        if total > MAX_BATCH_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "batch carries {total} bytes, over the advertised limit of {MAX_BATCH_BYTES}; use ByteStream"
-            )));
-        }
+        // What is summed is the bytes carried (bounded by the message size), not the digests'
+        // claimed sizes; each entry is still checked against its digest when written. Entries
+        // naming the same digest are each answered (their data may differ, one right, one
+        // wrong); the second write of a blob is a lookup.
+        check_batch_total("carries", checked_total(req.requests.iter().map(|r| r.data.len() as u64)))?;
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in req.requests {
             let digest = match r.digest.as_ref().map(Digest::try_from) {
@@ -115,13 +131,13 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
         let req = req.into_inner();
         check_function(req.digest_function)?;
-        let wanted = digests(&req.digests)?;
-        let total: u64 = wanted.iter().map(|d| d.size()).sum();
-        if total > MAX_BATCH_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "batch asks for {total} bytes, over the advertised limit of {MAX_BATCH_BYTES}; use ByteStream"
-            )));
-        }
+        // Duplicates are read and answered once: every response names its digest and the bytes
+        // under one digest are the same whoever asks, so a client finds each blob it asked for
+        // (the spec counts this call as one Read per blob; a blob asked twice is one blob).
+        // The limit is checked on the distinct blobs' claimed sizes, with checked arithmetic,
+        // before anything is read.
+        let wanted = distinct(digests(&req.digests)?);
+        check_batch_total("asks for", checked_total(wanted.iter().map(|d| d.size())))?;
         let got = self.backend.cas.read_many(&wanted).await.map_err(status)?;
         let responses = got
             .into_iter()
@@ -153,49 +169,16 @@ impl ContentAddressableStorage for CasService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("root_digest is required"))
             .and_then(|d| Digest::try_from(d).map_err(|e| status(e.into())))?;
-        let page = if req.page_size > 0 { req.page_size as usize } else { DEFAULT_TREE_PAGE };
-        let start: usize = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| Status::invalid_argument("bad page_token"))?
-        };
-        // Breadth-first from the root; absent or undecodable subtrees are left out (as the
-        // spec allows), but an absent root is NOT_FOUND.
-        let cas = &self.backend.cas;
-        let root_bytes = cas.read(&root).await.map_err(status)?;
-        let mut order: Vec<reapi::Directory> = Vec::new();
-        let mut seen = HashSet::from([root]);
-        let mut level = vec![(root, root_bytes)];
-        let end = start + page;
-        while !level.is_empty() && order.len() < end {
-            let mut next = Vec::new();
-            for (d, bytes) in level {
-                let Ok(msg) = reapi::Directory::decode(bytes.as_ref()) else {
-                    tracing::info!(digest = %d, "GetTree: skipping an undecodable Directory");
-                    continue;
-                };
-                for c in &msg.directories {
-                    if let Some(Ok(cd)) = c.digest.as_ref().map(Digest::try_from) {
-                        if seen.insert(cd) {
-                            next.push(cd);
-                        }
-                    }
-                }
-                order.push(msg);
-            }
-            level = cas
-                .read_many(&next)
-                .await
-                .map_err(status)?
-                .into_iter()
-                .filter_map(|(d, r)| r.ok().map(|b| (d, b)))
-                .collect();
+        let paging = get_tree::Paging::new(req.page_size, &req.page_token)?;
+        if root.size() > get_tree::MAX_DIRECTORY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "root {root} is larger than any Directory this server returns ({} bytes)",
+                get_tree::MAX_DIRECTORY_BYTES
+            )));
         }
-        let more = order.len() > end || !level.is_empty();
-        let directories: Vec<reapi::Directory> = order.into_iter().skip(start).take(page).collect();
-        let next_page_token = if more { (start + page).to_string() } else { String::new() };
-        let resp = reapi::GetTreeResponse { directories, next_page_token };
-        Ok(Response::new(Box::pin(futures::stream::once(async move { Ok(resp) }))))
+        // An absent root is NOT_FOUND; absent subtrees are left out of the stream.
+        let root_bytes = self.backend.cas.read(&root).await.map_err(status)?;
+        Ok(Response::new(get_tree::stream(self.backend.cas.clone(), root, root_bytes, paging)))
     }
 
     async fn split_blob(

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::service::interceptor::InterceptedService;
@@ -19,11 +20,13 @@ use crate::proto::reapi::content_addressable_storage_server::ContentAddressableS
 use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
+pub use ac::AcWrites;
 pub mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
 pub mod execution;
+mod get_tree;
 pub mod resource;
 pub mod scheduler;
 
@@ -34,6 +37,12 @@ pub const MAX_BATCH_BYTES: u64 = (4 << 20) - (64 << 10);
 const MAX_MESSAGE: usize = 8 << 20;
 /// Bytes per ByteStream Read response.
 pub const READ_CHUNK: usize = 1 << 20;
+/// How long an upload may go without delivering [`UPLOAD_PROGRESS_BYTES`] before it is
+/// aborted, unless the server is told otherwise.
+pub const DEFAULT_UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes an upload must deliver within each idle timeout (or finish) to stay open: a client
+/// that trickles a byte now and then is as idle as one that sends nothing.
+pub const UPLOAD_PROGRESS_BYTES: u64 = 64 << 10;
 
 /// The stores a server exposes.
 #[derive(Clone)]
@@ -46,12 +55,24 @@ pub struct Backend {
     pub execution: Option<Arc<scheduler::Scheduler>>,
     /// When set, every call must present `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
+    /// An upload that delivers less than [`UPLOAD_PROGRESS_BYTES`] in this long is aborted
+    /// (DEADLINE_EXCEEDED) and its temporary file removed.
+    pub upload_idle_timeout: Duration,
+    /// Whether clients may write the action cache (the executor always may).
+    pub ac_writes: AcWrites,
 }
 
 impl Backend {
-    /// A storage-only backend (no Execution service).
+    /// A storage-only backend (no Execution service) with the default limits.
     pub fn new(cas: SharedCas, ac: SharedActionCache) -> Self {
-        Backend { cas, ac, execution: None, auth_token: None }
+        Backend {
+            cas,
+            ac,
+            execution: None,
+            auth_token: None,
+            upload_idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT,
+            ac_writes: AcWrites::All,
+        }
     }
 }
 
@@ -96,7 +117,10 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let ac = ActionCacheServer::new(ac::AcService::new(backend.clone())).max_decoding_message_size(MAX_MESSAGE);
-    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService { exec_enabled: backend.execution.is_some() });
+    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService {
+        exec_enabled: backend.execution.is_some(),
+        ac_update_enabled: backend.ac_writes == AcWrites::All,
+    });
     let exec = backend.execution.clone().map(|s| ExecutionServer::new(execution::ExecutionService::new(s)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {

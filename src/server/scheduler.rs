@@ -14,6 +14,14 @@ use crate::metrics::Metrics;
 use crate::proto::reapi::{self, execution_stage::Value as Stage};
 use crate::proto::rpc;
 
+/// Largest Action message Execute reads: an Action is a few hundred bytes (two digests, a
+/// timeout, a salt, platform properties); a bigger "action" is a client making the server
+/// read a large blob into memory.
+pub const MAX_ACTION_BYTES: u64 = 1 << 20;
+/// Finished operations kept for WaitExecution at most; past it the oldest go before their
+/// retention period ends (each costs memory, and a client can finish one per request).
+const MAX_RETAINED: usize = 100_000;
+
 /// Scheduler settings.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -124,6 +132,13 @@ impl Scheduler {
     /// Starts (or joins) the execution of `req`. Identical cacheable actions in flight share
     /// one operation; `do_not_cache` ones never do (rule 12).
     pub async fn submit(self: &Arc<Self>, req: Request) -> Result<Arc<Operation>> {
+        if req.action.size() > MAX_ACTION_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "action {} is {} bytes; an Action message is at most {MAX_ACTION_BYTES} bytes here",
+                req.action,
+                req.action.size()
+            )));
+        }
         // The Action is read first, once: do_not_cache decides whether it may join another
         // run. A missing or undecodable Action is reported in the operation's response, not
         // as an RPC error.
@@ -253,13 +268,22 @@ impl Scheduler {
         response(None, false, st)
     }
 
-    /// Drops finished operations older than the retention period.
+    /// Drops finished operations older than the retention period, and the oldest finished
+    /// ones beyond [`MAX_RETAINED`] (down to 90% of it, so the sort is rare).
     fn reap(&self, t: &mut Table) {
         let keep = self.cfg.retention;
-        t.ops.retain(|_, op| match *op.finished.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(at) => at.elapsed() < keep,
-            None => true,
-        });
+        let finished_at = |op: &Operation| *op.finished.lock().unwrap_or_else(|e| e.into_inner());
+        t.ops.retain(|_, op| finished_at(op).is_none_or(|at| at.elapsed() < keep));
+        if t.ops.len() <= MAX_RETAINED {
+            return;
+        }
+        let mut done: Vec<(Instant, String)> =
+            t.ops.iter().filter_map(|(name, op)| finished_at(op).map(|at| (at, name.clone()))).collect();
+        done.sort();
+        let excess = t.ops.len() - MAX_RETAINED * 9 / 10;
+        for (_, name) in done.into_iter().take(excess) {
+            t.ops.remove(&name);
+        }
     }
 }
 

@@ -10,6 +10,8 @@ mod exec_limits;
 mod execution;
 mod fs_core;
 mod golden;
+mod hostile_clients;
+mod hostile_exec;
 mod mount;
 mod mount_life;
 mod mount_modes;
