@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use clap::Args;
 
+use casfs::exec::sandbox::{default_memory_limit, SandboxKind};
 use casfs::exec::{ExecConfig, Executor, Limits, Materialize, SandboxConfig};
 use casfs::fs::FetchConfig;
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
+use super::{digest_arg, parse_duration, parse_size, CmdResult, RemoteArgs};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -51,9 +52,41 @@ pub struct ExecArgs {
     /// How the input root is provided: auto, lazy (FUSE + overlayfs), eager (hard links).
     #[arg(long, env = "CASFS_MATERIALIZE", value_enum, default_value = "auto")]
     pub materialize: Materialize,
-    /// Run commands as this uid:gid instead of the executor's own.
+    /// Run commands as this host uid:gid [default: nobody, 65534:65534]. They own the input
+    /// root's folders; the command is this user inside a user namespace of its own.
     #[arg(long, env = "CASFS_RUN_AS", value_parser = parse_ids)]
     pub run_as: Option<(u32, u32)>,
+    /// Let actions whose platform has `run-as-root=true` run as uid 0 of their user
+    /// namespace (still the unprivileged host user, without capabilities).
+    #[arg(long, env = "CASFS_ALLOW_ROOT_ACTIONS")]
+    pub allow_root_actions: bool,
+    /// Memory of one action, its processes, page cache and /tmp together (e.g. 4G; 0 = no
+    /// limit) [default: half of RAM]. A process over it is killed by the kernel and the
+    /// action fails (exit 137, a note on its stderr). All actions of one executor together
+    /// stay below three quarters of RAM (or this limit, if higher).
+    #[arg(long, env = "CASFS_MEMORY_LIMIT", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Size of an action's /tmp and /dev/shm [default: half the memory limit].
+    #[arg(long, env = "CASFS_TMP_SIZE", value_parser = parse_size)]
+    pub tmp_size: Option<u64>,
+    /// Which sandbox runs commands: builtin (casfs's own namespaces) or bwrap (bubblewrap,
+    /// Debian package bubblewrap).
+    #[arg(long, env = "CASFS_SANDBOX", value_enum, default_value = "builtin")]
+    pub sandbox: SandboxChoice,
+    /// Run each command through this site runner instead: its words (split on whitespace),
+    /// then the command's argv; the root, ids and limits in CASFS_SANDBOX_* variables (see
+    /// the README). It runs as root in the action's cgroup and must confine the command.
+    #[arg(long, env = "CASFS_SANDBOX_WRAPPER", conflicts_with = "sandbox")]
+    pub sandbox_wrapper: Option<String>,
+}
+
+/// The sandboxes `--sandbox` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxChoice {
+    /// casfs's own namespaces.
+    Builtin,
+    /// bubblewrap.
+    Bwrap,
 }
 
 impl ExecArgs {
@@ -66,11 +99,19 @@ impl ExecArgs {
             limits: Limits {
                 default_timeout: self.default_timeout.min(self.max_timeout),
                 max_timeout: self.max_timeout,
+                allow_root_actions: self.allow_root_actions,
             },
             sandbox: SandboxConfig {
                 host_dirs: self.host_dirs.clone(),
                 pids_limit: self.pids_limit,
                 run_as: self.run_as,
+                memory_limit: self.memory_limit.unwrap_or_else(default_memory_limit),
+                tmp_size: self.tmp_size.unwrap_or(0),
+                kind: match (&self.sandbox_wrapper, self.sandbox) {
+                    (Some(w), _) => SandboxKind::Wrapper(w.split_whitespace().map(String::from).collect()),
+                    (None, SandboxChoice::Builtin) => SandboxKind::Builtin,
+                    (None, SandboxChoice::Bwrap) => SandboxKind::Bwrap,
+                },
             },
             worker_name,
             fetch: FetchConfig::default(),

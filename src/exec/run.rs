@@ -315,9 +315,12 @@ impl Executor {
             stdout: &stdout,
             stderr: &stderr,
             network: spec.network,
+            run_as_root: spec.run_as_root,
             timeout: spec.timeout,
         };
-        let exit = sandbox::run(&self.cfg.sandbox, job).await?;
+        let done = sandbox::run(&self.cfg.sandbox, job).await?;
+        meta.auxiliary_metadata.push(done.to_any());
+        let exit = done.exit;
         meta.execution_completed_timestamp = now();
 
         // A fetch that failed under the command is the infrastructure's fault, not the
@@ -407,19 +410,19 @@ impl Executor {
         if self.cfg.materialize.resolve() == Materialize::Eager {
             let m = super::materialize::materialize(&self.cas, &self.cache, spec.input_root, &dir.join("root")).await?;
             ws.eager = Some(Arc::new(m));
-            if let Some(ids) = self.cfg.sandbox.run_as {
-                give_dirs(&dir.join("root"), ids)?;
-            }
-            create_output_parents(&dir.join("root"), spec, self.cfg.sandbox.run_as)?;
+            give_dirs(&dir.join("root"), self.cfg.sandbox.ids())?;
+            create_output_parents(&dir.join("root"), spec, Some(self.cfg.sandbox.ids()))?;
             return Ok(ws);
         }
         let mut cfg = MountConfig::new(dir.join("lower"));
         cfg.fetch = self.cfg.fetch.clone();
         cfg.fetch.batch_siblings = true;
-        let run_as = self.cfg.sandbox.run_as;
+        let run_as = Some(self.cfg.sandbox.ids());
         if let Some((uid, gid)) = run_as {
-            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
+            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker
+            // (the root folder of the overlay is its upper layer's).
             (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
+            std::os::unix::fs::lchown(dir.join("upper"), Some(uid), Some(gid)).ctx(|| "chown upper".into())?;
         }
         let remotes = Remotes::single(self.cas.clone(), None);
         let cache = self.cache.clone();
@@ -548,17 +551,23 @@ fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u3
         )));
     }
     for o in &spec.outputs {
-        if let Some(parent) = Path::new(&o.path).parent() {
-            std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
-            if let Some((uid, gid)) = run_as {
-                let mut p = wd.clone();
-                for c in parent.components() {
-                    p.push(c);
-                    use std::os::unix::fs::MetadataExt;
-                    if std::fs::symlink_metadata(&p).map(|m| m.uid() != uid).unwrap_or(false) {
-                        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).ctx(|| format!("chown {}", p.display()))?;
-                    }
+        let Some(parent) = Path::new(&o.path).parent() else { continue };
+        // Folder by folder, never through a symlink of the (hostile) input root: one
+        // pointing at a host path would have us create host folders as root.
+        let mut p = root.to_path_buf();
+        for c in Path::new(&spec.working_directory).join(parent).components() {
+            p.push(c);
+            use std::os::unix::fs::MetadataExt;
+            let uid = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => m.uid(),
+                Ok(_) => break,
+                Err(_) => {
+                    std::fs::create_dir(&p).ctx(|| format!("creating the parent of output {}", o.path))?;
+                    0
                 }
+            };
+            if let Some((u, g)) = run_as.filter(|(u, _)| *u != uid) {
+                std::os::unix::fs::lchown(&p, Some(u), Some(g)).ctx(|| format!("chown {}", p.display()))?;
             }
         }
     }

@@ -12,4 +12,5 @@ mod mount;
 mod mount_modes;
 mod remote;
 mod roundtrip;
+mod sandbox;
 mod worker;
