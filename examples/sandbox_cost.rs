@@ -1,6 +1,7 @@
-//! What confining one action costs: start to exit of `/bin/true`, median of N runs each, for
-//! a plain fork/exec, bubblewrap run directly with the same view, and casfs's sandboxes
-//! (built-in and `--sandbox=bwrap`, each with its cgroup made and removed per action).
+//! What confining one action costs: start to exit of `/bin/true`, median of N runs each
+//! (taken in turns), for a plain fork/exec, bubblewrap run directly with the same view, and
+//! casfs's sandboxes (built-in and `--sandbox=bwrap`, each with its root prepared and its
+//! cgroup made, read and removed per action).
 //! Run as root: `cargo run --release --example sandbox_cost -- 200` (scripts/bench-exec).
 
 use std::os::unix::process::CommandExt;
@@ -12,17 +13,6 @@ use casfs::exec::sandbox::{run, Exit, Job, SandboxConfig, SandboxKind};
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn time_it(n: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<Duration, String> {
-    f()?; // warm-up
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        f()?;
-        v.push(t.elapsed());
-    }
-    Ok(median(v))
 }
 
 fn status(mut c: Command) -> Result<(), String> {
@@ -47,9 +37,7 @@ async fn main() -> Result<(), String> {
         std::os::unix::fs::chown(r, Some(65534), Some(65534)).map_err(|e| e.to_string())?;
     }
     let (out, err) = (tmp.path().join("out"), tmp.path().join("err"));
-    let argv: Vec<String> = std::env::var("SANDBOX_COST_ARGV")
-        .map(|a| a.split(' ').map(String::from).collect())
-        .unwrap_or_else(|_| vec!["/bin/true".to_string()]);
+    let argv = vec!["/bin/true".to_string()];
     let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
     let dirs = SandboxConfig::default().host_dirs;
     // Host symlinks (`/bin -> usr/bin` on merged-usr systems) exist in the root as casfs
@@ -60,8 +48,7 @@ async fn main() -> Result<(), String> {
         std::os::unix::fs::symlink(target, link).map_err(|e| e.to_string())?;
     }
 
-    let plain = time_it(n, || status(Command::new("/bin/true")))?;
-    let bwrap = time_it(n, || {
+    let direct_bwrap = || {
         let mut c = Command::new("bwrap");
         c.args(["--unshare-all", "--unshare-user", "--disable-userns", "--new-session", "--bind"]);
         c.arg(&bwrap_root).arg("/");
@@ -71,41 +58,56 @@ async fn main() -> Result<(), String> {
         c.args(["--proc", "/proc", "--dev", "/dev", "--size", "1073741824", "--tmpfs", "/tmp", "/bin/true"]);
         c.uid(65534).gid(65534);
         status(c)
-    })?;
-    let mut rows = vec![("fork/exec of /bin/true", plain), ("bwrap ... /bin/true (as nobody)", bwrap)];
-    for (label, kind) in
-        [("casfs builtin sandbox", SandboxKind::Builtin), ("casfs --sandbox=bwrap", SandboxKind::Bwrap)]
-    {
-        let cfg = SandboxConfig { kind, memory_limit: 1 << 30, ..SandboxConfig::default() };
-        let mut v = Vec::with_capacity(n);
-        for i in 0..=n {
+    };
+    let ours = |kind: SandboxKind, i: usize| {
+        let (argv, env, out, err, root) = (&argv, &env, &out, &err, &root);
+        async move {
             // A fresh root each time, as every action has.
-            let root = root.join(format!("{label}-{i}").replace(' ', "-"));
+            let root = root.join(format!("{kind:?}-{i}"));
             std::fs::create_dir(&root).map_err(|e| e.to_string())?;
             std::os::unix::fs::chown(&root, Some(65534), Some(65534)).map_err(|e| e.to_string())?;
+            let cfg = SandboxConfig { kind, memory_limit: 1 << 30, ..SandboxConfig::default() };
             let job = Job {
                 root: &root,
                 cwd: "/".into(),
-                argv: &argv,
-                env: &env,
-                stdout: &out,
-                stderr: &err,
+                argv,
+                env,
+                stdout: out,
+                stderr: err,
                 network: false,
                 run_as_root: false,
                 timeout: Duration::from_secs(30),
             };
             let t = Instant::now();
             let done = run(&cfg, job).await.map_err(|e| e.to_string())?;
+            let took = t.elapsed();
             if done.exit != Exit::Code(0) {
-                let why = std::fs::read_to_string(&err).unwrap_or_default();
-                return Err(format!("{label}: {:?}: {why}", done.exit));
+                let why = std::fs::read_to_string(err).unwrap_or_default();
+                return Err(format!("{:?}: {why}", done.exit));
             }
-            if i > 0 {
-                v.push(t.elapsed());
+            Ok::<Duration, String>(took)
+        }
+    };
+    // Round robin, so that the load of a shared machine weighs on every row alike.
+    let mut t: [Vec<Duration>; 4] = Default::default();
+    for i in 0..=n {
+        let s = Instant::now();
+        status(Command::new("/bin/true"))?;
+        let plain = s.elapsed();
+        let s = Instant::now();
+        direct_bwrap()?;
+        let bwrap = s.elapsed();
+        let builtin = ours(SandboxKind::Builtin, i).await?;
+        let casfs_bwrap = ours(SandboxKind::Bwrap, i).await?;
+        if i > 0 {
+            for (v, d) in t.iter_mut().zip([plain, bwrap, builtin, casfs_bwrap]) {
+                v.push(d);
             }
         }
-        rows.push((label, median(v)));
     }
+    let labels =
+        ["fork/exec of /bin/true", "bwrap ... /bin/true (as nobody)", "casfs builtin sandbox", "casfs --sandbox=bwrap"];
+    let rows: Vec<(&str, Duration)> = labels.into_iter().zip(t.into_iter().map(median)).collect();
     println!("{:<36} {:>12}", format!("start to exit of true (median of {n})"), "ms");
     for (label, d) in &rows {
         println!("{label:<36} {:>12.2}", d.as_secs_f64() * 1e3);

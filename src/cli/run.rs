@@ -92,6 +92,9 @@ pub enum SandboxChoice {
 impl ExecArgs {
     /// The executor configuration these flags describe; `work_dir` unless --work-dir is given.
     pub fn config(&self, worker_name: String, work_dir: PathBuf) -> ExecConfig {
+        if self.run_as.is_some_and(|(uid, _)| uid == 0) {
+            tracing::warn!("--run-as 0: actions have no capabilities but may read what only root may read in the host folders (/etc/shadow)");
+        }
         ExecConfig {
             materialize: self.materialize,
             work_dir: self.work_dir.clone().unwrap_or(work_dir),

@@ -178,7 +178,8 @@ async fn host_folders_stay_read_only() -> TestResult {
     let script = format!(
         "mount -o remount,rw,bind /etc && echo LEAK remounted; touch {marker} && echo LEAK wrote; \
          unshare -rm sh -c 'mount -o remount,rw,bind /etc && touch {marker} && echo LEAK nested'; \
-         mount -t tmpfs none /usr && echo LEAK mounted; umount -l /etc && echo LEAK unmounted; echo finished"
+         mount -t tmpfs none /usr && echo LEAK mounted; umount -l /etc && echo LEAK unmounted; \
+         echo 100 > /proc/sys/user/max_user_namespaces 2>/dev/null && echo LEAK userns-limit; echo finished"
     );
     for kind in sandboxes()? {
         let exec = r.executor(&kind, |_| {})?;
@@ -300,6 +301,32 @@ async fn tmp_is_bounded() -> TestResult {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_outlives_its_action() -> TestResult {
+    let r = rig()?;
+    let tag = std::process::id() % 10_000 + 20_000;
+    let sleepers = |n: u32| -> TestResult<bool> {
+        let out = std::process::Command::new("pgrep").args(["-f", &format!("sleep {n}")]).output()?;
+        Ok(out.status.success())
+    };
+    for kind in sandboxes()? {
+        let exec = r.executor(&kind, |_| {})?;
+        // Left running in the background of a command that exits 0, in a session of its own.
+        let script = format!("setsid sleep {tag} < /dev/null > /dev/null 2>&1 & echo left");
+        let (o, out, _) = r.run(&exec, &Act { argv: &["sh", "-c", &script], ..Default::default() }).await?;
+        assert_eq!((o.result.exit_code, out.as_str()), (0, "left\n"), "{}", name(&kind));
+        assert!(!sleepers(tag)?, "{}: a background process outlived its action", name(&kind));
+        // Killed at the timeout with all it started.
+        let script = format!("sleep {} & sleep {} & echo started; wait", tag + 1, tag + 1);
+        let act = Act { argv: &["sh", "-c", &script], timeout: Some(Duration::from_secs(2)), ..Default::default() };
+        let (o, out, _) = r.run(&exec, &act).await?;
+        assert_eq!(o.status.code, tonic::Code::DeadlineExceeded as i32, "{}", name(&kind));
+        assert_eq!(out, "started\n");
+        assert!(!sleepers(tag + 1)?, "{}: a process outlived its action's timeout", name(&kind));
+    }
+    Ok(())
+}
+
 fn usage_of(o: &Outcome) -> TestResult<ResourceUsage> {
     let meta = o.result.execution_metadata.as_ref().ok_or("no metadata")?;
     let any = meta.auxiliary_metadata.first().ok_or("no auxiliary metadata")?;
@@ -351,25 +378,19 @@ async fn root_inside_is_still_no_one_on_the_host() -> TestResult {
         assert_eq!(leaks(&out), Vec::<&str>::new(), "{who}");
     }
     // Without the operator's consent the request itself is refused (rule 9).
-    let mut exec_cfg = r.executor(&SandboxKind::Builtin, |_| {})?;
-    drop(exec_cfg);
-    exec_cfg = Executor::new(
-        r.client.clone(),
-        r.client.clone(),
-        Arc::new(DiskStore::open_cache(r.tmp.path().join("cache2"), 0)?),
-        ExecConfig {
-            materialize: Materialize::Lazy,
-            work_dir: r.tmp.path().join("work2"),
-            limits: Limits::default(),
-            sandbox: SandboxConfig::default(),
-            worker_name: "t".into(),
-            fetch: FetchConfig::default(),
-            cache_results: false,
-        },
-        Metrics::new(),
-    );
+    let cfg = ExecConfig {
+        materialize: Materialize::Lazy,
+        work_dir: r.tmp.path().join("work2"),
+        limits: Limits::default(),
+        sandbox: SandboxConfig::default(),
+        worker_name: "t".into(),
+        fetch: FetchConfig::default(),
+        cache_results: false,
+    };
+    let cache = Arc::new(DiskStore::open_cache(r.tmp.path().join("cache2"), 0)?);
+    let strict = Executor::new(r.client.clone(), r.client.clone(), cache, cfg, Metrics::new());
     let d = upload_action(&r.client, &r.input, &Act { argv: &["id"], run_as_root: true, ..Default::default() }).await?;
-    let e = exec_cfg.execute(d, true).await.err().ok_or("run-as-root accepted without --allow-root-actions")?;
+    let e = strict.execute(d, true).await.err().ok_or("run-as-root accepted without --allow-root-actions")?;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     Ok(())
 }

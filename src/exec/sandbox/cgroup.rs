@@ -222,8 +222,8 @@ pub struct ActionCgroup {
     dirs: Vec<(PathBuf, bool)>,
     memory: Option<usize>,
     cpu: Option<usize>,
-    /// `cgroup.procs` of each, open for writing: the action's first process writes `0`
-    /// (itself) to each before anything else.
+    /// `cgroup.procs` (v2) or `tasks` (v1) of each, open for writing: the action's first
+    /// process, single-threaded, writes `0` (itself) to each before anything else.
     pub procs: Vec<OwnedFd>,
 }
 
@@ -264,11 +264,13 @@ impl ActionCgroup {
         if let Some(i) = l.pids.filter(|_| pids_limit > 0) {
             write(&cg.dirs[i].0.join("pids.max"), &pids_limit.to_string())?;
         }
-        for (dir, _) in &cg.dirs {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("cgroup.procs"))
-                .ctx(|| format!("opening {}/cgroup.procs", dir.display()))?;
+        for (dir, v2) in &cg.dirs {
+            // v1: `tasks`, which moves the writing thread alone (the child has just the
+            // one) without the global lock whose RCU grace period makes a move through
+            // `cgroup.procs` cost 10-15 ms.
+            let file = dir.join(if *v2 { "cgroup.procs" } else { "tasks" });
+            let f =
+                std::fs::OpenOptions::new().write(true).open(&file).ctx(|| format!("opening {}", file.display()))?;
             cg.procs.push(f.into());
         }
         Ok(cg)
@@ -332,12 +334,18 @@ impl ActionCgroup {
     /// Kills whatever is left of the action and waits (without blocking the runtime) until
     /// the kernel has let go of its last process.
     pub async fn drain(&self) {
-        for _ in 0..2500 {
+        for i in 0..2500 {
             if self.pids().is_empty() {
                 return;
             }
             self.kill_all();
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            if i < 20 {
+                // Most are gone within a millisecond (bubblewrap's own processes exit just
+                // after the one we wait for): look again soon before settling for 2 ms.
+                crate::exec::blocking(|| std::thread::sleep(Duration::from_micros(100)));
+            } else {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         tracing::warn!("processes of an action survived SIGKILL for 5 s");
     }

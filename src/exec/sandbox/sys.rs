@@ -53,13 +53,13 @@ pub(super) unsafe fn join_cgroups(fds: &[RawFd]) -> bool {
     fds.iter().all(|&fd| unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } == 1)
 }
 
-/// Restores default dispositions for every catchable signal (the executor ignores SIGPIPE,
-/// which would otherwise be inherited across exec) and unblocks all signals.
+/// Restores default dispositions for the classic signals (exec resets caught ones, but one
+/// the executor ignores, SIGPIPE first of all, would stay ignored) and unblocks all signals.
 ///
 /// # Safety
 /// Async-signal-safe.
 pub(super) unsafe fn reset_signals() {
-    for sig in 1..=64 {
+    for sig in 1..32 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
             // SAFETY: sets a default disposition; no handler code is involved.
             unsafe { libc::signal(sig, libc::SIG_DFL) };
