@@ -13,4 +13,5 @@ mod mount_modes;
 mod remote;
 mod roundtrip;
 mod sandbox;
+mod sandbox_limits;
 mod worker;

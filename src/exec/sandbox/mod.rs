@@ -11,6 +11,7 @@
 mod builtin;
 mod bwrap;
 pub mod cgroup;
+mod hierarchy;
 mod root;
 mod sys;
 mod wrapper;
