@@ -147,3 +147,52 @@ async fn read_blob(client: &GrpcStore, d: &Option<casfs::proto::reapi::Digest>) 
     let d = Digest::try_from(d.as_ref().ok_or("no digest")?)?;
     Ok(String::from_utf8_lossy(&client.read(&d).await?).into_owned())
 }
+
+/// The built-in sandbox clones its child from a multi-threaded executor whose threads come
+/// and go (tokio's blocking pool): nothing in the child may wait on a lock another thread
+/// held at that moment (glibc's set*id wrappers did, and hung the child for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_while_threads_come_and_go_never_hangs() -> TestResult {
+    let r = rig()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::thread::spawn(|| std::hint::black_box(1)).join();
+            }
+        })
+    };
+    let root = r.tmp.path().join("roots");
+    std::fs::create_dir_all(&root)?;
+    let argv = vec!["/bin/true".to_string()];
+    let (out, err) = (r.tmp.path().join("out"), r.tmp.path().join("err"));
+    let cfg = casfs::exec::SandboxConfig::default();
+    let mut result = Ok(());
+    for i in 0..200 {
+        let dir = root.join(i.to_string());
+        std::fs::create_dir(&dir)?;
+        let job = casfs::exec::sandbox::Job {
+            root: &dir,
+            cwd: "/".into(),
+            argv: &argv,
+            env: &[],
+            stdout: &out,
+            stderr: &err,
+            network: false,
+            run_as_root: false,
+            timeout: Duration::from_secs(20),
+        };
+        let done = tokio::time::timeout(Duration::from_secs(30), casfs::exec::sandbox::run(&cfg, job)).await;
+        match done {
+            Ok(Ok(d)) if d.exit == casfs::exec::sandbox::Exit::Code(0) => {}
+            other => {
+                result = Err(format!("run {i}: {other:?}; stderr {:?}", std::fs::read_to_string(&err)));
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = churn.join();
+    Ok(result?)
+}

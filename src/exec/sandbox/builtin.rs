@@ -143,29 +143,80 @@ impl Sandbox for Builtin {
         }
         // Our copies of the child's ends: closed, so a child that dies early reads as EOF.
         drop(plan);
-        let mut b = [0u8; 1];
-        // SAFETY: read(2) of one byte into a local buffer from a pipe we own.
-        let n = loop {
-            let n = unsafe { libc::read(from_child.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                break n;
-            }
-        };
-        if n == 1 {
-            // It is in its user namespace: map its one uid and gid, then let it go on. A
-            // child that failed before (the reason is on its stderr) is reaped by the caller.
+        // The child says `u` once in its user namespace, then nothing until exec closes the
+        // pipe; anything else is why it could not set the sandbox up (an infrastructure
+        // failure, never the command's exit code).
+        let deadline = std::time::Instant::now() + SETUP_TIMEOUT;
+        let fd = from_child.as_raw_fd();
+        let mut said = Vec::new();
+        let first = read_pipe(fd, true, deadline, &mut said);
+        if first.is_ok() && said == b"u" {
+            said.clear();
             if let Err(e) = write_maps(pid, l.inside_ids, l.host_ids) {
-                // SAFETY: kill(2) and waitpid(2) of our own unreaped child.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
+                reap_now(pid);
                 return Err(e);
             }
             // SAFETY: write(2) of one static byte to a pipe we own.
             unsafe { libc::write(to_child.as_raw_fd(), b"g".as_ptr().cast(), 1) };
         }
+        if let Err(e) = first.and_then(|_| read_pipe(fd, false, deadline, &mut said)) {
+            reap_now(pid);
+            return Err(e);
+        }
+        if !said.is_empty() {
+            reap_now(pid);
+            let why = String::from_utf8_lossy(&said).trim().to_string();
+            return Err(Error::Internal(format!("the sandbox could not start the command: {why}")));
+        }
         Ok(pid)
+    }
+}
+
+/// How long the child may take to set the sandbox up (its mount points are looked up in
+/// the action's FUSE mount, which may fetch): past it, it is killed and the action fails.
+const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Reads the child's pipe into `out`: one byte if `one`, else up to end of file (the
+/// child's exec). Never past `deadline`, so a child stuck in its setup cannot hold the
+/// executor.
+fn read_pipe(fd: RawFd, one: bool, deadline: std::time::Instant, out: &mut Vec<u8>) -> Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Error::Internal(format!("the sandbox did not start the command within {SETUP_TIMEOUT:?}")));
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one pollfd we own; read(2) into a local buffer.
+        let n = unsafe {
+            match libc::poll(&mut pfd, 1, left.as_millis().min(60_000) as libc::c_int) {
+                0 => continue,
+                r if r < 0 => -1,
+                _ => {
+                    let mut b = [0u8; 256];
+                    let n = libc::read(fd, b.as_mut_ptr().cast(), if one { 1 } else { b.len() });
+                    if n > 0 {
+                        out.extend_from_slice(&b[..n as usize]);
+                    }
+                    n
+                }
+            }
+        };
+        match n {
+            0 => return Ok(()),
+            n if n > 0 && (one || out.len() > 4096) => return Ok(()),
+            n if n > 0 => {}
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(Error::io("reading the sandbox's pipe", std::io::Error::last_os_error())),
+        }
+    }
+}
+
+/// Kills and reaps a child that will not run the command.
+fn reap_now(pid: i32) {
+    // SAFETY: kill(2) and waitpid(2) of our own unreaped child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
 }
 
@@ -189,9 +240,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// # Safety
 /// Only in the freshly cloned child; async-signal-safe calls only.
 unsafe fn child(p: &Plan) -> libc::c_int {
+    // Setup failures go to the executor (and stderr); a working directory or command that
+    // is not there is the action's own failure (exit 127, the reason on its stderr).
     let fail = |what: &'static [u8]| -> libc::c_int {
         // SAFETY: async-signal-safe message and exit code.
-        unsafe { sys::fail(what) }
+        unsafe { sys::fail_to(&[2, p.to_parent.as_raw_fd()], what) }
     };
     // SAFETY (whole block): system calls on NUL-terminated strings and descriptors of the
     // plan, which this process owns a copy of; pointers are NULL or valid for each call.
@@ -267,13 +320,13 @@ unsafe fn child(p: &Plan) -> libc::c_int {
             return fail(what);
         }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
-            return fail(b"entering the working directory");
+            return sys::fail(b"entering the working directory");
         }
         sys::reset_signals();
         sys::close_inherited_fds();
         libc::execve(p.argv_ptrs[0], p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
         // 127 like a shell: command not found or not executable.
-        fail(b"executing the command")
+        sys::fail(b"executing the command")
     }
 }
 

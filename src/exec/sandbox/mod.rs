@@ -262,9 +262,12 @@ pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Finished> {
                 *c = 128 + libc::SIGKILL;
             }
         }
+        let limit = match cfg.memory_limit {
+            0 => "the memory all actions may use together".to_string(),
+            m => format!("its memory limit of {} MiB", m >> 20),
+        };
         let note = format!(
-            "\ncasfs: the action went over its memory limit of {} MiB: the kernel killed {} of its processes (peak {} MiB)\n",
-            cfg.memory_limit >> 20,
+            "\ncasfs: the action went over {limit}: the kernel killed {} of its processes (peak {} MiB)\n",
             usage.oom_kills,
             usage.peak_memory >> 20
         );

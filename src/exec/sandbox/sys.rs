@@ -25,6 +25,15 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 /// # Safety
 /// Async-signal-safe: call it in a child between fork and exec.
 pub(super) unsafe fn fail(what: &[u8]) -> libc::c_int {
+    // SAFETY: as this function's.
+    unsafe { fail_to(&[2], what) }
+}
+
+/// [`fail`], writing the message to each of `fds`.
+///
+/// # Safety
+/// Async-signal-safe: call it in a child between fork and exec.
+pub(super) unsafe fn fail_to(fds: &[libc::c_int], what: &[u8]) -> libc::c_int {
     // SAFETY: reading this thread's errno location is always valid.
     let errno = unsafe { *libc::__errno_location() };
     let mut msg = [0u8; 200];
@@ -39,8 +48,10 @@ pub(super) unsafe fn fail(what: &[u8]) -> libc::c_int {
             }
         }
     }
-    // SAFETY: `msg[..n]` is initialised memory we own; write(2) only reads it.
-    unsafe { libc::write(2, msg.as_ptr().cast(), n) };
+    for &fd in fds {
+        // SAFETY: `msg[..n]` is initialised memory we own; write(2) only reads it.
+        unsafe { libc::write(fd, msg.as_ptr().cast(), n) };
+    }
     127
 }
 
@@ -99,18 +110,24 @@ pub(super) unsafe fn close_inherited_fds() -> bool {
 /// (`no_new_privs`: set-user-ID files and file capabilities stop working). Returns the
 /// step that failed.
 ///
+/// Raw system calls, not glibc's `setresuid` and friends: those make every thread of the
+/// process change ids together and wait for them, and a child cloned (not forked) from the
+/// multi-threaded executor still believes in its parent's threads, so it would wait on a
+/// lock copied locked, forever.
+///
 /// # Safety
 /// Async-signal-safe.
 pub(super) unsafe fn become_user(uid: u32, gid: u32) -> Result<(), &'static [u8]> {
-    // SAFETY: credential system calls with plain integer arguments.
+    let (uid, gid) = (uid as libc::c_long, gid as libc::c_long);
+    // SAFETY: credential system calls with plain integer arguments (and a NULL list).
     unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0 {
+        if libc::syscall(libc::SYS_setgroups, 0 as libc::c_long, std::ptr::null::<libc::gid_t>()) != 0 {
             return Err(b"setgroups");
         }
-        if libc::setresgid(gid, gid, gid) != 0 {
+        if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
             return Err(b"setresgid");
         }
-        if libc::setresuid(uid, uid, uid) != 0 {
+        if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
             return Err(b"setresuid");
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
