@@ -317,3 +317,22 @@ async fn root_inside_is_still_no_one_on_the_host() -> TestResult {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     Ok(())
 }
+
+/// Before anything runs, the executor (host root) makes the outputs' parent folders; an
+/// input root whose `out` is a symlink to a host folder must not make it create folders
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_parents_are_never_made_through_the_roots_symlinks() -> TestResult {
+    let r = rig()?;
+    let host = r.tmp.path().join("host-folder");
+    let input = r.tmp.path().join("linked-input");
+    std::fs::create_dir_all(&host)?;
+    std::fs::create_dir_all(&input)?;
+    std::os::unix::fs::symlink(&host, input.join("out"))?;
+    let exec = r.executor(&SandboxKind::Builtin, |_| {})?;
+    let act = Act { argv: &["true"], output_files: &["out/x/y"], ..Default::default() };
+    let o = exec.execute(upload_action(&r.client, &input, &act).await?, true).await?;
+    assert_eq!(o.result.exit_code, 0);
+    assert!(!host.join("x").exists(), "the executor made a host folder through the input root's symlink");
+    Ok(())
+}

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::sys::{self, mount};
+use super::sys::{self, mount, read_pipe, reap_now};
 use super::{cstr, Launch, Sandbox};
 use crate::error::{Error, IoContext, Result};
 
@@ -146,7 +146,7 @@ impl Sandbox for Builtin {
         // The child says `u` once in its user namespace, then nothing until exec closes the
         // pipe; anything else is why it could not set the sandbox up (an infrastructure
         // failure, never the command's exit code).
-        let deadline = std::time::Instant::now() + SETUP_TIMEOUT;
+        let deadline = std::time::Instant::now() + sys::SETUP_TIMEOUT;
         let fd = from_child.as_raw_fd();
         let mut said = Vec::new();
         let first = read_pipe(fd, true, deadline, &mut said);
@@ -169,54 +169,6 @@ impl Sandbox for Builtin {
             return Err(Error::Internal(format!("the sandbox could not start the command: {why}")));
         }
         Ok(pid)
-    }
-}
-
-/// How long the child may take to set the sandbox up (its mount points are looked up in
-/// the action's FUSE mount, which may fetch): past it, it is killed and the action fails.
-const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Reads the child's pipe into `out`: one byte if `one`, else up to end of file (the
-/// child's exec). Never past `deadline`, so a child stuck in its setup cannot hold the
-/// executor.
-fn read_pipe(fd: RawFd, one: bool, deadline: std::time::Instant, out: &mut Vec<u8>) -> Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(Error::Internal(format!("the sandbox did not start the command within {SETUP_TIMEOUT:?}")));
-        }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll(2) on one pollfd we own; read(2) into a local buffer.
-        let n = unsafe {
-            match libc::poll(&mut pfd, 1, left.as_millis().min(60_000) as libc::c_int) {
-                0 => continue,
-                r if r < 0 => -1,
-                _ => {
-                    let mut b = [0u8; 256];
-                    let n = libc::read(fd, b.as_mut_ptr().cast(), if one { 1 } else { b.len() });
-                    if n > 0 {
-                        out.extend_from_slice(&b[..n as usize]);
-                    }
-                    n
-                }
-            }
-        };
-        match n {
-            0 => return Ok(()),
-            n if n > 0 && (one || out.len() > 4096) => return Ok(()),
-            n if n > 0 => {}
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return Err(Error::io("reading the sandbox's pipe", std::io::Error::last_os_error())),
-        }
-    }
-}
-
-/// Kills and reaps a child that will not run the command.
-fn reap_now(pid: i32) {
-    // SAFETY: kill(2) and waitpid(2) of our own unreaped child.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
 }
 

@@ -1,8 +1,10 @@
 //! System-call steps the sandboxes' child processes take between fork and exec, where only
-//! async-signal-safe calls are allowed: no allocation, no locks, nothing but system calls.
+//! async-signal-safe calls are allowed: no allocation, no locks, nothing but system calls;
+//! and the executor's side of the pipe such a child reports through.
 
 use std::ffi::CStr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -228,6 +230,54 @@ pub(super) unsafe fn make_read_only(target: &CStr, extra: u64) -> bool {
             flags |= libc::MS_NOEXEC;
         }
         mount(None, target, None, flags, None)
+    }
+}
+
+/// How long the child may take to set the sandbox up (its mount points are looked up in
+/// the action's FUSE mount, which may fetch): past it, it is killed and the action fails.
+pub(super) const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads the child's pipe into `out`: one byte if `one`, else up to end of file (the
+/// child's exec). Never past `deadline`, so a child stuck in its setup cannot hold the
+/// executor.
+pub(super) fn read_pipe(fd: RawFd, one: bool, deadline: Instant, out: &mut Vec<u8>) -> Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Internal(format!("the sandbox did not start the command within {SETUP_TIMEOUT:?}")));
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one pollfd we own; read(2) into a local buffer.
+        let n = unsafe {
+            match libc::poll(&mut pfd, 1, left.as_millis().min(60_000) as libc::c_int) {
+                0 => continue,
+                r if r < 0 => -1,
+                _ => {
+                    let mut b = [0u8; 256];
+                    let n = libc::read(fd, b.as_mut_ptr().cast(), if one { 1 } else { b.len() });
+                    if n > 0 {
+                        out.extend_from_slice(&b[..n as usize]);
+                    }
+                    n
+                }
+            }
+        };
+        match n {
+            0 => return Ok(()),
+            n if n > 0 && (one || out.len() > 4096) => return Ok(()),
+            n if n > 0 => {}
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(Error::io("reading the sandbox's pipe", std::io::Error::last_os_error())),
+        }
+    }
+}
+
+/// Kills and reaps a child that will not run the command.
+pub(super) fn reap_now(pid: i32) {
+    // SAFETY: kill(2) and waitpid(2) of our own unreaped child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
 }
 
