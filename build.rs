@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "google/devtools/remoteworkers/v1test2/bots.proto",
         "google/devtools/remoteworkers/v1test2/command.proto",
         "google/devtools/remoteworkers/v1test2/worker.proto",
+        "casfs/v1/resource_usage.proto",
     ]
     .iter()
     .map(|f| PathBuf::from("proto").join(f))

@@ -37,6 +37,14 @@ pub mod google {
     }
 }
 
+/// `casfs.v1`: casfs's own messages (resource usage of an action).
+pub mod casfs {
+    tonic::include_proto!("casfs.v1");
+
+    /// The full name of [`ResourceUsage`], for `Any.type_url`.
+    pub const RESOURCE_USAGE: &str = "casfs.v1.ResourceUsage";
+}
+
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use build::bazel::semver;
 pub use google::bytestream;

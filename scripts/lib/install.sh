@@ -23,8 +23,9 @@ apt_install() {
 
 install_prerequisites() {
     # diffutils for diff -r, python3-venv for the BuildGrid peer, fuse3 for fusermount3,
-    # ca-certificates for TLS roots, gcc for -sys crates.
-    apt_install diffutils python3 python3-venv fuse3 ca-certificates gcc libc6-dev pkg-config bc
+    # ca-certificates for TLS roots, gcc for -sys crates (and the sandbox tests' hostile
+    # program), bubblewrap for the --sandbox=bwrap tests.
+    apt_install diffutils python3 python3-venv fuse3 ca-certificates gcc libc6-dev pkg-config bc bubblewrap
     if command -v rustup >/dev/null 2>&1; then
         rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >&2
         rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >&2

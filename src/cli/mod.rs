@@ -10,11 +10,13 @@ use casfs::digest::Digest;
 use casfs::error::Result;
 
 pub mod action;
+pub mod exec_args;
 pub mod execute;
 pub mod make_action;
 pub mod mount;
 pub mod run;
 pub mod serve;
+pub mod signals;
 pub mod transfer;
 pub mod worker;
 

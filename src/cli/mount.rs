@@ -211,7 +211,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     };
     cfg.fetch =
         FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
-    let stop = super::serve::Shutdown::install();
+    let stop = super::signals::Shutdown::install();
     let guard = casfs::fs::mount(root, cache.clone(), cfg, metrics)?;
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))

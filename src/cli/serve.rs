@@ -14,7 +14,8 @@ use casfs::metrics::Metrics;
 use casfs::server::scheduler::{Scheduler, SchedulerConfig};
 use casfs::server::{AcWrites, Backend, Bound, Listen};
 
-use super::run::ExecArgs;
+use super::exec_args::{hostname, ExecArgs};
+use super::signals::Shutdown;
 use super::{default_storage, parse_duration, parse_size, CmdResult, Usage};
 
 #[derive(Args)]
@@ -137,7 +138,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
     }
     if !args.no_execution {
-        let name = format!("casfs-serve@{}", super::run::hostname());
+        let name = format!("casfs-serve@{}", hostname());
         let cfg = args.exec.config(name, args.storage.join("exec"));
         // The store is also the executor's blob cache: inputs are already local.
         let cache = casfs::cache::LocalCache::over_store(store.clone(), &metrics)?;
@@ -163,35 +164,4 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
 
 fn parse_ac_writes(s: &str) -> Result<AcWrites, String> {
     s.parse().map_err(|_| format!("{s:?}: expected all or none"))
-}
-
-/// SIGINT and SIGTERM handlers, installed when created: a signal that arrives before
-/// anyone waits (right after a readiness report, say) is kept, not fatal.
-pub struct Shutdown {
-    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Shutdown {
-    /// Installs the handlers (needs a running tokio runtime).
-    pub fn install() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        let signals = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(t), Ok(i)) => Some((t, i)),
-            _ => {
-                tracing::warn!("could not install SIGINT/SIGTERM handlers");
-                None
-            }
-        };
-        Shutdown { signals }
-    }
-
-    /// Resolves on SIGINT or SIGTERM.
-    pub async fn wait(self) {
-        let Some((mut term, mut int)) = self.signals else { return std::future::pending().await };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        tracing::info!("shutting down");
-    }
 }

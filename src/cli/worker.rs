@@ -15,7 +15,7 @@ use casfs::metrics::Metrics;
 use casfs::worker::session::BotsClient;
 use casfs::worker::{Bot, Shutdown, StopLevel, WorkerConfig};
 
-use super::run::{hostname, ExecArgs};
+use super::exec_args::{hostname, ExecArgs};
 use super::{parse_duration, CmdResult, ConnArgs, Usage};
 
 /// Options of `casfs worker`.

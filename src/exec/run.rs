@@ -177,7 +177,7 @@ impl Executor {
             cache: &self.cache,
             fetch: &self.cfg.fetch,
             metrics: &self.metrics,
-            run_as: self.cfg.sandbox.run_as,
+            run_as: Some(self.cfg.sandbox.ids()),
         };
         let ws = Workspace::prepare(setup, &spec).await?;
         let out = self.run_prepared(&ws, spec, action_digest, meta).await;
@@ -211,9 +211,12 @@ impl Executor {
             stdout: &stdout,
             stderr: &stderr,
             network: spec.network,
+            run_as_root: spec.run_as_root,
             timeout: spec.timeout,
         };
-        let exit = sandbox::run(&self.cfg.sandbox, job).await?;
+        let done = sandbox::run(&self.cfg.sandbox, job).await?;
+        meta.auxiliary_metadata.push(done.to_any());
+        let exit = done.exit;
         meta.execution_completed_timestamp = now();
 
         // A fetch that failed under the command is the infrastructure's fault, not the

@@ -29,7 +29,7 @@ pub struct OutputSpec {
 }
 
 /// Platform properties this executor understands (anything else is refused, rule 9).
-pub const SUPPORTED_PROPERTIES: [&str; 4] = ["OSFamily", "ISA", "network", "container-image"];
+pub const SUPPORTED_PROPERTIES: [&str; 5] = ["OSFamily", "ISA", "network", "run-as-root", "container-image"];
 
 /// Executor limits applied while validating.
 #[derive(Clone, Debug)]
@@ -38,11 +38,18 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// Longest timeout accepted; more is INVALID_ARGUMENT (rule 11).
     pub max_timeout: Duration,
+    /// Honour `run-as-root=true` (uid 0 inside the action's user namespace); without it such
+    /// an action is INVALID_ARGUMENT.
+    pub allow_root_actions: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { default_timeout: Duration::from_secs(900), max_timeout: Duration::from_secs(3600) }
+        Limits {
+            default_timeout: Duration::from_secs(900),
+            max_timeout: Duration::from_secs(3600),
+            allow_root_actions: false,
+        }
     }
 }
 
@@ -69,6 +76,8 @@ pub struct ActionSpec {
     pub do_not_cache: bool,
     /// Whether the command may use the network (`network=true`).
     pub network: bool,
+    /// Whether the command runs as root of its user namespace (`run-as-root=true`).
+    pub run_as_root: bool,
     /// How output directories are reported.
     pub output_directory_format: i32,
 }
@@ -158,20 +167,27 @@ impl ActionSpec {
         if let Some(p) = command.output_node_properties.first() {
             return Err(Error::InvalidArgument(format!("output node property {p:?} is not supported")));
         }
-        let mut network = false;
+        let (mut network, mut run_as_root) = (false, false);
+        let yes = |v: &str| matches!(v, "true" | "on" | "1" | "yes");
         for p in platform(action, command) {
             match (p.name.as_str(), p.value.as_str()) {
                 ("OSFamily", v) if v.eq_ignore_ascii_case("linux") => {}
                 ("ISA", "x86-64") if cfg!(target_arch = "x86_64") => {}
                 ("ISA", "arm-a64") if cfg!(target_arch = "aarch64") => {}
-                ("network", v) => network = matches!(v, "true" | "on" | "1" | "yes"),
+                ("network", v) => network = yes(v),
+                ("run-as-root", v) => run_as_root = yes(v),
                 ("container-image", "") => {}
                 (name, value) => {
                     return Err(Error::InvalidArgument(format!(
-                        "platform property {name}={value} is not supported here (supported: OSFamily=linux, ISA, network, empty container-image)"
+                        "platform property {name}={value} is not supported here (supported: OSFamily=linux, ISA, network, run-as-root, empty container-image)"
                     )))
                 }
             }
+        }
+        if run_as_root && !limits.allow_root_actions {
+            return Err(Error::InvalidArgument(
+                "platform property run-as-root=true: this executor does not run actions as root (its operator did not pass --allow-root-actions)".into(),
+            ));
         }
         let timeout = match &action.timeout {
             Some(t) if t.seconds < 0 || t.nanos < 0 => {
@@ -197,6 +213,7 @@ impl ActionSpec {
             timeout,
             do_not_cache: action.do_not_cache,
             network,
+            run_as_root,
             output_directory_format: command.output_directory_format,
         })
     }
@@ -267,5 +284,20 @@ mod tests {
             ],
         });
         assert!(spec(&action(), &c).unwrap().network);
+    }
+
+    #[test]
+    fn root_inside_only_when_the_operator_allows_it() {
+        let mut c = cmd();
+        c.platform = Some(reapi::Platform {
+            properties: vec![reapi::platform::Property { name: "run-as-root".into(), value: "true".into() }],
+        });
+        let err = spec(&action(), &c).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("--allow-root-actions"), "{err}");
+        let allowed = Limits { allow_root_actions: true, ..Limits::default() };
+        let s = ActionSpec::new(Digest::of_bytes(b"a"), &action(), Digest::of_bytes(b"c"), &c, &allowed).unwrap();
+        assert!(s.run_as_root);
+        assert!(!spec(&action(), &cmd()).unwrap().run_as_root);
     }
 }

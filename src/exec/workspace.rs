@@ -111,8 +111,10 @@ impl Workspace {
         cfg.fetch = s.fetch.clone();
         cfg.fetch.batch_siblings = true;
         if let Some((uid, gid)) = s.run_as {
-            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker.
+            // The command's user owns the tree it sees, as on a Buildbarn or BuildBox worker
+            // (the root folder of the overlay is its upper layer's).
             (cfg.fs.uid, cfg.fs.gid, cfg.fs.dir_perm) = (uid, gid, 0o755);
+            std::os::unix::fs::lchown(dir.join("upper"), Some(uid), Some(gid)).ctx(|| "chown upper".into())?;
         }
         let mount_root = Root::Digest(spec.input_root, Remote::new(s.cas.clone(), None));
         let (cache, metrics, spec, run_as) = (s.cache.clone(), s.metrics.clone(), spec.clone(), s.run_as);
@@ -287,17 +289,23 @@ fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u3
         )));
     }
     for o in &spec.outputs {
-        if let Some(parent) = Path::new(&o.path).parent() {
-            std::fs::create_dir_all(wd.join(parent)).ctx(|| format!("creating the parent of output {}", o.path))?;
-            if let Some((uid, gid)) = run_as {
-                let mut p = wd.clone();
-                for c in parent.components() {
-                    p.push(c);
-                    use std::os::unix::fs::MetadataExt;
-                    if std::fs::symlink_metadata(&p).map(|m| m.uid() != uid).unwrap_or(false) {
-                        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).ctx(|| format!("chown {}", p.display()))?;
-                    }
+        let Some(parent) = Path::new(&o.path).parent() else { continue };
+        // Folder by folder, never through a symlink of the (hostile) input root: one
+        // pointing at a host path would have us create host folders as root.
+        let mut p = root.to_path_buf();
+        for c in Path::new(&spec.working_directory).join(parent).components() {
+            p.push(c);
+            use std::os::unix::fs::MetadataExt;
+            let uid = match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => m.uid(),
+                Ok(_) => break,
+                Err(_) => {
+                    std::fs::create_dir(&p).ctx(|| format!("creating the parent of output {}", o.path))?;
+                    0
                 }
+            };
+            if let Some((u, g)) = run_as.filter(|(u, _)| *u != uid) {
+                std::os::unix::fs::lchown(&p, Some(u), Some(g)).ctx(|| format!("chown {}", p.display()))?;
             }
         }
     }

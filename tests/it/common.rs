@@ -21,6 +21,7 @@ pub fn casfs_bin() -> &'static str {
 pub struct ServeProcess {
     pub child: Child,
     pub url: String,
+    storage: std::path::PathBuf,
 }
 
 impl ServeProcess {
@@ -52,13 +53,32 @@ impl ServeProcess {
             .strip_prefix("casfs: serving on ")
             .ok_or_else(|| format!("unexpected first line from casfs serve: {line:?}"))?
             .to_string();
-        Ok(ServeProcess { child, url })
+        Ok(ServeProcess { child, url, storage: storage.to_path_buf() })
     }
 
-    /// SIGKILLs the server and waits for it.
+    /// SIGKILLs the server and waits for it. A server killed while one of its threads waits
+    /// on an action's own FUSE mount cannot finish dying (nobody is left to answer that
+    /// request): after a grace period its action mounts' connections are aborted, as the
+    /// next `casfs serve` on that storage would do at start.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
+        for i in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            if i == 100 {
+                for mp in mounts_under(&self.storage) {
+                    casfs::fs::mount::abort_fuse(&mp);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.child.wait();
+        // What a killed server left mounted (its actions' overlays and input mounts) goes too.
+        for mp in mounts_under(&self.storage).into_iter().rev() {
+            casfs::fs::mount::abort_fuse(&mp);
+            let _ = casfs::fs::mount::detach(&mp);
+        }
     }
 }
 
@@ -66,6 +86,16 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Mountpoints below `dir` (from /proc/self/mountinfo).
+pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect()
 }
 
 /// Runs the casfs CLI; returns (status code, stdout, stderr).

@@ -28,6 +28,8 @@ pub(crate) struct Act<'a> {
     pub do_not_cache: bool,
     /// Environment variables besides PATH.
     pub env: &'a [(&'a str, &'a str)],
+    /// Ask for uid 0 inside the action's user namespace (`run-as-root=true`).
+    pub run_as_root: bool,
 }
 
 /// The Command's environment: PATH and `a.env`, sorted by name as REAPI requires.
@@ -45,6 +47,9 @@ pub(crate) async fn upload_action(client: &GrpcStore, input: &Path, a: &Act<'_>)
     let mut properties = vec![reapi::platform::Property { name: "OSFamily".into(), value: "linux".into() }];
     if a.network {
         properties.push(reapi::platform::Property { name: "network".into(), value: "true".into() });
+    }
+    if a.run_as_root {
+        properties.push(reapi::platform::Property { name: "run-as-root".into(), value: "true".into() });
     }
     let command = reapi::Command {
         arguments: a.argv.iter().map(|s| s.to_string()).collect(),
@@ -97,7 +102,11 @@ fn rig_as(pids_limit: u32, materialize: Materialize, run_as: Option<(u32, u32)>)
     let cfg = ExecConfig {
         materialize,
         work_dir: work.clone(),
-        limits: Limits { default_timeout: Duration::from_secs(120), max_timeout: Duration::from_secs(600) },
+        limits: Limits {
+            default_timeout: Duration::from_secs(120),
+            max_timeout: Duration::from_secs(600),
+            ..Limits::default()
+        },
         sandbox: SandboxConfig { pids_limit, run_as, ..SandboxConfig::default() },
         worker_name: "test-worker".into(),
         fetch: FetchConfig { deadline: Duration::from_secs(20), ..FetchConfig::default() },

@@ -17,4 +17,6 @@ mod mount_life;
 mod mount_modes;
 mod remote;
 mod roundtrip;
+mod sandbox;
+mod sandbox_limits;
 mod worker;

@@ -1,19 +1,20 @@
 //! The only fuser adapter: converts kernel requests to `CasFs` calls and replies, handing
 //! anything that may wait on a fetch to the tokio runtime so no FUSE thread ever blocks on it.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 
 use super::core::CasFs;
+use passthrough::Passthrough;
+
+mod passthrough;
 use super::node::{Attr, Kind, Listing};
 use crate::error::Error;
 
@@ -75,23 +76,6 @@ pub struct FuseAdapter {
 /// The operations whose counts and latencies are recorded.
 const TIMED_OPS: [&str; 9] =
     ["lookup", "getattr", "readlink", "open", "read", "opendir", "readdir", "readdirplus", "getxattr"];
-
-#[derive(Default)]
-struct Backing {
-    by_ino: HashMap<u64, Weak<BackingId>>,
-    by_fh: HashMap<u64, Arc<BackingId>>,
-    next_fh: u64,
-}
-
-/// Passthrough bookkeeping, shared with the tasks that answer opens after a fetch.
-#[derive(Default)]
-struct Passthrough {
-    backing: Mutex<Backing>,
-    /// Opens of small files answered so far (`auto`).
-    small_opens: AtomicU64,
-    /// Opens are refused with ENOSYS from now on (`auto`): the kernel stops asking.
-    stop_opens: AtomicBool,
-}
 
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
@@ -239,7 +223,7 @@ impl Filesystem for FuseAdapter {
         let auto = self.mode == OpenMode::Auto;
         match self.mode {
             OpenMode::NoOpen => return reply.error(Errno::ENOSYS),
-            _ if auto && self.pass.stop_opens.load(Ordering::Relaxed) => return reply.error(Errno::ENOSYS),
+            _ if auto && self.pass.stopped() => return reply.error(Errno::ENOSYS),
             OpenMode::Open => {
                 return match self.fs.getattr(ino.0) {
                     Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -254,8 +238,7 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno(&e)),
         };
         if small {
-            if auto && self.can_stop_opens && self.pass.small_opens.fetch_add(1, Ordering::Relaxed) + 1 >= NO_OPEN_AFTER
-            {
+            if auto && self.can_stop_opens && self.pass.small_open() >= NO_OPEN_AFTER {
                 self.pass.stop("small files dominate", self.fs.fetcher().metrics());
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
@@ -328,7 +311,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         if fh.0 != 0 {
-            self.pass.backing.lock().unwrap().by_fh.remove(&fh.0);
+            self.pass.release(fh.0);
         }
         reply.ok();
     }
@@ -512,56 +495,6 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EROFS);
-    }
-}
-
-impl Passthrough {
-    /// Refuses every later open with ENOSYS: the kernel then opens without asking.
-    fn stop(&self, why: &str, metrics: &crate::metrics::Metrics) {
-        if !self.stop_opens.swap(true, Ordering::Relaxed) {
-            let answered = self.small_opens.load(Ordering::Relaxed);
-            tracing::info!(small_opens = answered, why, "no longer answering opens (no-open from now on)");
-            metrics.add("casfs_fuse_opens_stopped_total", 1);
-        }
-    }
-
-    /// Opens with passthrough to `file` (the blob's verified bytes), one backing id per inode
-    /// shared by its opens; plain keep-cache opens if the kernel refuses (and, with
-    /// `stop_on_refusal`, no more opens at all: they would only cost round trips).
-    fn reply(
-        &self,
-        ino: u64,
-        file: &std::fs::File,
-        reply: ReplyOpen,
-        stop_on_refusal: bool,
-        m: &crate::metrics::Metrics,
-    ) {
-        let mut b = self.backing.lock().unwrap();
-        let id = match b.by_ino.get(&ino).and_then(Weak::upgrade) {
-            Some(id) => id,
-            None => match reply.open_backing(file) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    b.by_ino.insert(ino, Arc::downgrade(&id));
-                    id
-                }
-                Err(e) => {
-                    drop(b);
-                    tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving through the daemon");
-                    if stop_on_refusal {
-                        self.stop("passthrough refused", m);
-                    }
-                    return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
-                }
-            },
-        };
-        b.next_fh += 1;
-        let fh = b.next_fh;
-        b.by_fh.insert(fh, id.clone());
-        b.by_ino.retain(|_, w| w.strong_count() > 0);
-        drop(b);
-        m.add("casfs_fuse_passthrough_opens_total", 1);
-        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
     }
 }
 
