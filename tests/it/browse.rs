@@ -242,6 +242,6 @@ async fn hostile_names_are_enoent_or_eio_and_harmless() -> TestResult {
     // The daemon is unaffected and logged the bad Directory.
     assert_eq!(std::fs::read(mnt.join("_/blobs/sha256/file").join(fd.to_path_form()))?.len() as u64, fd.size());
     assert!(m.log_text().contains(&fd.hash_hex()), "{}", m.log_text());
-    assert_eq!(unsafe { libc::kill(m.pid, 0) }, 0);
+    assert!(signal(m.pid, 0));
     Ok(())
 }

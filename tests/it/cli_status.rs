@@ -94,10 +94,12 @@ fn casfs_run_help_documents_its_exit_statuses() -> TestResult {
 fn pty() -> TestResult<(OwnedFd, OwnedFd)> {
     let (mut master, mut slave) = (-1, -1);
     let rc =
+        // SAFETY: openpty writes two descriptors into the two locals; the rest are NULL.
         unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
     if rc != 0 {
         return Err(format!("openpty: {}", std::io::Error::last_os_error()).into());
     }
+    // SAFETY: openpty just made both descriptors; each gets exactly one owner.
     Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
 }
 
@@ -181,7 +183,7 @@ fn a_mount_log_file_has_no_colour_even_when_started_from_a_terminal() -> TestRes
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(mnt.join("a.txt"))?, "a\n");
     let pid: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    signal(pid, libc::SIGTERM);
     for _ in 0..200 {
         if !casfs::fs::mount::is_mounted(&mnt) && !pidfile.exists() {
             break;

@@ -278,6 +278,7 @@ pub fn diff_r(a: &Path, b: &Path) -> TestResult {
 
 /// Why real mounts cannot run here, if they cannot.
 pub fn fuse_unavailable() -> Option<String> {
+    // SAFETY: geteuid only reads the calling process's credentials.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (these tests mount directly)".into());
     }
@@ -363,4 +364,10 @@ pub fn marked_processes(mark: &str) -> Vec<(i32, String)> {
             (pid, comm.trim().to_string())
         })
         .collect()
+}
+
+/// Sends `sig` to `pid` (0 probes whether it exists); true when the kernel accepted it.
+pub fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill takes two integers and touches no memory of ours.
+    unsafe { libc::kill(pid, sig) == 0 }
 }

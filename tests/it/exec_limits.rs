@@ -134,7 +134,7 @@ async fn sigterm_of_casfs_run_stops_a_running_action_and_cleans_up() -> TestResu
     }
     assert_eq!(sleeps(), 2, "the action never started: {:?}", marked_processes(&mark));
     assert!(std::fs::read_to_string("/proc/mounts")?.contains(work.to_string_lossy().as_ref()), "no input mount");
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(child.id() as i32, libc::SIGTERM);
     let out = child.wait_with_output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "an interrupted run could not run its action: {err}");

@@ -55,14 +55,14 @@ impl MountProcess {
 
     /// Sends a signal and waits (up to 20 s) for the process to exit.
     pub fn signal_and_wait(&self, sig: i32) -> bool {
-        unsafe { libc::kill(self.pid, sig) };
+        signal(self.pid, sig);
         self.wait_exit()
     }
 
     /// Waits (up to 20 s) for the process to exit; false if it is still there.
     pub fn wait_exit(&self) -> bool {
         for _ in 0..400 {
-            if unsafe { libc::kill(self.pid, 0) } != 0 {
+            if !signal(self.pid, 0) {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -136,7 +136,9 @@ pub(crate) fn http_get(addr: &str, path: &str) -> TestResult<String> {
 fn inodes_held(mnt: &Path) -> TestResult<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(mnt.as_os_str().as_bytes())?;
+    // SAFETY: statvfs is plain data; all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a local the call fills.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
@@ -376,6 +378,6 @@ async fn hostile_directories_give_eio_and_the_rest_keeps_working() -> TestResult
     }
     assert_eq!(std::fs::read(mnt.join("good"))?, b"fine\n");
     assert!(m.log_text().contains("invalid Directory"), "{}", m.log_text());
-    assert!(unsafe { libc::kill(m.pid, 0) } == 0, "daemon died");
+    assert!(signal(m.pid, 0), "daemon died");
     Ok(())
 }

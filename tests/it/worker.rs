@@ -209,7 +209,7 @@ impl WorkerProc {
     }
 
     fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        signal(self.child.id() as i32, sig);
     }
 
     /// Waits up to `secs` for the process to exit; its exit code.

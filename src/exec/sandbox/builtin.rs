@@ -198,7 +198,7 @@ unsafe fn child(p: &Plan) -> libc::c_int {
         // SAFETY: async-signal-safe message and exit code.
         unsafe { sys::fail_to(&[2, p.to_parent.as_raw_fd()], what) }
     };
-    // SAFETY (whole block): system calls on NUL-terminated strings and descriptors of the
+    // SAFETY: (the whole block) system calls on NUL-terminated strings and descriptors of the
     // plan, which this process owns a copy of; pointers are NULL or valid for each call.
     unsafe {
         if !sys::join_cgroups(&p.cgroup_procs) {
