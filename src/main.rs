@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{digest_arg, CmdResult, RemoteArgs, Usage};
+use cli::{digest_arg, usage, CliError, CmdResult, RemoteArgs};
 
 /// Content-addressed filesystem, executor and REAPI endpoint for remote builds.
 #[derive(Parser)]
@@ -124,20 +124,16 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli.cmd, ready)) {
-        Ok(Ok(code)) => ExitCode::from(code),
-        Ok(Err(Usage(msg))) => {
-            eprintln!("casfs: {msg}");
-            ExitCode::from(2)
-        }
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("casfs: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(if matches!(e, CliError::Usage(_)) { 2 } else { 1 })
         }
     }
 }
 
 /// Runs a subcommand; returns its exit status (0 unless it says otherwise) or a usage error.
-async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> casfs::error::Result<Result<u8, Usage>> {
+async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
     let done: CmdResult = match cmd {
         Cmd::Serve(args) => cli::serve::serve(args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
@@ -152,7 +148,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> casfs::error::Result
                     .map_err(|e| casfs::Error::io(format!("hashing {}", f.display()), e))?;
                 println!("{d}  {}", f.display());
             }
-            Ok(Ok(()))
+            Ok(())
         }
         Cmd::Upload { dir, remote } => {
             let store = remote.store()?;
@@ -163,42 +159,33 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> casfs::error::Result
                 r.uploaded_blobs, r.blobs, r.uploaded_bytes, r.stats.files, r.stats.dirs, r.stats.symlinks
             );
             println!("{}", r.root);
-            Ok(Ok(()))
+            Ok(())
         }
         Cmd::Download { digest, dir, remote } => {
-            let digest = match digest_arg(&digest) {
-                Ok(d) => d,
-                Err(u) => return Ok(Err(u)),
-            };
+            let digest = digest_arg(&digest)?;
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let s = casfs::transfer::download_dir(&store, &digest, &dir, progress).await?;
             eprintln!("downloaded {} files, {} dirs, {} symlinks ({} bytes)", s.files, s.dirs, s.symlinks, s.bytes);
-            Ok(Ok(()))
+            Ok(())
         }
         Cmd::Ls { digest, path, recursive, action, remote } => {
-            let digest = match digest_arg(&digest) {
-                Ok(d) => d,
-                Err(u) => return Ok(Err(u)),
-            };
+            let digest = digest_arg(&digest)?;
             match (action, path) {
                 (true, path) => cli::action::ls(&remote, &digest, path.as_deref().unwrap_or(""), recursive).await,
-                (false, None) => cli::transfer::ls(&remote.store()?, &digest, recursive).await.map(Ok),
-                (false, Some(_)) => Ok(Err(Usage("a PATH needs --action".into()))),
+                (false, None) => cli::transfer::ls(&remote.store()?, &digest, recursive).await.map_err(CliError::from),
+                (false, Some(_)) => Err(usage("a PATH needs --action")),
             }
         }
         Cmd::Cat { digest, path, action, remote } => {
-            let digest = match digest_arg(&digest) {
-                Ok(d) => d,
-                Err(u) => return Ok(Err(u)),
-            };
+            let digest = digest_arg(&digest)?;
             match (action, path) {
                 (true, Some(path)) => cli::action::cat(&remote, &digest, &path).await,
-                (true, None) => Ok(Err(Usage("--action needs a PATH (stdout, outputs/...)".into()))),
-                (false, None) => cli::transfer::cat(&remote.store()?, &digest).await.map(Ok),
-                (false, Some(_)) => Ok(Err(Usage("a PATH needs --action".into()))),
+                (true, None) => Err(usage("--action needs a PATH (stdout, outputs/...)")),
+                (false, None) => cli::transfer::cat(&remote.store()?, &digest).await.map_err(CliError::from),
+                (false, Some(_)) => Err(usage("a PATH needs --action")),
             }
         }
     };
-    done.map(|r| r.map(|()| 0))
+    done.map(|()| 0)
 }

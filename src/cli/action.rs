@@ -66,14 +66,14 @@ pub async fn ls(remote: &RemoteArgs, action: &Digest, path: &str, recursive: boo
         }
         stack.extend(subdirs.into_iter().rev());
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Writes a file of an action's view to stdout.
 pub async fn cat(remote: &RemoteArgs, action: &Digest, path: &str) -> CmdResult {
     let (fs, attr, _tmp) = resolve(remote, action, path).await?;
     if attr.kind != Kind::File {
-        return Err(Error::InvalidArgument(format!("{path} is not a file")));
+        return Err(Error::InvalidArgument(format!("{path} is not a file")).into());
     }
     let mut out = std::io::stdout().lock();
     let mut offset = 0;
@@ -86,5 +86,5 @@ pub async fn cat(remote: &RemoteArgs, action: &Digest, path: &str) -> CmdResult 
         out.write_all(&chunk).map_err(|e| Error::io("writing to stdout", e))?;
     }
     out.flush().map_err(|e| Error::io("writing to stdout", e))?;
-    Ok(Ok(()))
+    Ok(())
 }

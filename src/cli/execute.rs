@@ -35,10 +35,7 @@ pub struct ExecuteArgs {
 /// a failure such as a timeout or missing inputs).
 pub async fn execute(args: ExecuteArgs) -> CmdResult {
     let store = args.action.remote.store()?;
-    let action = match upload_action(&args.action, &store).await? {
-        Ok(d) => d,
-        Err(u) => return Ok(Err(u)),
-    };
+    let action = upload_action(&args.action, &store).await?;
     eprintln!("casfs: action {action}");
     let resp = remote_execute(&store, action, args.skip_cache_lookup, |name, stage| {
         eprintln!("casfs: {name} {}", stage_name(stage));
@@ -49,7 +46,8 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
         return Err(Error::remote(
             "Execute",
             tonic::Status::new(tonic::Code::from_i32(status.code), status.message.clone()),
-        ));
+        )
+        .into());
     };
     if args.json {
         print!("{}", casfs::render::action_result_json(&result));
@@ -78,7 +76,7 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
     if result.exit_code != 0 {
         std::process::exit(result.exit_code.clamp(1, 255));
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Writes a command's stdout or stderr to `to` as it arrives (inline bytes, or the blob

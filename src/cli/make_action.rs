@@ -12,7 +12,7 @@ use casfs::digest::Digest;
 use casfs::error::{Error, Result};
 use casfs::proto::reapi;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs, Usage};
+use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
 
 /// Options of `casfs action`.
 #[derive(Args)]
@@ -64,21 +64,15 @@ fn pair(s: &str, what: &str) -> Result<(String, String)> {
 /// digest.
 pub async fn create(args: ActionArgs) -> CmdResult {
     let store = args.remote.store()?;
-    match upload_action(&args, &store).await? {
-        Ok(d) => println!("{d}"),
-        Err(u) => return Ok(Err(u)),
-    }
-    Ok(Ok(()))
+    println!("{}", upload_action(&args, &store).await?);
+    Ok(())
 }
 
 /// Uploads the input root, Command and Action that `args` describe; the Action's digest.
-pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> Result<std::result::Result<Digest, Usage>> {
+pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> CmdResult<Digest> {
     let root = match (&args.input, &args.input_root) {
         (Some(dir), _) => casfs::transfer::upload_dir(store, dir, false).await?.root,
-        (None, Some(d)) => match digest_arg(d) {
-            Ok(d) => d,
-            Err(u) => return Ok(Err(u)),
-        },
+        (None, Some(d)) => digest_arg(d)?,
         (None, None) => casfs::tree::Directory::default().encode().0,
     };
     let mut env: Vec<(String, String)> = args.env.iter().map(|e| pair(e, "--env")).collect::<Result<_>>()?;
@@ -123,5 +117,5 @@ pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> Result<std::
     let ab = action.encode_to_vec();
     let ad = Digest::of_bytes(&ab);
     store.write(&ad, ab.into()).await?;
-    Ok(Ok(ad))
+    Ok(ad)
 }

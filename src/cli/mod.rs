@@ -148,12 +148,26 @@ impl ConnArgs {
     }
 }
 
-/// A usage error: reported on one line with exit status 2.
-pub struct Usage(pub String);
-
-pub fn digest_arg(text: &str) -> std::result::Result<Digest, Usage> {
-    Digest::parse(text).map_err(|e| Usage(format!("invalid digest {text:?}: {e}")))
+/// Why a subcommand failed; the exit status follows from it.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The command line is wrong: one line on stderr, exit status 2.
+    #[error("{0}")]
+    Usage(String),
+    /// The work failed: one line on stderr, exit status 1.
+    #[error(transparent)]
+    Failed(#[from] casfs::Error),
 }
 
-/// What a subcommand returns: an error (exit 1), a usage error (exit 2) or success.
-pub type CmdResult = Result<std::result::Result<(), Usage>>;
+/// A usage error with this message.
+pub fn usage(msg: impl Into<String>) -> CliError {
+    CliError::Usage(msg.into())
+}
+
+/// A digest given on the command line (a malformed one is a usage error).
+pub fn digest_arg(text: &str) -> CmdResult<Digest> {
+    Digest::parse(text).map_err(|e| usage(format!("invalid digest {text:?}: {e}")))
+}
+
+/// What a subcommand returns.
+pub type CmdResult<T = ()> = std::result::Result<T, CliError>;

@@ -12,7 +12,7 @@ use casfs::error::{Error, Result};
 use casfs::fs::{FetchConfig, FsConfig, Instances, MountConfig, OpenMode, Remote, RemoteFactory, Root};
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs, Usage};
+use super::{digest_arg, parse_duration, usage, CmdResult, RemoteArgs};
 
 /// Options of `casfs mount`.
 #[derive(Args)]
@@ -165,10 +165,8 @@ async fn gone(guard: &casfs::fs::MountGuard) {
 /// unmounts (if still mounted) and flushes the cache.
 pub async fn run(args: MountArgs, mut ready: Ready) -> CmdResult {
     let res = mount_and_wait(args, &mut ready).await;
-    match &res {
-        Ok(Err(Usage(msg))) => ready.send(msg),
-        Err(e) => ready.send(&e.to_string()),
-        Ok(Ok(())) => {}
+    if let Err(e) = &res {
+        ready.send(&e.to_string());
     }
     res
 }
@@ -185,15 +183,13 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
             });
             (Root::Browse(Instances::on_demand(factory)), PathBuf::from(mp))
         }
-        (false, [digest, mp]) => match digest_arg(digest) {
-            Ok(d) => {
-                let store = Arc::new(args.remote.store()?);
-                (Root::Digest(d, Remote::new(store.clone(), Some(store))), PathBuf::from(mp))
-            }
-            Err(u) => return Ok(Err(u)),
-        },
-        (true, _) => return Ok(Err(Usage("with --browse give only the mountpoint".into()))),
-        (false, _) => return Ok(Err(Usage("give a DIGEST and a MOUNTPOINT (or --browse MOUNTPOINT)".into()))),
+        (false, [digest, mp]) => {
+            let d = digest_arg(digest)?;
+            let store = Arc::new(args.remote.store()?);
+            (Root::Digest(d, Remote::new(store.clone(), Some(store))), PathBuf::from(mp))
+        }
+        (true, _) => return Err(usage("with --browse give only the mountpoint")),
+        (false, _) => return Err(usage("give a DIGEST and a MOUNTPOINT (or --browse MOUNTPOINT)")),
     };
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
@@ -230,5 +226,5 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }
-    res.map(Ok)
+    Ok(res?)
 }

@@ -4,13 +4,12 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use casfs::error::Result;
 use casfs::exec::{CachedExecutor, Executor};
 use casfs::metrics::Metrics;
 
 use super::exec_args::{hostname, ExecArgs};
 use super::signals::Shutdown;
-use super::{digest_arg, RemoteArgs, Usage};
+use super::{digest_arg, CmdResult, RemoteArgs};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -48,11 +47,8 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 
 /// Runs the action, prints `status` and the ActionResult as JSON, and returns the exit
 /// status that tells how it went (`EXIT_STATUS_HELP`).
-pub async fn run(args: RunArgs) -> Result<std::result::Result<u8, Usage>> {
-    let digest = match digest_arg(&args.digest) {
-        Ok(d) => d,
-        Err(u) => return Ok(Err(u)),
-    };
+pub async fn run(args: RunArgs) -> CmdResult<u8> {
+    let digest = digest_arg(&args.digest)?;
     let store = Arc::new(args.remote.store()?);
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
@@ -66,7 +62,7 @@ pub async fn run(args: RunArgs) -> Result<std::result::Result<u8, Usage>> {
     let outcome = tokio::select! {
         o = exec.execute(digest, args.skip_cache_lookup) => o?,
         _ = stop.wait() => {
-            return Err(casfs::error::Error::Unavailable("interrupted; the action was stopped and cleaned up".into()));
+            return Err(casfs::error::Error::Unavailable("interrupted; the action was stopped and cleaned up".into()).into());
         }
     };
     if outcome.status.code != 0 {
@@ -76,7 +72,7 @@ pub async fn run(args: RunArgs) -> Result<std::result::Result<u8, Usage>> {
         eprintln!("casfs: served from the action cache");
     }
     print!("{}", casfs::render::action_result_json(&outcome.result));
-    Ok(Ok(exit_status(&outcome)))
+    Ok(exit_status(&outcome))
 }
 
 /// The exit status for an outcome: timeouts and infrastructure failures first, since a

@@ -16,7 +16,7 @@ use casfs::server::{AcWrites, Backend, Bound, Listen};
 
 use super::exec_args::{hostname, ExecArgs};
 use super::signals::Shutdown;
-use super::{default_storage, parse_duration, parse_size, CmdResult, Usage};
+use super::{default_storage, parse_duration, parse_size, usage, CmdResult};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -84,13 +84,13 @@ pub struct ServeArgs {
 pub async fn serve(args: ServeArgs) -> CmdResult {
     let listen: Listen = match args.listen.parse() {
         Ok(l) => l,
-        Err(e) => return Ok(Err(Usage(e.to_string()))),
+        Err(e) => return Err(usage(e.to_string())),
     };
     if let Listen::Tcp(addr) = &listen {
         if !addr.ip().is_loopback() && !args.allow_remote_clients {
-            return Ok(Err(Usage(format!(
+            return Err(usage(format!(
                 "refusing to listen on {addr}: not loopback (pass --allow-remote-clients; there is no authentication)"
-            ))));
+            )));
         }
         if !addr.ip().is_loopback() && args.tls_client_ca.is_none() && args.auth_token_file.is_none() {
             tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
@@ -121,14 +121,14 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     };
     let mut backend = Backend::new(cas.clone(), store.clone());
     if args.upload_idle_timeout.is_zero() {
-        return Ok(Err(Usage("--upload-idle-timeout must be more than 0".into())));
+        return Err(usage("--upload-idle-timeout must be more than 0"));
     }
     backend.upload_idle_timeout = args.upload_idle_timeout;
     backend.ac_writes = args.ac_writes;
     if let Some(p) = &args.auth_token_file {
         let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
         if token.trim().is_empty() {
-            return Ok(Err(Usage(format!("{} holds no token", p.display()))));
+            return Err(usage(format!("{} holds no token", p.display())));
         }
         backend.auth_token = Some(token.trim().to_string());
     }
@@ -159,7 +159,7 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     }
     bound.serve_with(backend, tls, stop.wait()).await?;
     tracing::info!("server stopped");
-    Ok(Ok(()))
+    Ok(())
 }
 
 fn parse_ac_writes(s: &str) -> Result<AcWrites, String> {

@@ -16,7 +16,7 @@ use casfs::worker::session::BotsClient;
 use casfs::worker::{Bot, Shutdown, StopLevel, WorkerConfig};
 
 use super::exec_args::{hostname, ExecArgs};
-use super::{parse_duration, CmdResult, ConnArgs, Usage};
+use super::{parse_duration, usage, CmdResult, ConnArgs};
 
 /// Options of `casfs worker`.
 #[derive(Args)]
@@ -77,13 +77,13 @@ const WORKER_COUNTERS: [&str; 14] = [
 /// Runs the worker until SIGTERM/SIGINT (drain) or a second one (abandon).
 pub async fn run(args: WorkerArgs) -> CmdResult {
     if args.concurrency == 0 {
-        return Ok(Err(Usage("--concurrency must be at least 1".into())));
+        return Err(usage("--concurrency must be at least 1"));
     }
     let mut platform = Vec::new();
     for p in &args.platform {
         match p.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => platform.push((k.trim().to_string(), v.trim().to_string())),
-            _ => return Ok(Err(Usage(format!("--platform {p:?} is not KEY=VALUE")))),
+            _ => return Err(usage(format!("--platform {p:?} is not KEY=VALUE"))),
         }
     }
     if platform.is_empty() {
@@ -92,7 +92,7 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let work_dir = args.exec.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("casfs-worker"));
     let bot_id = args.bot_id.clone().unwrap_or_else(|| default_bot_id(&work_dir));
     if bot_id.trim().is_empty() {
-        return Ok(Err(Usage("--bot-id must not be empty".into())));
+        return Err(usage("--bot-id must not be empty"));
     }
     // Two workers with one bot id would keep closing each other's session.
     let _bot_lock = lock_bot_id(&work_dir, &bot_id)?;
@@ -135,7 +135,7 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     );
     Bot::new(wcfg, bots, exec, cas).run(shutdown).await?;
     eprintln!("casfs: worker {bot_id} stopped");
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// First SIGTERM/SIGINT: drain. Second: abandon.
