@@ -142,11 +142,6 @@ impl LargeBlobs {
         file
     }
 
-    /// Bytes the process holds in memory files or has reserved for them.
-    pub fn bytes_in_memory() -> u64 {
-        IN_MEMORY.load(Ordering::Relaxed)
-    }
-
     /// Waits until every blob taken so far is in the disk cache (or failed to get there).
     pub fn flush(&self) {
         let mut s = self.shared.state.lock().unwrap();

@@ -21,9 +21,9 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 
-pub mod hot;
-pub mod large;
-pub mod pack;
+pub(crate) mod hot;
+pub(crate) mod large;
+pub(crate) mod pack;
 mod tiers;
 
 use hot::HotBlobs;

@@ -24,14 +24,15 @@ use crate::proto::reapi;
 use crate::tree::Directory;
 
 pub mod access_log;
-pub mod channel;
-pub mod disk;
+pub(crate) mod channel;
+pub(crate) mod disk;
 pub mod execution;
-pub mod grpc;
-pub mod memory;
-pub mod pipe;
+pub(crate) mod grpc;
+pub(crate) mod memory;
+pub(crate) mod pipe;
 mod read_ahead;
 
+pub use channel::{parse_header, Conn};
 pub use disk::DiskStore;
 pub use grpc::{GrpcStore, RemoteConfig};
 pub use memory::MemoryStore;

@@ -20,7 +20,7 @@ async fn resolve(remote: &RemoteArgs, action: &Digest, path: &str) -> Result<(Ar
     let fetcher = Fetcher::new(cache, FetchConfig::default(), metrics);
     let root = browse::root(fetcher.clone(), browse::Instances::single(Remote::new(store.clone(), Some(store))));
     let fs = CasFs::new(root, fetcher, FsConfig::default());
-    let root = fs.resolve(casfs::fs::inode::ROOT, &format!("_/actions/sha256/{}", action.to_path_form())).await;
+    let root = fs.resolve(casfs::fs::ROOT, &format!("_/actions/sha256/{}", action.to_path_form())).await;
     let root = root.map_err(|e| match e.errno() {
         libc::ENOENT => Error::NotFound(format!("no cached result for action {action}")),
         _ => e,

@@ -142,7 +142,7 @@ impl ConnArgs {
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
         for h in &self.remote_headers {
-            cfg.headers.push(casfs::cas::channel::parse_header(h)?);
+            cfg.headers.push(casfs::cas::parse_header(h)?);
         }
         Ok(cfg)
     }

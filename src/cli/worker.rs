@@ -12,7 +12,7 @@ use casfs::cas::GrpcStore;
 use casfs::error::{Error, IoContext, Result};
 use casfs::exec::Executor;
 use casfs::metrics::Metrics;
-use casfs::worker::session::BotsClient;
+use casfs::worker::BotsClient;
 use casfs::worker::{Bot, Shutdown, StopLevel, WorkerConfig};
 
 use super::exec_args::{hostname, ExecArgs};

@@ -3,13 +3,13 @@
 //! `workspace` makes the input root, `sandbox` confines the command, `capture` collects
 //! outputs, `run` ties them together; `cached` puts the action cache around it.
 
-pub mod cached;
-pub mod capture;
-pub mod materialize;
-pub mod run;
+pub(crate) mod cached;
+pub(crate) mod capture;
+pub(crate) mod materialize;
+pub(crate) mod run;
 pub mod sandbox;
 pub mod spec;
-pub mod workspace;
+pub(crate) mod workspace;
 
 pub use cached::{CachedExecutor, Outcome};
 pub use run::{load_action, ExecConfig, Executed, Executor};

@@ -148,11 +148,6 @@ impl Inodes {
     pub fn len(&self) -> usize {
         self.table.lock().unwrap().nodes.len()
     }
-
-    /// Never true: the root is always there.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
 }
 
 /// A stable number for a readdir entry the kernel has not looked up (plain readdir does not

@@ -4,18 +4,19 @@
 //! without a kernel; `fuse` is the only adapter; `fetch` decides what to fetch and from where;
 //! `browse` and `action_view` are the made-up namespaces; `mount` is the lifecycle.
 
-pub mod action_view;
+pub(crate) mod action_view;
 pub mod browse;
-pub mod core;
-pub mod fetch;
-pub mod fuse;
-pub mod inode;
+pub(crate) mod core;
+pub(crate) mod fetch;
+pub(crate) mod fuse;
+pub(crate) mod inode;
 pub mod mount;
-pub mod node;
+pub(crate) mod node;
 
 pub use self::core::{CasFs, FsConfig};
 pub use browse::{Instances, RemoteFactory};
 pub use fetch::{FetchConfig, Fetcher, Remote};
-pub use fuse::OpenMode;
+pub use fuse::{OpenMode, NO_OPEN_AFTER};
+pub use inode::ROOT;
 pub use mount::{mount, MountConfig, MountGuard, Root};
 pub use node::{Attr, Kind, Node};

@@ -21,13 +21,13 @@ use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
 pub use ac::AcWrites;
-pub mod auth;
+pub(crate) mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
-pub mod execution;
+pub(crate) mod execution;
 mod get_tree;
-pub mod resource;
+pub(crate) mod resource;
 pub mod scheduler;
 
 /// Largest total of blob bytes one batch request may carry; advertised in Capabilities and

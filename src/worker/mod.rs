@@ -29,14 +29,15 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bot;
-pub mod lease;
-pub mod ledger;
-pub mod session;
+pub(crate) mod bot;
+pub(crate) mod lease;
+pub(crate) mod ledger;
+pub(crate) mod session;
 
 use std::time::Duration;
 
 pub use bot::{Bot, Shutdown, StopLevel};
+pub use session::BotsClient;
 
 /// How a worker presents itself to the scheduler and paces its calls.
 #[derive(Clone, Debug)]

@@ -32,7 +32,7 @@ fn rig(extra: &[&str]) -> TestResult<Rig> {
 }
 
 impl Rig {
-    fn exec(&self) -> ExecutionClient<casfs::cas::channel::Conn> {
+    fn exec(&self) -> ExecutionClient<casfs::cas::Conn> {
         ExecutionClient::new(self.client.conn())
     }
 

@@ -9,7 +9,7 @@ use crate::common::*;
 use crate::mount::{http_get, walk_files, MountProcess};
 
 /// Small files in the test tree: more than `auto` answers opens for.
-const SMALL_FILES: usize = casfs::fs::fuse::NO_OPEN_AFTER as usize + 200;
+const SMALL_FILES: usize = casfs::fs::NO_OPEN_AFTER as usize + 200;
 /// A file above the passthrough threshold.
 const LARGE_LEN: usize = 3 << 20;
 
@@ -146,7 +146,7 @@ fn auto_passes_large_files_through_then_stops_answering_opens() -> TestResult {
     // then the kernel asks no more. Each file is read through the daemon once.
     read_small_files(mnt)?;
     let after_small = counts(addr)?;
-    let answered = 1 + casfs::fs::fuse::NO_OPEN_AFTER;
+    let answered = 1 + casfs::fs::NO_OPEN_AFTER;
     assert_eq!(after_small.opens, answered + 1, "opens: the large one, {answered} small ones, one refused");
     assert_eq!((after_small.passthrough, after_small.stopped), (1, 1), "{after_small:?}");
     assert_eq!(after_small.reads, SMALL_FILES as u64, "one read per small file");

@@ -99,7 +99,7 @@ async fn remote_headers_reach_the_server() -> TestResult {
     let without = GrpcStore::new(&RemoteConfig::new(&url))?.capabilities().await;
     assert!(matches!(&without, Err(e) if e.code() == tonic::Code::Unauthenticated), "{without:?}");
     let mut cfg = RemoteConfig::new(&url);
-    cfg.headers.push(casfs::cas::channel::parse_header("Authorization=Bearer s3cret")?);
+    cfg.headers.push(casfs::cas::parse_header("Authorization=Bearer s3cret")?);
     GrpcStore::new(&cfg)?.capabilities().await?;
     Ok(())
 }

@@ -10,7 +10,7 @@
 
 mod builtin;
 mod bwrap;
-pub mod cgroup;
+pub(crate) mod cgroup;
 mod hierarchy;
 mod root;
 mod sys;
