@@ -12,7 +12,7 @@ use casfs::cache::{CacheConfig, LocalCache};
 use casfs::cas::{ByteStream, Cas, MemoryStore};
 use casfs::digest::Digest;
 use casfs::error::Result;
-use casfs::fs::inode::ROOT;
+use casfs::fs::ROOT;
 use casfs::fs::{CasFs, FetchConfig, Fetcher, FsConfig, Kind, Node, Remote};
 use casfs::metrics::Metrics;
 use casfs::tree::{DirEntry, Directory, FileEntry, SymlinkEntry};
@@ -186,12 +186,25 @@ async fn large_blobs_wait_in_memory_within_the_budget_and_go_to_disk_beyond_it()
     assert!(fx.on_disk(&fx.big), "without memory the blob goes to the disk first");
     assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
 
-    // With room: served from a memory file at once, in the disk cache once flushed.
+    // With room: served from a memory file at once. The disk copy is made impossible (a file
+    // where its shard folder goes), so the background writer cannot race the check: a blob the
+    // disk refuses stays readable from memory.
     let fx = fixture_cached(Duration::ZERO, FetchConfig::default(), Some(1 << 30)).await?;
+    let hex = fx.big.hash_hex();
+    let shard = fx.cache.path().join("cas").join(&hex[..2]);
+    let _ = std::fs::remove_dir_all(&shard);
+    std::fs::write(&shard, b"not a folder")?;
     let big = fx.fs.lookup(ROOT, "big").await?;
     let file = fx.fs.fetch_backing(big.ino).await?;
     let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     assert!(link.to_string_lossy().starts_with("/memfd:casfs-blob"), "backing file is {link:?}");
+    fx.fs.fetcher().cache().flush();
+    assert!(!fx.on_disk(&fx.big), "the disk refused the copy");
+    assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
+
+    // With room and a working disk: in the disk cache once flushed.
+    let fx = fixture_cached(Duration::ZERO, FetchConfig::default(), Some(1 << 30)).await?;
+    let big = fx.fs.lookup(ROOT, "big").await?;
     assert_eq!(Digest::of_bytes(&fx.fs.read(big.ino, 0, 1 << 20).await?), fx.big);
     fx.fs.fetcher().cache().flush();
     assert!(fx.on_disk(&fx.big), "flush leaves the blob in the disk cache");
