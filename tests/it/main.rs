@@ -7,6 +7,7 @@ mod cli_status;
 mod conformance;
 mod exec;
 mod exec_limits;
+mod exec_views;
 mod execution;
 mod fs_core;
 mod golden;
