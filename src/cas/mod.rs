@@ -24,6 +24,7 @@ use crate::proto::reapi;
 use crate::tree::Directory;
 
 pub mod access_log;
+pub mod asset;
 pub(crate) mod channel;
 pub(crate) mod disk;
 pub mod execution;

@@ -10,6 +10,7 @@ use casfs::digest::Digest;
 use casfs::error::Result;
 
 pub mod action;
+pub mod asset;
 pub mod exec_args;
 pub mod execute;
 pub mod make_action;

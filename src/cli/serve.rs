@@ -76,6 +76,18 @@ pub struct ServeArgs {
     /// results; clients get PERMISSION_DENIED).
     #[arg(long, env = "CASFS_AC_WRITES", default_value = "all", value_parser = parse_ac_writes)]
     ac_writes: AcWrites,
+    /// Let the Remote Asset Fetch service download URLs that start with this prefix itself
+    /// (repeatable, e.g. https://mirror.example/; redirects must stay under an allowed
+    /// prefix too). By default it downloads nothing and answers only from records clients
+    /// pushed.
+    #[arg(long = "asset-fetch", env = "CASFS_ASSET_FETCH", value_delimiter = ',')]
+    asset_fetch: Vec<String>,
+    /// Largest file the Remote Asset Fetch service downloads.
+    #[arg(long, env = "CASFS_ASSET_MAX_SIZE", default_value = "4G", value_parser = super::parse_size)]
+    asset_max_size: u64,
+    /// Longest download of the Remote Asset Fetch service (a request may ask for less).
+    #[arg(long, env = "CASFS_ASSET_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    asset_timeout: Duration,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -125,6 +137,16 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     }
     backend.upload_idle_timeout = args.upload_idle_timeout;
     backend.ac_writes = args.ac_writes;
+    backend.asset_fetch = casfs::server::AssetFetch {
+        allow: args.asset_fetch.iter().filter(|p| !p.is_empty()).cloned().collect(),
+        max_bytes: args.asset_max_size,
+        timeout: args.asset_timeout,
+        ..Default::default()
+    };
+    if let Some(p) = backend.asset_fetch.allow.iter().find(|p| !p.starts_with("http://") && !p.starts_with("https://"))
+    {
+        return Err(usage(format!("--asset-fetch {p:?}: a prefix starts with http:// or https://")));
+    }
     if let Some(p) = &args.auth_token_file {
         let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
         if token.trim().is_empty() {

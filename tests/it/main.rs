@@ -17,6 +17,7 @@ mod mount;
 mod mount_life;
 mod mount_modes;
 mod remote;
+mod remote_asset;
 mod roundtrip;
 mod sandbox;
 mod sandbox_limits;
