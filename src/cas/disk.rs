@@ -5,12 +5,19 @@
 //! emptied at open). A blob becomes visible only by `rename` after its bytes were hashed and
 //! matched, so a killed writer leaves at most a stray temporary file, never a partial blob.
 //! Recency survives restarts through file mtimes, refreshed when a blob is read.
+//!
+//! Promises (REAPI's lifetime rules): `find_missing` vouches for every blob it reports
+//! present (FindMissingBlobs, action-cache hits and Remote Asset records all go through it).
+//! A vouched blob is marked recently used and, for `min_lifetime` after that, is never
+//! evicted: an upload that would need it gone is refused with RESOURCE_EXHAUSTED instead.
+//! Vouch times live in memory; their recency reaches the files' mtimes in batches.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -29,6 +36,8 @@ const WHOLE_READ_MAX: u64 = 1 << 20;
 const READ_TASKS: usize = 8;
 /// How stale a blob's mtime may get before a read refreshes it (bounds the extra syscalls).
 const TOUCH_AFTER: Duration = Duration::from_secs(600);
+/// Vouched blobs whose mtime is refreshed in one blocking batch.
+const MTIME_BATCH: usize = 4096;
 
 #[derive(Default)]
 struct Lru {
@@ -38,6 +47,10 @@ struct Lru {
     order: BTreeMap<u64, Digest>,
     total: u64,
     next: u64,
+    /// digest -> when it was last vouched for (kept while within the grace period)
+    vouched: HashMap<Digest, Instant>,
+    /// vouched digests whose file mtime is still to be refreshed
+    stale_mtimes: Vec<Digest>,
 }
 
 impl Lru {
@@ -67,7 +80,44 @@ impl Lru {
             self.order.remove(&t);
             self.total -= d.size();
         }
+        self.vouched.remove(d);
     }
+
+    /// Whether `d` was vouched for less than `grace` ago.
+    fn promised(&self, d: &Digest, grace: Duration, now: Instant) -> bool {
+        self.vouched.get(d).is_some_and(|t| now.duration_since(*t) < grace)
+    }
+
+    /// The least recently used blobs to remove so that `extra` more bytes fit under `max`,
+    /// never `keep` nor a promised blob; `None` when that is not possible. Walks from the
+    /// oldest: vouching also marks a blob used, so promised blobs gather at the young end.
+    fn victims(&mut self, max: u64, extra: u64, keep: Option<&Digest>, grace: Duration) -> Option<Vec<Digest>> {
+        let now = Instant::now();
+        if self.vouched.len() > 2 * self.ticks.len().max(1024) {
+            // Forget lapsed promises now and then, so the map stays as small as the store.
+            self.vouched.retain(|_, t| now.duration_since(*t) < grace);
+        }
+        let mut need = (self.total + extra).saturating_sub(max);
+        let mut out = Vec::new();
+        for d in self.order.values() {
+            if need == 0 {
+                break;
+            }
+            if Some(d) == keep || self.promised(d, grace, now) {
+                continue;
+            }
+            need = need.saturating_sub(d.size());
+            out.push(*d);
+        }
+        (need == 0).then_some(out)
+    }
+}
+
+/// Counters of a store's evictions and refusals, when it reports metrics.
+struct StoreMetrics {
+    evictions: Arc<AtomicU64>,
+    evicted_bytes: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 }
 
 /// A persistent blob store and action cache in a local folder.
@@ -76,6 +126,9 @@ pub struct DiskStore {
     /// Bound on the bytes of blobs held (0 = none).
     max_bytes: u64,
     lru: Mutex<Lru>,
+    /// How long a vouched blob is safe from eviction (zero: no promises, plain LRU).
+    min_lifetime: Duration,
+    metrics: Option<StoreMetrics>,
 }
 
 impl DiskStore {
@@ -116,9 +169,27 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru) };
+        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru), min_lifetime: Duration::ZERO, metrics: None };
         store.evict(None);
         Ok(store)
+    }
+
+    /// Keeps every blob that `find_missing` reported present for at least `grace` after
+    /// that (a server's promise to its clients); zero keeps plain LRU.
+    pub fn with_min_lifetime(mut self, grace: Duration) -> Self {
+        self.min_lifetime = grace;
+        self
+    }
+
+    /// Counts evictions (`casfs_storage_evictions_total`, `..._evicted_bytes_total`) and
+    /// uploads refused to keep a promise (`casfs_storage_refused_uploads_total`).
+    pub fn with_metrics(mut self, m: &crate::metrics::Metrics) -> Self {
+        self.metrics = Some(StoreMetrics {
+            evictions: m.counter("casfs_storage_evictions_total"),
+            evicted_bytes: m.counter("casfs_storage_evicted_bytes_total"),
+            refused: m.counter("casfs_storage_refused_uploads_total"),
+        });
+        self
     }
 
     /// The folder the store lives in.
@@ -153,25 +224,102 @@ impl DiskStore {
         digest.is_empty_blob() || self.lru.lock().unwrap().ticks.contains_key(digest)
     }
 
+    /// Removes least recently used blobs until the total fits (promised ones stay, even if
+    /// that leaves the store over its bound: that only happens at open, or when a promise
+    /// was made after room was checked).
     fn evict(&self, keep: Option<&Digest>) {
-        let max_bytes = self.max_bytes;
-        if max_bytes == 0 {
+        if self.max_bytes == 0 {
             return;
         }
-        let mut victims = Vec::new();
-        {
+        let victims = {
             let mut lru = self.lru.lock().unwrap();
-            while lru.total > max_bytes {
-                let Some((_, d)) = lru.order.iter().find(|(_, d)| Some(*d) != keep).map(|(t, d)| (*t, *d)) else {
-                    break;
-                };
-                lru.remove(&d);
-                victims.push(d);
+            // Whatever is not promised goes, oldest first, until the total fits.
+            let v = lru.victims(self.max_bytes, 0, keep, self.min_lifetime).unwrap_or_else(|| {
+                let now = Instant::now();
+                lru.order
+                    .values()
+                    .filter(|d| Some(*d) != keep && !lru.promised(d, self.min_lifetime, now))
+                    .copied()
+                    .collect()
+            });
+            for d in &v {
+                lru.remove(d);
             }
-        }
+            v
+        };
+        self.remove_files(victims);
+    }
+
+    fn remove_files(&self, victims: Vec<Digest>) {
         for d in victims {
             tracing::debug!(digest = %d, "evicting blob");
+            if let Some(m) = &self.metrics {
+                m.evictions.fetch_add(1, Ordering::Relaxed);
+                m.evicted_bytes.fetch_add(d.size(), Ordering::Relaxed);
+            }
             let _ = std::fs::remove_file(self.blob_path(&d));
+        }
+    }
+
+    /// Refuses a blob that cannot fit without evicting a promised one.
+    fn check_room(&self, digest: &Digest) -> Result<()> {
+        if self.max_bytes == 0 || self.min_lifetime.is_zero() {
+            return Ok(());
+        }
+        let mut lru = self.lru.lock().unwrap();
+        if lru.ticks.contains_key(digest)
+            || lru.victims(self.max_bytes, digest.size(), None, self.min_lifetime).is_some()
+        {
+            return Ok(());
+        }
+        drop(lru);
+        Err(self.refusal(digest))
+    }
+
+    fn refusal(&self, digest: &Digest) -> Error {
+        if let Some(m) = &self.metrics {
+            m.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(digest = %digest, "storage full of blobs promised to clients; upload refused");
+        Error::ResourceExhausted(format!(
+            "storage is full ({} bytes) of blobs that clients were told exist in the last {:?} \
+             (--min-blob-lifetime); {digest} does not fit until those promises lapse",
+            self.max_bytes, self.min_lifetime
+        ))
+    }
+
+    /// Marks present blobs as vouched for and recently used; their mtimes follow in batches.
+    fn vouch(&self, present: &[Digest]) {
+        if present.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let batch = {
+            let mut lru = self.lru.lock().unwrap();
+            for d in present {
+                lru.touch(d);
+                if !self.min_lifetime.is_zero() {
+                    lru.vouched.insert(*d, now);
+                }
+                lru.stale_mtimes.push(*d);
+            }
+            if lru.stale_mtimes.len() < MTIME_BATCH {
+                return;
+            }
+            std::mem::take(&mut lru.stale_mtimes)
+        };
+        let paths: Vec<PathBuf> = batch.iter().map(|d| self.blob_path(d)).collect();
+        let touch = move || {
+            let now = SystemTime::now();
+            for p in paths {
+                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
+                    let _ = f.set_modified(now);
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(touch)),
+            Err(_) => touch(),
         }
     }
 
@@ -189,7 +337,29 @@ impl DiskStore {
             std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
             tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
         }
-        self.lru.lock().unwrap().insert(*digest);
+        let victims = {
+            let mut lru = self.lru.lock().unwrap();
+            if self.max_bytes > 0 && !self.min_lifetime.is_zero() && !lru.ticks.contains_key(digest) {
+                match lru.victims(self.max_bytes, digest.size(), Some(digest), self.min_lifetime) {
+                    Some(v) => {
+                        for d in &v {
+                            lru.remove(d);
+                        }
+                        lru.insert(*digest);
+                        Some(v)
+                    }
+                    None => None,
+                }
+            } else {
+                lru.insert(*digest);
+                Some(Vec::new())
+            }
+        };
+        let Some(victims) = victims else {
+            let _ = std::fs::remove_file(&dest);
+            return Err(self.refusal(digest));
+        };
+        self.remove_files(victims);
         self.evict(Some(digest));
         Ok(())
     }
@@ -330,13 +500,25 @@ fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
 #[async_trait::async_trait]
 impl Cas for DiskStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let lru = self.lru.lock().unwrap();
-        let mut seen = std::collections::HashSet::new();
-        Ok(digests
-            .iter()
-            .filter(|d| !d.is_empty_blob() && !lru.ticks.contains_key(d) && seen.insert(**d))
-            .copied()
-            .collect())
+        let (missing, present) = {
+            let lru = self.lru.lock().unwrap();
+            let mut seen = std::collections::HashSet::new();
+            let (mut missing, mut present) = (Vec::new(), Vec::new());
+            for d in digests {
+                if d.is_empty_blob() || !seen.insert(*d) {
+                    continue;
+                }
+                if lru.ticks.contains_key(d) {
+                    present.push(*d);
+                } else {
+                    missing.push(*d);
+                }
+            }
+            (missing, present)
+        };
+        // Reported present: a promise that they stay for a while.
+        self.vouch(&present);
+        Ok(missing)
     }
 
     async fn read(&self, digest: &Digest) -> Result<Bytes> {
@@ -416,6 +598,7 @@ impl Cas for DiskStore {
         if self.contains(digest) {
             return Ok(());
         }
+        self.check_room(digest)?;
         if digest.size() >= PIPELINE_MIN {
             // Receiving, hashing and writing overlap; visible only once the whole hash matched.
             let (file, tmp) = self.temp()?;
@@ -444,6 +627,7 @@ impl Cas for DiskStore {
             return Ok(());
         }
         super::verify(digest, &data)?;
+        self.check_room(digest)?;
         let (mut file, tmp) = self.temp()?;
         file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
         drop(file);

@@ -157,6 +157,9 @@ pub fn referenced_blobs(r: &reapi::ActionResult) -> Result<Vec<Digest>> {
     Ok(out)
 }
 
+/// Trees up to this size have their files checked (and vouched for) on an action-cache hit.
+const TREE_CHECK_MAX: u64 = 16 << 20;
+
 /// The cached result of `action`, served only while every blob it references still exists
 /// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again).
 pub async fn verified_action_result(
@@ -165,7 +168,24 @@ pub async fn verified_action_result(
     action: &Digest,
 ) -> Result<Option<reapi::ActionResult>> {
     let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
-    let refs = referenced_blobs(&result)?;
+    let mut refs = referenced_blobs(&result)?;
+    // What an output directory holds is referenced too: a client that only keeps digests
+    // (Bazel's --remote_download_minimal) fetches those files later.
+    for d in &result.output_directories {
+        let Some(tree) = d.tree_digest.as_ref().and_then(|t| Digest::try_from(t).ok()) else { continue };
+        if tree.size() > TREE_CHECK_MAX || !cas.find_missing(&[tree]).await?.is_empty() {
+            continue;
+        }
+        let tree = <reapi::Tree as prost::Message>::decode(cas.read(&tree).await?)
+            .map_err(|e| Error::InvalidArgument(format!("undecodable Tree {tree} in the result of {action}: {e}")))?;
+        for dir in tree.root.iter().chain(tree.children.iter()) {
+            for f in &dir.files {
+                if let Some(fd) = &f.digest {
+                    refs.push(Digest::try_from(fd)?);
+                }
+            }
+        }
+    }
     if let Some(m) = cas.find_missing(&refs).await?.first() {
         tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
         return Ok(None);

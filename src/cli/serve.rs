@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// results; clients get PERMISSION_DENIED).
     #[arg(long, env = "CASFS_AC_WRITES", default_value = "all", value_parser = parse_ac_writes)]
     ac_writes: AcWrites,
+    /// A blob the server reported present (FindMissingBlobs, an action-cache or Execute cache
+    /// hit, a Remote Asset record) is not evicted for this long afterwards; an upload that
+    /// would need it gone is refused (RESOURCE_EXHAUSTED) instead. 0 = plain LRU.
+    #[arg(long, env = "CASFS_MIN_BLOB_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    min_blob_lifetime: Duration,
     /// Let the Remote Asset Fetch service download URLs that start with this prefix itself
     /// (repeatable, e.g. https://mirror.example/; redirects must stay under an allowed
     /// prefix too). By default it downloads nothing and answers only from records clients
@@ -108,7 +113,12 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
             tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
         }
     }
-    let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
+    let metrics = Metrics::new();
+    let store = Arc::new(
+        DiskStore::open(&args.storage, args.storage_size)?
+            .with_min_lifetime(args.min_blob_lifetime)
+            .with_metrics(&metrics),
+    );
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
@@ -154,7 +164,6 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         }
         backend.auth_token = Some(token.trim().to_string());
     }
-    let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
