@@ -290,7 +290,8 @@ impl DiskStore {
 
     /// Marks present blobs as vouched for and recently used; their mtimes follow in batches.
     fn vouch(&self, present: &[Digest]) {
-        if present.is_empty() {
+        // Without promises (a local cache, or a server told 0) presence changes nothing.
+        if present.is_empty() || self.min_lifetime.is_zero() {
             return;
         }
         let now = Instant::now();
@@ -298,9 +299,7 @@ impl DiskStore {
             let mut lru = self.lru.lock().unwrap();
             for d in present {
                 lru.touch(d);
-                if !self.min_lifetime.is_zero() {
-                    lru.vouched.insert(*d, now);
-                }
+                lru.vouched.insert(*d, now);
                 lru.stale_mtimes.push(*d);
             }
             if lru.stale_mtimes.len() < MTIME_BATCH {

@@ -160,24 +160,23 @@ pub fn referenced_blobs(r: &reapi::ActionResult) -> Result<Vec<Digest>> {
 /// Trees up to this size have their files checked (and vouched for) on an action-cache hit.
 const TREE_CHECK_MAX: u64 = 16 << 20;
 
-/// The cached result of `action`, served only while every blob it references still exists
-/// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again).
-pub async fn verified_action_result(
-    cas: &dyn Cas,
-    ac: &dyn ActionCache,
-    action: &Digest,
-) -> Result<Option<reapi::ActionResult>> {
-    let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
-    let mut refs = referenced_blobs(&result)?;
-    // What an output directory holds is referenced too: a client that only keeps digests
-    // (Bazel's --remote_download_minimal) fetches those files later.
+/// Every blob an ActionResult references, including the files of each output directory's
+/// Tree (read from `cas`, up to [`TREE_CHECK_MAX`]): a client that keeps only digests (Bazel's
+/// --remote_download_minimal) fetches those files later.
+pub async fn result_blobs(cas: &dyn Cas, result: &reapi::ActionResult) -> Result<Vec<Digest>> {
+    let mut refs = referenced_blobs(result)?;
     for d in &result.output_directories {
         let Some(tree) = d.tree_digest.as_ref().and_then(|t| Digest::try_from(t).ok()) else { continue };
-        if tree.size() > TREE_CHECK_MAX || !cas.find_missing(&[tree]).await?.is_empty() {
+        if tree.size() > TREE_CHECK_MAX {
             continue;
         }
-        let tree = <reapi::Tree as prost::Message>::decode(cas.read(&tree).await?)
-            .map_err(|e| Error::InvalidArgument(format!("undecodable Tree {tree} in the result of {action}: {e}")))?;
+        let bytes = match cas.read(&tree).await {
+            Ok(b) => b,
+            Err(Error::MissingBlob(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let tree = <reapi::Tree as prost::Message>::decode(bytes)
+            .map_err(|e| Error::InvalidArgument(format!("undecodable Tree {tree}: {e}")))?;
         for dir in tree.root.iter().chain(tree.children.iter()) {
             for f in &dir.files {
                 if let Some(fd) = &f.digest {
@@ -186,6 +185,19 @@ pub async fn verified_action_result(
             }
         }
     }
+    Ok(refs)
+}
+
+/// The cached result of `action`, served only while every blob it references still exists
+/// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again). The
+/// check is a `find_missing`, which a server's store takes as a promise to keep them.
+pub async fn verified_action_result(
+    cas: &dyn Cas,
+    ac: &dyn ActionCache,
+    action: &Digest,
+) -> Result<Option<reapi::ActionResult>> {
+    let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
+    let refs = result_blobs(cas, &result).await?;
     if let Some(m) = cas.find_missing(&refs).await?.first() {
         tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
         return Ok(None);

@@ -78,7 +78,8 @@ pub struct ServeArgs {
     ac_writes: AcWrites,
     /// A blob the server reported present (FindMissingBlobs, an action-cache or Execute cache
     /// hit, a Remote Asset record) is not evicted for this long afterwards; an upload that
-    /// would need it gone is refused (RESOURCE_EXHAUSTED) instead. 0 = plain LRU.
+    /// would need it gone is refused (RESOURCE_EXHAUSTED) instead. 0 = plain LRU, where
+    /// being asked about does not count as a use.
     #[arg(long, env = "CASFS_MIN_BLOB_LIFETIME", default_value = "10m", value_parser = parse_duration)]
     min_blob_lifetime: Duration,
     /// Let the Remote Asset Fetch service download URLs that start with this prefix itself
