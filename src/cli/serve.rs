@@ -96,7 +96,9 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
             tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
         }
     }
-    let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
+    let metrics = Metrics::new();
+    let quarantined = metrics.counter("casfs_storage_quarantined_blobs_total");
+    let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?.count_quarantined_in(quarantined));
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
@@ -132,7 +134,6 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         }
         backend.auth_token = Some(token.trim().to_string());
     }
-    let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
@@ -157,7 +158,11 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let cached = Arc::new(casfs::exec::CachedExecutor::new(exec, store.clone()));
         backend.execution = Some(Scheduler::new(cached, sc));
     }
-    bound.serve_with(backend, tls, stop.wait()).await?;
+    let stopped = async {
+        stop.wait().await;
+        tracing::info!("signal received; the server shuts down");
+    };
+    bound.serve_with(backend, tls, stopped).await?;
     tracing::info!("server stopped");
     Ok(())
 }
