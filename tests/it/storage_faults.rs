@@ -224,7 +224,9 @@ fn a_cache_on_a_full_disk_keeps_its_bound_serves_right_bytes_and_keeps_its_packs
     }
     let log = m.log_text();
     drop(m);
-    assert!(log.matches("storage is full").count() <= 1, "disk full is warned about more than once:\n{log}");
+    // Warned once (a WARN), not once per refused blob.
+    assert_eq!(log.matches("storage is full").count(), 1, "disk full is not warned about once:\n{log}");
+    assert!(!log.contains("could not copy a blob"), "{log}");
 
     // 3. Packs whose writers died before sealing them, on a disk still full: the next
     //    daemon uses them (every Directory and small file comes from them; no server).
