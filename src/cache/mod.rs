@@ -146,6 +146,9 @@ impl LocalCache {
         if self.ready(digest) {
             return Ok(true);
         }
+        if !self.disk.files.contains(digest) {
+            return Ok(false);
+        }
         let disk = self.disk.clone();
         let d = *digest;
         let good = tokio::task::spawn_blocking(move || disk.check_file(&d))
