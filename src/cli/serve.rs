@@ -23,7 +23,9 @@ pub struct ServeArgs {
     /// Address to listen on: HOST:PORT (port 0 picks one) or unix:PATH.
     #[arg(long, env = "CASFS_LISTEN", default_value = "127.0.0.1:8980")]
     listen: String,
-    /// Folder holding blobs and action results (created if missing).
+    /// Folder holding blobs and action results (created if missing). A blob found corrupt
+    /// when read is moved to its quarantine/ folder (the newest 16 kept) and counts as
+    /// missing, so the next upload heals it.
     #[arg(long, env = "CASFS_STORAGE", default_value_os_t = default_storage())]
     storage: PathBuf,
     /// Bound on stored blob bytes, least recently used evicted first (e.g. 10G; 0 = none).
