@@ -23,6 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
 
+use super::quarantine::{hash_file, ino_of, read_whole, verified_stream, FullLatch, Quarantine};
 use super::{ActionCache, ByteStream, Cas, CHUNK};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
@@ -125,10 +126,16 @@ pub struct DiskStore {
     root: PathBuf,
     /// Bound on the bytes of blobs held (0 = none).
     max_bytes: u64,
-    lru: Mutex<Lru>,
+    lru: Arc<Mutex<Lru>>,
     /// How long a vouched blob is safe from eviction (zero: no promises, plain LRU).
     min_lifetime: Duration,
     metrics: Option<StoreMetrics>,
+    /// Where blob files found corrupt go.
+    quarantine: Quarantine,
+    /// Whether the last write failed for want of space.
+    full: FullLatch,
+    /// Told of every blob evicted (its owner closes files it holds open).
+    evicted: std::sync::OnceLock<EvictHook>,
 }
 
 impl DiskStore {
@@ -169,7 +176,18 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru), min_lifetime: Duration::ZERO, metrics: None };
+        let quarantine = Quarantine::new(root.join("quarantine"), Arc::new(AtomicU64::new(0)));
+        let full = FullLatch::default();
+        let store = DiskStore {
+            root,
+            max_bytes,
+            lru: Arc::new(Mutex::new(lru)),
+            quarantine,
+            full,
+            evicted: Default::default(),
+            min_lifetime: Duration::ZERO,
+            metrics: None,
+        };
         store.evict(None);
         Ok(store)
     }
@@ -190,6 +208,47 @@ impl DiskStore {
             refused: m.counter("casfs_storage_refused_uploads_total"),
         });
         self
+    }
+
+    /// Calls `hook` with each blob evicted from now on (once; later hooks are ignored).
+    pub fn on_evict(&self, hook: EvictHook) {
+        let _ = self.evicted.set(hook);
+    }
+
+    /// Counts blobs quarantined from now on in `counter` (a metrics registry's).
+    pub fn count_quarantined_in(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.quarantine.set_counter(counter);
+        self
+    }
+
+    /// Deletes corrupt blob files instead of keeping the newest few aside (for a cache).
+    pub fn delete_corrupt(mut self) -> Self {
+        self.quarantine.keep = false;
+        self
+    }
+
+    /// Records how a write into the store went: the first refusal for want of space is
+    /// logged at WARN (later ones at DEBUG) until a write succeeds again.
+    pub fn note_write<T>(&self, res: &Result<T>) {
+        self.full.note(&self.root, res);
+    }
+
+    /// Hashes a held blob's file whole (blocking): true when it matches its digest; a
+    /// corrupt or short file is put aside and forgotten (false), as is a missing one.
+    pub fn verify_file(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        match hash_file(&path, digest)? {
+            None => {
+                self.lru.lock().unwrap().remove(digest);
+                Ok(false)
+            }
+            Some((actual, _)) if actual == *digest => Ok(true),
+            Some((actual, ino)) => {
+                let why = if actual.size() != digest.size() { "wrong length" } else { "bytes do not match the digest" };
+                set_aside(&self.lru, &self.quarantine, &path, digest, ino, why);
+                Ok(false)
+            }
+        }
     }
 
     /// The folder the store lives in.
@@ -258,6 +317,9 @@ impl DiskStore {
                 m.evicted_bytes.fetch_add(d.size(), Ordering::Relaxed);
             }
             let _ = std::fs::remove_file(self.blob_path(&d));
+            if let Some(hook) = self.evicted.get() {
+                hook(&d);
+            }
         }
     }
 
@@ -365,6 +427,12 @@ impl DiskStore {
 
     /// Stores a blob by copying a local file, hashing as it copies (blocking).
     pub fn insert_file(&self, digest: &Digest, src: &Path) -> Result<()> {
+        let res = self.insert_file_unnoted(digest, src);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_file_unnoted(&self, digest: &Digest, src: &Path) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -387,6 +455,12 @@ impl DiskStore {
     /// Stores bytes the caller has already checked against `digest` (blocking; no second
     /// hashing). Only for bytes that were verified on their way in.
     pub fn insert_verified(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let res = self.insert_verified_unnoted(digest, data);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_verified_unnoted(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -402,6 +476,12 @@ impl DiskStore {
     /// Stores the content of an open file whose bytes the caller has already checked against
     /// `digest` (blocking; copied in the kernel where it can, no second hashing).
     pub fn insert_verified_file(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
+        let res = self.insert_verified_file_unnoted(digest, src);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_verified_file_unnoted(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -442,7 +522,13 @@ impl DiskStore {
         match std::fs::File::open(&path) {
             // The file is named by hash only: a digest with the right hash but another size
             // names a blob this store does not have.
-            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => Err(Error::MissingBlob(*digest)),
+            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => {
+                if self.contains(digest) {
+                    // Held under this very digest, but cut short or grown: corrupt.
+                    set_aside(&self.lru, &self.quarantine, &path, digest, ino_of(&f), "wrong length");
+                }
+                Err(Error::MissingBlob(*digest))
+            }
             Ok(f) => {
                 self.lru.lock().unwrap().touch(digest);
                 if let Ok(meta) = f.metadata() {
@@ -467,26 +553,15 @@ impl DiskStore {
     }
 }
 
-/// Reads and verifies a whole small blob (blocking). A file of the wrong length is a blob
-/// the store does not have.
-fn read_whole(path: &Path, digest: &Digest) -> Result<Bytes> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::MissingBlob(*digest)),
-        Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
-    };
-    let meta = file.metadata().ctx(|| format!("reading blob {digest}"))?;
-    if meta.len() != digest.size() {
-        return Err(Error::MissingBlob(*digest));
+/// Puts a corrupt blob file aside and forgets the blob (unless the file was replaced since).
+fn set_aside(lru: &Mutex<Lru>, q: &Quarantine, path: &Path, digest: &Digest, ino: Option<u64>, why: &str) {
+    if q.put_aside(path, digest, ino, why) {
+        lru.lock().unwrap().remove(digest);
     }
-    if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > TOUCH_AFTER) {
-        let _ = file.set_modified(SystemTime::now());
-    }
-    let mut buf = Vec::with_capacity(digest.size() as usize);
-    file.read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
-    super::verify(digest, &buf)?;
-    Ok(buf.into())
 }
+
+/// What [`DiskStore::on_evict`] calls.
+pub type EvictHook = Box<dyn Fn(&Digest) + Send + Sync>;
 
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
@@ -528,12 +603,15 @@ impl Cas for DiskStore {
             let mut out = self.read_many(std::slice::from_ref(digest)).await?;
             return out.pop().map(|(_, r)| r).unwrap_or(Err(Error::MissingBlob(*digest)));
         }
+        // A whole read is checked (and a corrupt file put aside) as it streams.
         let mut stream = self.read_stream(digest, 0, 0).await?;
         let mut buf = Vec::with_capacity(digest.size() as usize);
         while let Some(chunk) = stream.next().await {
             buf.extend_from_slice(&chunk?);
         }
-        super::verify(digest, &buf)?;
+        if buf.len() as u64 != digest.size() {
+            return Err(Error::Internal(format!("blob {digest} read {} bytes", buf.len())));
+        }
         Ok(buf.into())
     }
 
@@ -553,7 +631,9 @@ impl Cas for DiskStore {
                 tokio::task::spawn_blocking(move || {
                     chunk
                         .into_iter()
-                        .map(|(d, p)| (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d) }))
+                        .map(|(d, p)| {
+                            (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d, TOUCH_AFTER) })
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -574,6 +654,11 @@ impl Cas for DiskStore {
                 }
             }
         }
+        for (d, r) in &out {
+            if let Err(Error::DigestMismatch { .. }) = r {
+                set_aside(&self.lru, &self.quarantine, &self.blob_path(d), d, None, "bytes do not match the digest");
+            }
+        }
         for d in large {
             out.push((d, self.read(&d).await));
         }
@@ -589,11 +674,43 @@ impl Cas for DiskStore {
         }
         let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
+        let ino = ino_of(&file);
         // A few chunks read ahead; a reader that stops reading holds no thread.
-        Ok(super::read_ahead::stream(file, *digest, offset, end))
+        let stream = super::read_ahead::stream(file, *digest, offset, end);
+        if offset != 0 || end != digest.size() {
+            // A part cannot be checked; whoever reads the whole checks it.
+            return Ok(stream);
+        }
+        let (lru, q, path, d) = (self.lru.clone(), self.quarantine.clone(), self.blob_path(digest), *digest);
+        let on_bad = move || set_aside(&lru, &q, &path, &d, ino, "bytes do not match the digest");
+        Ok(verified_stream(stream, *digest, on_bad))
     }
 
-    async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
+    async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        let res = self.write_stream_unnoted(digest, data).await;
+        self.note_write(&res);
+        res
+    }
+
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        super::verify(digest, &data)?;
+        self.check_room(digest)?;
+        let res = (|| {
+            let (mut file, tmp) = self.temp()?;
+            file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
+            drop(file);
+            self.commit(digest, tmp)
+        })();
+        self.note_write(&res);
+        res
+    }
+}
+
+impl DiskStore {
+    async fn write_stream_unnoted(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -618,18 +735,6 @@ impl Cas for DiskStore {
         tokio::io::AsyncWriteExt::flush(&mut file).await.ctx(|| format!("writing blob {digest}"))?;
         drop(file);
         check(digest, hasher)?;
-        self.commit(digest, tmp)
-    }
-
-    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        super::verify(digest, &data)?;
-        self.check_room(digest)?;
-        let (mut file, tmp) = self.temp()?;
-        file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
-        drop(file);
         self.commit(digest, tmp)
     }
 }

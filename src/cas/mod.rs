@@ -31,6 +31,7 @@ pub mod execution;
 pub(crate) mod grpc;
 pub(crate) mod memory;
 pub(crate) mod pipe;
+mod quarantine;
 mod read_ahead;
 
 pub use channel::{parse_header, Conn};

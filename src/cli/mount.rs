@@ -215,7 +215,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     }
     ready.send("ready\n");
     tokio::select! {
-        _ = stop.wait() => {}
+        _ = stop.wait() => tracing::info!(mountpoint = %mountpoint.display(), "signal received; the daemon unmounts and exits"),
         _ = gone(&guard) => {
             tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; the daemon exits");
         }

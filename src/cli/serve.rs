@@ -23,7 +23,9 @@ pub struct ServeArgs {
     /// Address to listen on: HOST:PORT (port 0 picks one) or unix:PATH.
     #[arg(long, env = "CASFS_LISTEN", default_value = "127.0.0.1:8980")]
     listen: String,
-    /// Folder holding blobs and action results (created if missing).
+    /// Folder holding blobs and action results (created if missing). A blob found corrupt
+    /// when read is moved to its quarantine/ folder (the newest 16 kept) and counts as
+    /// missing, so the next upload heals it.
     #[arg(long, env = "CASFS_STORAGE", default_value_os_t = default_storage())]
     storage: PathBuf,
     /// Bound on stored blob bytes, least recently used evicted first (e.g. 10G; 0 = none).
@@ -115,10 +117,12 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         }
     }
     let metrics = Metrics::new();
+    let quarantined = metrics.counter("casfs_storage_quarantined_blobs_total");
     let store = Arc::new(
         DiskStore::open(&args.storage, args.storage_size)?
             .with_min_lifetime(args.min_blob_lifetime)
-            .with_metrics(&metrics),
+            .with_metrics(&metrics)
+            .count_quarantined_in(quarantined),
     );
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -189,7 +193,11 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let cached = Arc::new(casfs::exec::CachedExecutor::new(exec, store.clone()));
         backend.execution = Some(Scheduler::new(cached, sc));
     }
-    bound.serve_with(backend, tls, stop.wait()).await?;
+    let stopped = async {
+        stop.wait().await;
+        tracing::info!("signal received; the server shuts down");
+    };
+    bound.serve_with(backend, tls, stopped).await?;
     tracing::info!("server stopped");
     Ok(())
 }

@@ -267,15 +267,19 @@ impl Fetcher {
     /// large ones in the disk cache. `parent` is the Directory it was found in: once two files
     /// of one directory are read, the directory's other small files come along in one batch.
     pub async fn load(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>, parent: Option<Digest>) -> Result<()> {
-        if self.cache.contains(&digest) {
+        if self.cache.ready(&digest) {
             return Ok(());
         }
-        self.metrics.add("casfs_blob_cache_misses_total", 1);
         let this = self.clone();
         let remote = remote.clone();
         self.blob_flight
             .run(digest, move || {
                 async move {
+                    // A blob file of an earlier life is hashed once before it is served.
+                    if this.cache.check(&digest).await? {
+                        return Ok(());
+                    }
+                    this.metrics.add("casfs_blob_cache_misses_total", 1);
                     this.with_deadline(digest, this.fetch_blob(digest, &remote.cas, parent))
                         .await
                         .inspect_err(|e| this.note_failure(e))

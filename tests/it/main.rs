@@ -22,4 +22,5 @@ mod remote_asset;
 mod roundtrip;
 mod sandbox;
 mod sandbox_limits;
+mod storage_faults;
 mod worker;
