@@ -12,7 +12,6 @@
 //! evicted: an upload that would need it gone is refused with RESOURCE_EXHAUSTED instead.
 //! Vouch times live in memory; their recency reaches the files' mtimes in batches.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,13 +20,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use prost::Message;
 
 use super::quarantine::{hash_file, ino_of, read_whole, verified_stream, FullLatch, Quarantine};
-use super::{ActionCache, ByteStream, Cas, CHUNK};
+use super::{ByteStream, Cas, CHUNK};
+use lru::{Lru, StoreMetrics};
+
+mod action_cache;
+mod lru;
+mod promises;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
-use crate::proto::reapi;
 
 /// Streams at least this large are hashed and written on two threads at once.
 const PIPELINE_MIN: u64 = 4 << 20;
@@ -39,87 +41,6 @@ const READ_TASKS: usize = 8;
 const TOUCH_AFTER: Duration = Duration::from_secs(600);
 /// Vouched blobs whose mtime is refreshed in one blocking batch.
 const MTIME_BATCH: usize = 4096;
-
-#[derive(Default)]
-struct Lru {
-    /// digest -> recency tick
-    ticks: HashMap<Digest, u64>,
-    /// recency tick -> digest, oldest first
-    order: BTreeMap<u64, Digest>,
-    total: u64,
-    next: u64,
-    /// digest -> when it was last vouched for (kept while within the grace period)
-    vouched: HashMap<Digest, Instant>,
-    /// vouched digests whose file mtime is still to be refreshed
-    stale_mtimes: Vec<Digest>,
-}
-
-impl Lru {
-    fn touch(&mut self, d: &Digest) -> bool {
-        let Some(t) = self.ticks.get_mut(d) else {
-            return false;
-        };
-        self.order.remove(t);
-        *t = self.next;
-        self.order.insert(self.next, *d);
-        self.next += 1;
-        true
-    }
-
-    fn insert(&mut self, d: Digest) {
-        if self.touch(&d) {
-            return;
-        }
-        self.ticks.insert(d, self.next);
-        self.order.insert(self.next, d);
-        self.next += 1;
-        self.total += d.size();
-    }
-
-    fn remove(&mut self, d: &Digest) {
-        if let Some(t) = self.ticks.remove(d) {
-            self.order.remove(&t);
-            self.total -= d.size();
-        }
-        self.vouched.remove(d);
-    }
-
-    /// Whether `d` was vouched for less than `grace` ago.
-    fn promised(&self, d: &Digest, grace: Duration, now: Instant) -> bool {
-        self.vouched.get(d).is_some_and(|t| now.duration_since(*t) < grace)
-    }
-
-    /// The least recently used blobs to remove so that `extra` more bytes fit under `max`,
-    /// never `keep` nor a promised blob; `None` when that is not possible. Walks from the
-    /// oldest: vouching also marks a blob used, so promised blobs gather at the young end.
-    fn victims(&mut self, max: u64, extra: u64, keep: Option<&Digest>, grace: Duration) -> Option<Vec<Digest>> {
-        let now = Instant::now();
-        if self.vouched.len() > 2 * self.ticks.len().max(1024) {
-            // Forget lapsed promises now and then, so the map stays as small as the store.
-            self.vouched.retain(|_, t| now.duration_since(*t) < grace);
-        }
-        let mut need = (self.total + extra).saturating_sub(max);
-        let mut out = Vec::new();
-        for d in self.order.values() {
-            if need == 0 {
-                break;
-            }
-            if Some(d) == keep || self.promised(d, grace, now) {
-                continue;
-            }
-            need = need.saturating_sub(d.size());
-            out.push(*d);
-        }
-        (need == 0).then_some(out)
-    }
-}
-
-/// Counters of a store's evictions and refusals, when it reports metrics.
-struct StoreMetrics {
-    evictions: Arc<AtomicU64>,
-    evicted_bytes: Arc<AtomicU64>,
-    refused: Arc<AtomicU64>,
-}
 
 /// A persistent blob store and action cache in a local folder.
 pub struct DiskStore {
@@ -190,24 +111,6 @@ impl DiskStore {
         };
         store.evict(None);
         Ok(store)
-    }
-
-    /// Keeps every blob that `find_missing` reported present for at least `grace` after
-    /// that (a server's promise to its clients); zero keeps plain LRU.
-    pub fn with_min_lifetime(mut self, grace: Duration) -> Self {
-        self.min_lifetime = grace;
-        self
-    }
-
-    /// Counts evictions (`casfs_storage_evictions_total`, `..._evicted_bytes_total`) and
-    /// uploads refused to keep a promise (`casfs_storage_refused_uploads_total`).
-    pub fn with_metrics(mut self, m: &crate::metrics::Metrics) -> Self {
-        self.metrics = Some(StoreMetrics {
-            evictions: m.counter("casfs_storage_evictions_total"),
-            evicted_bytes: m.counter("casfs_storage_evicted_bytes_total"),
-            refused: m.counter("casfs_storage_refused_uploads_total"),
-        });
-        self
     }
 
     /// Calls `hook` with each blob evicted from now on (once; later hooks are ignored).
@@ -320,67 +223,6 @@ impl DiskStore {
             if let Some(hook) = self.evicted.get() {
                 hook(&d);
             }
-        }
-    }
-
-    /// Refuses a blob that cannot fit without evicting a promised one.
-    fn check_room(&self, digest: &Digest) -> Result<()> {
-        if self.max_bytes == 0 || self.min_lifetime.is_zero() {
-            return Ok(());
-        }
-        let mut lru = self.lru.lock().unwrap();
-        if lru.ticks.contains_key(digest)
-            || lru.victims(self.max_bytes, digest.size(), None, self.min_lifetime).is_some()
-        {
-            return Ok(());
-        }
-        drop(lru);
-        Err(self.refusal(digest))
-    }
-
-    fn refusal(&self, digest: &Digest) -> Error {
-        if let Some(m) = &self.metrics {
-            m.refused.fetch_add(1, Ordering::Relaxed);
-        }
-        tracing::warn!(digest = %digest, "storage full of blobs promised to clients; upload refused");
-        Error::ResourceExhausted(format!(
-            "storage is full ({} bytes) of blobs that clients were told exist in the last {:?} \
-             (--min-blob-lifetime); {digest} does not fit until those promises lapse",
-            self.max_bytes, self.min_lifetime
-        ))
-    }
-
-    /// Marks present blobs as vouched for and recently used; their mtimes follow in batches.
-    fn vouch(&self, present: &[Digest]) {
-        // Without promises (a local cache, or a server told 0) presence changes nothing.
-        if present.is_empty() || self.min_lifetime.is_zero() {
-            return;
-        }
-        let now = Instant::now();
-        let batch = {
-            let mut lru = self.lru.lock().unwrap();
-            for d in present {
-                lru.touch(d);
-                lru.vouched.insert(*d, now);
-                lru.stale_mtimes.push(*d);
-            }
-            if lru.stale_mtimes.len() < MTIME_BATCH {
-                return;
-            }
-            std::mem::take(&mut lru.stale_mtimes)
-        };
-        let paths: Vec<PathBuf> = batch.iter().map(|d| self.blob_path(d)).collect();
-        let touch = move || {
-            let now = SystemTime::now();
-            for p in paths {
-                if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-                    let _ = f.set_modified(now);
-                }
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn_blocking(touch)),
-            Err(_) => touch(),
         }
     }
 
@@ -736,34 +578,5 @@ impl DiskStore {
         drop(file);
         check(digest, hasher)?;
         self.commit(digest, tmp)
-    }
-}
-
-#[async_trait::async_trait]
-impl ActionCache for DiskStore {
-    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
-        match std::fs::read(self.ac_path(action)) {
-            Ok(bytes) => match reapi::ActionResult::decode(bytes.as_slice()) {
-                Ok(r) => Ok(Some(r)),
-                Err(e) => {
-                    tracing::warn!(action = %action, error = %e, "dropping undecodable action cache entry");
-                    let _ = std::fs::remove_file(self.ac_path(action));
-                    Ok(None)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading action result {action}"), e)),
-        }
-    }
-
-    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
-        let dest = self.ac_path(action);
-        let shard = dest.parent().expect("ac path has a shard");
-        std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
-        let (mut file, tmp) = self.temp()?;
-        file.write_all(&result.encode_to_vec()).ctx(|| format!("writing action result {action}"))?;
-        drop(file);
-        tmp.persist(&dest).map_err(|e| Error::io(format!("storing action result {action}"), e.error))?;
-        Ok(())
     }
 }
