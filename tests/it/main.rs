@@ -19,4 +19,5 @@ mod remote;
 mod roundtrip;
 mod sandbox;
 mod sandbox_limits;
+mod slow_links;
 mod worker;
