@@ -259,3 +259,43 @@ fn a_server_stalled_mid_stream_gives_eio_in_bounded_time_then_recovers() -> Test
     assert_eq!(digest_of(&mnt.join("big.bin"))?, digest);
     Ok(())
 }
+
+#[test]
+fn casfs_download_resumes_after_a_server_restart() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let storage = tmp.path().join("storage");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut server = ServeProcess::start_on(&storage, &listen)?;
+    let size: usize = 32 << 20;
+    let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
+    let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
+    let dest = tmp.path().join("dest");
+    let child = std::process::Command::new(casfs_bin())
+        .args(["download", &root])
+        .arg(&dest)
+        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s"])
+        .env("CASFS_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    while proxy.down_bytes() < size as u64 / 2 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the download never got halfway");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill();
+    let at_kill = proxy.down_bytes();
+    std::thread::sleep(Duration::from_millis(300));
+    let _server = ServeProcess::start_on(&storage, &listen)?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(digest_of(&dest.join("big.bin"))?, digest, "wrong bytes after the restart");
+    let total = proxy.down_bytes();
+    assert!(
+        total < at_kill + size as u64 * 3 / 4,
+        "{total} bytes for {size} (killed at {at_kill}): restarted\n{stderr}"
+    );
+    assert!(stderr.contains("resuming a download"), "{stderr}");
+    Ok(())
+}
