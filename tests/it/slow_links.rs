@@ -299,3 +299,54 @@ fn casfs_download_resumes_after_a_server_restart() -> TestResult {
     assert!(stderr.contains("resuming a download"), "{stderr}");
     Ok(())
 }
+
+/// A server that sends a little and breaks off every time: the resumes are bounded, the
+/// error is final, and answers about the blob itself are never retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_are_bounded_against_a_server_that_always_breaks_off() -> TestResult {
+    use casfs::cas::resume::{resuming, Open, Resume};
+    use futures::{FutureExt, StreamExt};
+    let digest = casfs::digest::Digest::of_bytes(&vec![7u8; 1 << 20]);
+    let opens = Arc::new(AtomicU64::new(0));
+    let counted = opens.clone();
+    let open: Open<'static> = Box::new(move |offset| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        async move {
+            assert!(offset < 1 << 20, "resumed past the end");
+            let chunk = Ok(bytes::Bytes::from(vec![7u8; 100]));
+            let broken = Err(casfs::Error::Remote {
+                context: "test".into(),
+                code: tonic::Code::Unknown,
+                message: "h2 protocol error".into(),
+            });
+            Ok(futures::stream::iter([chunk, broken]).boxed())
+        }
+        .boxed()
+    });
+    let policy = Resume { idle: Duration::from_secs(5), retries: 3 };
+    let results: Vec<_> = resuming(digest, open, policy, |_| {}).collect().await;
+    let got: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|b| b.len()).sum();
+    assert!(matches!(results.last(), Some(Err(_))), "the stream did not end with an error");
+    let n = opens.load(Ordering::Relaxed);
+    assert!(n <= 65, "{n} reads for one blob");
+    assert_eq!(got as u64, n * 100, "every read resumed where the last one stopped");
+
+    // An absent blob is not retried.
+    let opens = Arc::new(AtomicU64::new(0));
+    let counted = opens.clone();
+    let open: Open<'static> = Box::new(move |_| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        async move { Err(casfs::Error::MissingBlob(digest)) }.boxed()
+    });
+    let results: Vec<_> = resuming(digest, open, policy, |_| {}).collect().await;
+    assert!(matches!(results.as_slice(), [Err(casfs::Error::MissingBlob(_))]), "{results:?}");
+    assert_eq!(opens.load(Ordering::Relaxed), 1);
+
+    // More bytes than the digest says: refused, not resumed.
+    let open: Open<'static> = Box::new(move |_| {
+        async move { Ok(futures::stream::iter([Ok(bytes::Bytes::from(vec![0u8; (1 << 20) + 1]))]).boxed()) }.boxed()
+    });
+    let results: Vec<_> = resuming(digest, open, policy, |_| {}).collect().await;
+    assert!(matches!(results.as_slice(), [Err(casfs::Error::InvalidArgument(_))]), "{results:?}");
+    Ok(())
+}
