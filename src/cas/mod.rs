@@ -33,6 +33,7 @@ pub(crate) mod memory;
 pub(crate) mod pipe;
 mod quarantine;
 mod read_ahead;
+pub mod resume;
 
 pub use channel::{parse_header, Conn};
 pub use disk::DiskStore;
@@ -297,7 +298,7 @@ pub async fn file_stream(path: std::path::PathBuf) -> Result<ByteStream> {
 
 /// Writes a stream to `path` through a temporary file in the same folder, verifying the digest
 /// before the rename.
-pub async fn stream_to_file(digest: &Digest, mut stream: ByteStream, path: &Path) -> Result<()> {
+pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<Bytes>>, path: &Path) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()

@@ -22,5 +22,6 @@ mod remote_asset;
 mod roundtrip;
 mod sandbox;
 mod sandbox_limits;
+mod slow_links;
 mod storage_faults;
 mod worker;
