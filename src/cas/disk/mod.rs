@@ -242,7 +242,11 @@ impl DiskStore {
         }
         let victims = {
             let mut lru = self.lru.lock().unwrap();
-            if self.max_bytes > 0 && !self.min_lifetime.is_zero() && !lru.ticks.contains_key(digest) {
+            if self.max_bytes > 0
+                && !self.min_lifetime.is_zero()
+                && digest.size() <= self.max_bytes
+                && !lru.ticks.contains_key(digest)
+            {
                 match lru.victims(self.max_bytes, digest.size(), Some(digest), self.min_lifetime) {
                     Some(v) => {
                         for d in &v {

@@ -32,7 +32,9 @@ impl DiskStore {
 
     /// Refuses a blob that cannot fit without evicting a promised one.
     pub(super) fn check_room(&self, digest: &Digest) -> Result<()> {
-        if self.max_bytes == 0 || self.min_lifetime.is_zero() {
+        // A blob larger than the whole store is no question of promises (and a size that
+        // lies is found out by the upload itself).
+        if self.max_bytes == 0 || self.min_lifetime.is_zero() || digest.size() > self.max_bytes {
             return Ok(());
         }
         let mut lru = self.lru.lock().unwrap();
