@@ -205,8 +205,11 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         hash_xattr: args.hash_xattr.clone(),
         ..FsConfig::default()
     };
-    cfg.fetch =
-        FetchConfig { deadline: args.fetch_timeout, batch_siblings: !args.no_batch_siblings, ..FetchConfig::default() };
+    cfg.fetch = FetchConfig {
+        deadline: args.fetch_timeout,
+        batch_siblings: !args.no_batch_siblings,
+        ..args.cache.fetch_config()
+    };
     let stop = super::signals::Shutdown::install();
     let guard = casfs::fs::mount(root, cache.clone(), cfg, metrics)?;
     if let Some(p) = &args.pidfile {

@@ -14,6 +14,7 @@ mod hostile_clients;
 mod hostile_exec;
 mod mount;
 mod mount_life;
+mod mount_memory;
 mod mount_modes;
 mod remote;
 mod roundtrip;
