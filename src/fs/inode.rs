@@ -5,7 +5,7 @@
 //! keyed by (parent inode, name): the kernel forbids a directory inode at two places. Numbers
 //! are never reused within a mount and stay below 2^62 (synthetic readdir numbers use the
 //! 2^62 bit), so tools like tar never mistake two files for hard links. An inode costs about
-//! 130 bytes (a slot of 96 and its hash entry), so a walk of a million files fits in memory.
+//! 110 bytes (a slot of 88 and its hash entry), so a walk of a million files fits in memory.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -59,7 +59,9 @@ impl<'a> KeyRef<'a> {
 struct Slot {
     /// `None` while the slot is free.
     node: Option<Node>,
-    nlookup: u64,
+    /// Kernel lookups not yet forgotten; at `u32::MAX` it sticks (the inode is kept for good
+    /// rather than freed while the kernel may still use it).
+    nlookup: u32,
     /// The directory holding it: for a directory the only one (it is keyed by it); for a
     /// file, where the kernel last looked it up (for log messages and sibling batching).
     parent: u64,
@@ -86,20 +88,22 @@ impl Slot {
     }
 }
 
-/// The table: slots in a vector, found by number in O(1); keys found through their 64-bit
-/// hash (16 bytes an inode), with the rare second key of one hash in `collided`.
+/// The table: slots in a vector, found by number in O(1); keys found through a 32-bit hash
+/// (8 bytes an inode), with the few keys whose hash is taken in `collided`.
 struct Table {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    by_hash: HashMap<u64, u32>,
+    by_hash: HashMap<u32, u32>,
     collided: HashMap<Key, u32>,
     hasher: std::collections::hash_map::RandomState,
+    /// Bits of the hash used (all but in tests, which force collisions).
+    mask: u32,
     live: usize,
 }
 
 impl Table {
-    fn hash(&self, key: KeyRef<'_>) -> u64 {
-        self.hasher.hash_one(key)
+    fn hash(&self, key: KeyRef<'_>) -> u32 {
+        self.hasher.hash_one(key) as u32 & self.mask
     }
 
     fn slot(&self, ino: u64) -> Option<&Slot> {
@@ -185,6 +189,10 @@ pub struct Inodes {
 impl Inodes {
     /// A table holding only the root.
     pub fn new(root: Node) -> Self {
+        Self::with_mask(root, u32::MAX)
+    }
+
+    fn with_mask(root: Node, mask: u32) -> Self {
         let unused = Slot { node: None, nlookup: 0, parent: 0, name: None, gen: MAX_GEN };
         let root = Slot { node: Some(root), nlookup: 1, parent: ROOT, name: None, gen: 0 };
         let table = Table {
@@ -193,6 +201,7 @@ impl Inodes {
             by_hash: HashMap::new(),
             collided: HashMap::new(),
             hasher: Default::default(),
+            mask,
             live: 1,
         };
         Inodes { table: Mutex::new(table) }
@@ -210,7 +219,7 @@ impl Inodes {
         let mut t = self.table.lock().unwrap();
         if let Some(idx) = t.find(key) {
             let s = &mut t.slots[idx as usize];
-            s.nlookup += 1;
+            s.nlookup = s.nlookup.saturating_add(1);
             // Only a file can be met under another parent (directories are keyed by it).
             s.parent = parent;
             return t.ino(idx);
@@ -231,10 +240,11 @@ impl Inodes {
         }
         let mut t = self.table.lock().unwrap();
         let gone = match t.slot_mut(ino) {
-            Some(s) => {
-                s.nlookup = s.nlookup.saturating_sub(n);
+            Some(s) if s.nlookup < u32::MAX => {
+                s.nlookup = s.nlookup.saturating_sub(n.min(u32::MAX as u64) as u32);
                 s.nlookup == 0
             }
+            Some(_) => false,
             None => false,
         };
         if gone {
@@ -328,5 +338,30 @@ mod tests {
         t.forget(ROOT, 100);
         assert!(t.get(ROOT).is_some());
         assert!(synthetic_ino(1, "a") < 1 << 63);
+    }
+
+    #[test]
+    fn keys_whose_hashes_collide_stay_apart() {
+        let r = remote();
+        let t = Inodes::with_mask(Node::Dir { digest: Digest::of_bytes(b"root"), remote: r.clone() }, 0);
+        let file =
+            |i: u32| Node::File { digest: Digest::of_bytes(&i.to_le_bytes()), executable: false, remote: r.clone() };
+        let inos: Vec<u64> = (0..50).map(|i| t.lookup(ROOT, "f", file(i))).collect();
+        let dir = t.lookup(ROOT, "d", Node::Dir { digest: Digest::of_bytes(b"d"), remote: r.clone() });
+        assert_eq!(t.len(), 52);
+        for (i, ino) in inos.iter().enumerate() {
+            assert_eq!(t.peek(ROOT, "f", &file(i as u32)), Some(*ino));
+        }
+        // Freeing the key that owns the shared hash leaves the others findable.
+        t.forget(inos[0], 1);
+        assert_eq!(t.peek(ROOT, "f", &file(0)), None);
+        assert_eq!(t.lookup(ROOT, "f", file(7)), inos[7]);
+        assert_eq!(t.peek(ROOT, "d", &Node::Dir { digest: Digest::of_bytes(b"d"), remote: r.clone() }), Some(dir));
+        let again = t.lookup(ROOT, "f", file(0));
+        assert_ne!(again, inos[0], "numbers are not reused");
+        assert!(t.get(inos[0]).is_none());
+        t.forget(inos[7], 2);
+        assert!(t.get(inos[7]).is_none());
+        assert_eq!(t.len(), 51);
     }
 }
