@@ -87,8 +87,16 @@ fn invalid(label: &str, reason: String) -> Error {
     Error::InvalidDirectory { digest: label.to_string(), reason }
 }
 
+/// Empties a digest field for the next merge, keeping its buffer.
+fn reset_digest(d: &mut Option<reapi::Digest>) {
+    let d = d.get_or_insert_with(Default::default);
+    d.hash.clear();
+    d.size_bytes = 0;
+}
+
 fn entry_digest(name: &str, d: &Option<reapi::Digest>, label: &str) -> Result<Digest> {
-    let d = d.as_ref().ok_or_else(|| invalid(label, format!("entry {name:?} has no digest")))?;
+    let d = d.as_ref().filter(|d| !d.hash.is_empty());
+    let d = d.ok_or_else(|| invalid(label, format!("entry {name:?} has no digest")))?;
     Digest::try_from(d).map_err(|e| invalid(label, format!("entry {name:?}: {e}")))
 }
 
@@ -171,6 +179,10 @@ impl Directory {
         let wire = |e: prost::DecodeError| invalid(&label, format!("not a Directory message: {e}"));
         let mut buf = bytes;
         let mut dir = Directory::default();
+        // One message per kind, merged into again for each entry: its digest's buffer is
+        // reused, so a million entries allocate only their names, packed together (a fresh
+        // message per entry left a freed hash between every two names).
+        let (mut file, mut sub) = (reapi::FileNode::default(), reapi::DirectoryNode::default());
         while !buf.is_empty() {
             let (tag, wt) = decode_key(&mut buf).map_err(wire)?;
             if !matches!(tag, 1 | 2 | 3 | 5) {
@@ -187,8 +199,21 @@ impl Directory {
             let (item, rest) = buf.split_at(len as usize);
             buf = rest;
             match tag {
-                1 => dir.push_file(reapi::FileNode::decode(item).map_err(wire)?, &label)?,
-                2 => dir.push_dir(reapi::DirectoryNode::decode(item).map_err(wire)?, &label)?,
+                1 => {
+                    reset_digest(&mut file.digest);
+                    (file.is_executable, file.node_properties) = (false, None);
+                    file.merge(item).map_err(wire)?;
+                    let name = std::mem::take(&mut file.name);
+                    let digest = entry_digest(&name, &file.digest, &label)?;
+                    dir.files.push(FileEntry { name, digest, executable: file.is_executable });
+                }
+                2 => {
+                    reset_digest(&mut sub.digest);
+                    sub.merge(item).map_err(wire)?;
+                    let name = std::mem::take(&mut sub.name);
+                    let digest = entry_digest(&name, &sub.digest, &label)?;
+                    dir.dirs.push(DirEntry { name, digest });
+                }
                 3 => dir.push_symlink(reapi::SymlinkNode::decode(item).map_err(wire)?, &label)?,
                 _ => drop(reapi::NodeProperties::decode(item).map_err(wire)?),
             }
