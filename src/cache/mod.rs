@@ -85,7 +85,7 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Bound on disk (0 = none): blob files get three quarters, packs one quarter.
     pub max_bytes: u64,
-    /// Small blobs (and Directories) kept in memory for immediate reads.
+    /// Small blobs kept in memory for immediate reads.
     pub mem_small_bytes: u64,
     /// Small blobs waiting in memory for the pack writer.
     pub mem_pending_bytes: u64,
