@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files: Vec<PathBuf> = [
         "build/bazel/semver/semver.proto",
         "build/bazel/remote/execution/v2/remote_execution.proto",
+        "build/bazel/remote/asset/v1/remote_asset.proto",
         "google/bytestream/bytestream.proto",
         "google/longrunning/operations.proto",
         "google/rpc/code.proto",

@@ -77,6 +77,7 @@ async fn main() -> Result<(), String> {
                 network: false,
                 run_as_root: false,
                 timeout: Duration::from_secs(30),
+                hermetic: false,
             };
             let t = Instant::now();
             let done = run(&cfg, job).await.map_err(|e| e.to_string())?;

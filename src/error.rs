@@ -132,6 +132,11 @@ impl Error {
         }
     }
 
+    /// True when a write failed for want of space on the disk (ENOSPC, EDQUOT).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+
     /// True when retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted)

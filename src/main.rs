@@ -71,6 +71,9 @@ enum Cmd {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Remote Asset API: which digest a URI names (fetch), or record one (push).
+    #[command(subcommand)]
+    Asset(cli::asset::AssetCmd),
     /// Write a blob's verified bytes to standard output.
     Cat {
         /// Blob digest, HASH/SIZE or HASH-SIZE (with --action: the action digest).
@@ -142,6 +145,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
         Cmd::Worker(args) => cli::worker::run(args).await,
         Cmd::Action(args) => cli::make_action::create(args).await,
         Cmd::Execute(args) => cli::execute::execute(args).await,
+        Cmd::Asset(cmd) => cli::asset::run(cmd).await,
         Cmd::Digest { files } => {
             for f in files {
                 let d = casfs::digest::hash_file(&f)

@@ -1,13 +1,18 @@
 //! Generated protobuf messages and gRPC stubs, in modules that mirror the proto packages.
 #![allow(clippy::all, missing_docs, rustdoc::all)]
 
-/// `build.bazel.*`: REAPI v2 and semver.
+/// `build.bazel.*`: REAPI v2, Remote Asset v1 and semver.
 pub mod build {
     pub mod bazel {
         pub mod semver {
             tonic::include_proto!("build.bazel.semver");
         }
         pub mod remote {
+            pub mod asset {
+                pub mod v1 {
+                    tonic::include_proto!("build.bazel.remote.asset.v1");
+                }
+            }
             pub mod execution {
                 pub mod v2 {
                     tonic::include_proto!("build.bazel.remote.execution.v2");
@@ -45,6 +50,7 @@ pub mod casfs {
     pub const RESOURCE_USAGE: &str = "casfs.v1.ResourceUsage";
 }
 
+pub use build::bazel::remote::asset::v1 as asset;
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use build::bazel::semver;
 pub use google::bytestream;

@@ -7,6 +7,11 @@
 //! copy is in the disk cache the blob stays here, so a verified blob is always in one of
 //! the two. Memory is bounded across every mount of the process (an executor runs many at
 //! once): a fetch that finds no room goes straight to the disk cache.
+//!
+//! A blob whose copy failed (a full disk) is *stranded*: still served, still counted in the
+//! budget, but the first to go when a fetch needs room, and never more than half the
+//! budget; it is then fetched again when next wanted. Stranded blobs get another try at
+//! the disk after a copy succeeds.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -26,6 +31,9 @@ struct State {
     files: HashMap<Digest, Arc<File>>,
     /// Blobs waiting for the disk, oldest first.
     queue: VecDeque<Digest>,
+    /// Blobs whose copy to the disk failed, oldest first, and their bytes.
+    stranded: VecDeque<Digest>,
+    stranded_bytes: u64,
     /// The writer is copying one blob.
     busy: bool,
     closed: bool,
@@ -38,6 +46,8 @@ struct Shared {
     /// Signalled when the writer finished a blob.
     done: Condvar,
     disk: Arc<OnDisk>,
+    /// Most bytes of stranded blobs kept.
+    stranded_max: u64,
 }
 
 /// Verified large blobs in memory, copied to the disk cache in the background.
@@ -85,8 +95,9 @@ impl LargeBlobs {
     /// thread, while the process holds at most `budget` bytes of them. A budget of 0 keeps
     /// nothing.
     pub(crate) fn new(disk: Arc<OnDisk>, budget: u64) -> Arc<Self> {
+        let state = Mutex::new(State::default());
         let shared =
-            Arc::new(Shared { state: Mutex::new(State::default()), work: Condvar::new(), done: Condvar::new(), disk });
+            Arc::new(Shared { state, work: Condvar::new(), done: Condvar::new(), disk, stranded_max: budget / 2 });
         let mut budget = budget;
         if budget > 0 {
             let s = shared.clone();
@@ -109,13 +120,18 @@ impl LargeBlobs {
         self.shared.state.lock().unwrap().files.contains_key(digest)
     }
 
-    /// Room for a blob of `size` bytes, if the budget has it.
+    /// Room for a blob of `size` bytes, if the budget has it (stranded blobs make room).
     pub fn reserve(&self, size: u64) -> Option<Reservation> {
-        if self.shared.state.lock().unwrap().closed {
+        let fits = |held: u64| (held + size <= self.budget).then_some(held + size);
+        let mut s = self.shared.state.lock().unwrap();
+        if s.closed {
             return None;
         }
-        let fits = |held: u64| (held + size <= self.budget).then_some(held + size);
-        IN_MEMORY.fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits).ok()?;
+        while IN_MEMORY.fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits).is_err() {
+            if !s.drop_oldest_stranded() {
+                return None;
+            }
+        }
         Some(Reservation { size })
     }
 
@@ -151,6 +167,19 @@ impl LargeBlobs {
     }
 }
 
+impl State {
+    /// Forgets the oldest stranded blob (its readers keep their open file); false if none.
+    fn drop_oldest_stranded(&mut self) -> bool {
+        let Some(d) = self.stranded.pop_front() else { return false };
+        self.stranded_bytes -= d.size();
+        if self.files.remove(&d).is_some() {
+            IN_MEMORY.fetch_sub(d.size(), Ordering::Relaxed);
+        }
+        tracing::debug!(digest = %d, "dropped a blob the disk cache refused; it is fetched again when wanted");
+        true
+    }
+}
+
 impl Drop for LargeBlobs {
     fn drop(&mut self) {
         self.flush();
@@ -166,7 +195,8 @@ impl Drop for LargeBlobs {
 }
 
 /// The writer thread: copies queued blobs into the disk cache, then forgets their memory
-/// files (only after they are on disk). A blob that cannot be written stays in memory.
+/// files (only after they are on disk). A blob that cannot be written is stranded (see
+/// the module docs).
 fn writer(shared: &Shared) {
     super::hot::background_priority();
     loop {
@@ -185,7 +215,7 @@ fn writer(shared: &Shared) {
                 }
             }
         };
-        let res = shared.disk.files.insert_verified_file(&digest, &file);
+        let res = shared.disk.write_file_from(&digest, &file);
         drop(file);
         let mut s = shared.state.lock().unwrap();
         match res {
@@ -193,9 +223,19 @@ fn writer(shared: &Shared) {
                 if s.files.remove(&digest).is_some() {
                     IN_MEMORY.fetch_sub(digest.size(), Ordering::Relaxed);
                 }
+                // The disk takes writes: the stranded get another try.
+                let again = std::mem::take(&mut s.stranded);
+                s.stranded_bytes = 0;
+                s.queue.extend(again);
             }
             Err(e) => {
-                tracing::warn!(digest = %digest, error = %e, "could not copy a blob to the disk cache; kept in memory")
+                if !e.is_disk_full() {
+                    // (A full disk was warned about once by the disk cache.)
+                    tracing::warn!(digest = %digest, error = %e, "could not copy a blob to the disk cache");
+                }
+                s.stranded.push_back(digest);
+                s.stranded_bytes += digest.size();
+                while s.stranded_bytes > shared.stranded_max && s.drop_oldest_stranded() {}
             }
         }
         s.busy = false;

@@ -42,7 +42,7 @@ pub const SMALL_BLOB: u64 = 256 << 10;
 /// - small-blob fetches in flight (responses being received and copied): 1/8;
 /// - large blobs in memory files until their disk copy is done: 1/4;
 /// - inodes and everything else: the last 1/8 (inodes are freed when the kernel forgets
-///   them, about 200 bytes each).
+///   them, about 110 bytes each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryBudget(pub u64);
 
@@ -135,7 +135,7 @@ pub struct LocalCache {
 impl LocalCache {
     /// Opens (creating) the cache; its hit counters land in `metrics`.
     pub fn open(cfg: &CacheConfig, metrics: &Metrics) -> Result<Arc<Self>> {
-        let disk = OnDisk::open(&cfg.dir, cfg.max_bytes)?;
+        let disk = OnDisk::open(&cfg.dir, cfg.max_bytes, metrics.counter("casfs_cache_corrupt_blobs_total"))?;
         Self::with(disk, cfg, metrics)
     }
 
@@ -150,11 +150,19 @@ impl LocalCache {
         let disk = Arc::new(disk);
         let empty_file = disk.files.root().join("empty");
         std::fs::write(&empty_file, b"").ctx(|| "creating the empty backing file".into())?;
+        let fds: moka::sync::Cache<Digest, Arc<std::fs::File>> = moka::sync::Cache::new(256);
+        // An evicted blob file held open would keep its disk space: let it go at once.
+        let open = fds.clone();
+        // (moka holds a removed value until its pending tasks run: run them now.)
+        disk.files.on_evict(Box::new(move |d| {
+            open.invalidate(d);
+            open.run_pending_tasks();
+        }));
         Ok(Arc::new(LocalCache {
             hot: HotBlobs::new(disk.clone(), cfg.mem_small_bytes, cfg.mem_pending_bytes),
             large: LargeBlobs::new(disk.clone(), cfg.mem_large_bytes),
             disk,
-            fds: moka::sync::Cache::new(256),
+            fds,
             empty_file,
             mem_hits: metrics.counter("casfs_blob_memory_hits_total"),
             disk_hits: metrics.counter("casfs_blob_cache_hits_total"),
@@ -174,6 +182,37 @@ impl LocalCache {
     /// True when the blob is here, in any tier (no fetch, no wait).
     pub fn contains(&self, digest: &Digest) -> bool {
         digest.is_empty_blob() || self.hot.contains(digest) || self.large.contains(digest) || self.disk.contains(digest)
+    }
+
+    /// True when the blob is here and may be served at once: in memory, in a pack, or in a
+    /// blob file already checked in this process's life (see [`LocalCache::check`]).
+    pub fn ready(&self, digest: &Digest) -> bool {
+        digest.is_empty_blob()
+            || self.hot.contains(digest)
+            || self.large.contains(digest)
+            || self.disk.in_pack(digest)
+            || (self.disk.files.contains(digest) && self.disk.trusted(digest))
+    }
+
+    /// Makes a blob that is here ready, hashing its blob file whole if this process has not
+    /// yet (once per blob per process life). False when it is not here after all: absent,
+    /// or its file was corrupt (then deleted): fetch it again.
+    pub async fn check(&self, digest: &Digest) -> Result<bool> {
+        if self.ready(digest) {
+            return Ok(true);
+        }
+        if !self.disk.files.contains(digest) {
+            return Ok(false);
+        }
+        let disk = self.disk.clone();
+        let d = *digest;
+        let good = tokio::task::spawn_blocking(move || disk.check_file(&d))
+            .await
+            .map_err(|e| Error::Internal(format!("checking cached {digest}: {e}")))??;
+        if !good {
+            self.fds.invalidate(digest);
+        }
+        Ok(good)
     }
 
     /// The bytes of a small blob at hand now: held in memory, or in a pack (then kept in
@@ -224,6 +263,10 @@ impl LocalCache {
             self.fds.invalidate(digest);
             return Ok(None);
         };
+        if !self.disk.trusted(digest) {
+            // Not served before it was checked once (`check`, on the fetch path).
+            return Ok(None);
+        }
         if let Some(f) = self.fds.get(digest) {
             return Ok(Some(f));
         }
@@ -250,8 +293,10 @@ impl LocalCache {
     pub fn insert_verified(&self, digest: Digest, data: Bytes) {
         if digest.size() <= SMALL_BLOB {
             self.hot.insert(digest, data);
-        } else if let Err(e) = self.disk.files.insert_verified(&digest, &data) {
-            tracing::warn!(digest = %digest, error = %e, "could not write a blob to the local cache");
+        } else if let Err(e) = self.disk.write_file(&digest, &data) {
+            if !e.is_disk_full() {
+                tracing::warn!(digest = %digest, error = %e, "could not write a blob to the local cache");
+            }
         }
     }
 
@@ -270,18 +315,29 @@ impl LocalCache {
     /// is short.
     pub async fn insert_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
         let Some(room) = self.large.reserve(digest.size()) else {
-            return self.disk.files.write_stream(digest, data).await;
+            return self.disk.write_file_stream(digest, data).await;
         };
         let file = match memory_file(c"casfs-blob") {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(error = %e, "no memory file; writing to the disk cache first");
-                return self.disk.files.write_stream(digest, data).await;
+                return self.disk.write_file_stream(digest, data).await;
             }
         };
         let file = crate::cas::pipe::write_verified(digest, data, file).await?;
         self.large.insert(room, *digest, file);
         Ok(())
+    }
+
+    /// Stores a blob straight into a blob file from a stream, verifying it (for blobs about
+    /// to be linked, not read).
+    pub async fn write_file_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        self.disk.write_file_stream(digest, data).await
+    }
+
+    /// Stores bytes already checked against `digest` straight into a blob file (blocking).
+    pub fn write_file(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        self.disk.write_file(digest, data)
     }
 
     /// An open file of its own holding a blob that is here (a small blob held in memory or
@@ -293,7 +349,7 @@ impl LocalCache {
         let Some(bytes) = self.bytes_now(digest) else { return Ok(None) };
         let disk = self.disk.clone();
         let d = *digest;
-        tokio::task::spawn_blocking(move || disk.files.insert_verified(&d, &bytes))
+        tokio::task::spawn_blocking(move || disk.write_file(&d, &bytes))
             .await
             .map_err(|e| Error::Internal(format!("storing {digest}: {e}")))??;
         self.file_now(digest)
@@ -302,8 +358,8 @@ impl LocalCache {
     /// A blob file to hard-link from, written from memory or a pack if the blob has none yet
     /// (the eager materializer links inputs). `None` when the blob is not here.
     pub async fn link_source(&self, digest: &Digest) -> Result<Option<PathBuf>> {
-        if let Some(p) = self.path_now(digest) {
-            return Ok(Some(p));
+        if self.path_now(digest).is_some() && self.check(digest).await? {
+            return Ok(self.path_now(digest));
         }
         if self.large.contains(digest) {
             // Its disk copy is on the way; wait for it rather than write it twice.

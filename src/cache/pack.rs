@@ -403,7 +403,11 @@ fn load_pack(dir: &Path, stem: &str, has_idx: bool) -> io::Result<Option<(u64, b
         tracing::warn!(pack = stem, kept = end, dropped = len - end, "cutting a torn pack tail");
         file.set_len(end)?;
     }
-    write_idx(dir, stem, &entries, end)?;
+    if let Err(e) = write_idx(dir, stem, &entries, end) {
+        // A full disk must not cost the blobs already cached: the index is kept in memory
+        // (the next open scans again).
+        tracing::warn!(pack = stem, error = %e, "could not write a pack index; using the pack without one");
+    }
     Ok(Some((end, true, entries)))
 }
 
@@ -463,8 +467,11 @@ fn write_idx(dir: &Path, stem: &str, entries: &[Entry], pack_len: u64) -> io::Re
         b.extend_from_slice(&offset.to_le_bytes());
     }
     let tmp = named(dir, stem, "idx.tmp");
-    fs::write(&tmp, &b)?;
-    fs::rename(&tmp, named(dir, stem, "idx"))
+    let res = fs::write(&tmp, &b).and_then(|()| fs::rename(&tmp, named(dir, stem, "idx")));
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// Removes what dead writers and evictors leave: unlocked pack temporaries and indexes whose

@@ -24,13 +24,16 @@ use crate::proto::reapi;
 use crate::tree::Directory;
 
 pub mod access_log;
+pub mod asset;
 pub(crate) mod channel;
 pub(crate) mod disk;
 pub mod execution;
 pub(crate) mod grpc;
 pub(crate) mod memory;
 pub(crate) mod pipe;
+mod quarantine;
 mod read_ahead;
+pub mod resume;
 
 pub use channel::{parse_header, Conn};
 pub use disk::DiskStore;
@@ -156,15 +159,47 @@ pub fn referenced_blobs(r: &reapi::ActionResult) -> Result<Vec<Digest>> {
     Ok(out)
 }
 
+/// Trees up to this size have their files checked (and vouched for) on an action-cache hit.
+const TREE_CHECK_MAX: u64 = 16 << 20;
+
+/// Every blob an ActionResult references, including the files of each output directory's
+/// Tree (read from `cas`, up to [`TREE_CHECK_MAX`]): a client that keeps only digests (Bazel's
+/// --remote_download_minimal) fetches those files later.
+pub async fn result_blobs(cas: &dyn Cas, result: &reapi::ActionResult) -> Result<Vec<Digest>> {
+    let mut refs = referenced_blobs(result)?;
+    for d in &result.output_directories {
+        let Some(tree) = d.tree_digest.as_ref().and_then(|t| Digest::try_from(t).ok()) else { continue };
+        if tree.size() > TREE_CHECK_MAX {
+            continue;
+        }
+        let bytes = match cas.read(&tree).await {
+            Ok(b) => b,
+            Err(Error::MissingBlob(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let tree = <reapi::Tree as prost::Message>::decode(bytes)
+            .map_err(|e| Error::InvalidArgument(format!("undecodable Tree {tree}: {e}")))?;
+        for dir in tree.root.iter().chain(tree.children.iter()) {
+            for f in &dir.files {
+                if let Some(fd) = &f.digest {
+                    refs.push(Digest::try_from(fd)?);
+                }
+            }
+        }
+    }
+    Ok(refs)
+}
+
 /// The cached result of `action`, served only while every blob it references still exists
-/// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again).
+/// in `cas` (an entry whose outputs were evicted is a miss, so the action runs again). The
+/// check is a `find_missing`, which a server's store takes as a promise to keep them.
 pub async fn verified_action_result(
     cas: &dyn Cas,
     ac: &dyn ActionCache,
     action: &Digest,
 ) -> Result<Option<reapi::ActionResult>> {
     let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
-    let refs = referenced_blobs(&result)?;
+    let refs = result_blobs(cas, &result).await?;
     if let Some(m) = cas.find_missing(&refs).await?.first() {
         tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
         return Ok(None);
@@ -263,7 +298,7 @@ pub async fn file_stream(path: std::path::PathBuf) -> Result<ByteStream> {
 
 /// Writes a stream to `path` through a temporary file in the same folder, verifying the digest
 /// before the rename.
-pub async fn stream_to_file(digest: &Digest, mut stream: ByteStream, path: &Path) -> Result<()> {
+pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<Bytes>>, path: &Path) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()

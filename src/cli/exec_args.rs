@@ -28,9 +28,15 @@ pub struct ExecArgs {
     /// Most processes an action may run at once (0 = no limit).
     #[arg(long, env = "CASFS_PIDS_LIMIT", default_value_t = 1024)]
     pub pids_limit: u32,
-    /// Host folders bound read-only into the action's root (repeatable).
+    /// Host folders bound read-only into the action's root (repeatable); a folder the input
+    /// root has itself is never bound over it.
     #[arg(long = "host-dir", env = "CASFS_HOST_DIRS", value_delimiter = ',', default_values = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"])]
     pub host_dirs: Vec<PathBuf>,
+    /// No host folders at all: a command sees only its input root (plus /proc, /dev and
+    /// /tmp), as a sysroot build (BuildStream) expects. An action can ask for the same with
+    /// the platform property `hermetic=true`.
+    #[arg(long, env = "CASFS_HERMETIC", conflicts_with = "host_dirs")]
+    pub hermetic: bool,
     /// How the input root is provided: auto, lazy (FUSE + overlayfs), eager (hard links).
     #[arg(long, env = "CASFS_MATERIALIZE", default_value = "auto")]
     pub materialize: Materialize,
@@ -87,7 +93,7 @@ impl ExecArgs {
                 allow_root_actions: self.allow_root_actions,
             },
             sandbox: SandboxConfig {
-                host_dirs: self.host_dirs.clone(),
+                host_dirs: if self.hermetic { Vec::new() } else { self.host_dirs.clone() },
                 pids_limit: self.pids_limit,
                 run_as: self.run_as,
                 memory_limit: self.memory_limit.unwrap_or_else(default_memory_limit),

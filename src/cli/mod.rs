@@ -10,6 +10,7 @@ use casfs::digest::Digest;
 use casfs::error::Result;
 
 pub mod action;
+pub mod asset;
 pub mod exec_args;
 pub mod execute;
 pub mod make_action;
@@ -48,10 +49,12 @@ pub struct ConnArgs {
     /// PEM private key of --tls-client-cert.
     #[arg(long, env = "CASFS_TLS_CLIENT_KEY", requires = "tls_client_cert")]
     pub tls_client_key: Option<PathBuf>,
-    /// Retries of a call that failed with UNAVAILABLE (exponential backoff).
+    /// Retries of a call that failed with UNAVAILABLE or timed out, and resumed reads in a row
+    /// without progress of a download that broke off (exponential backoff).
     #[arg(long, env = "CASFS_RETRIES", default_value_t = 5)]
     pub retries: u32,
-    /// Deadline for one call attempt, e.g. 60s, 500ms, 2m.
+    /// Deadline for one call attempt, e.g. 60s, 500ms, 2m; for a download, the longest wait
+    /// for its next bytes (a stalled or broken download resumes where it stopped).
     #[arg(long, env = "CASFS_RPC_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub rpc_timeout: Duration,
 }

@@ -29,7 +29,10 @@ pub struct MountArgs {
     pub remote: RemoteArgs,
     #[command(flatten)]
     pub cache: super::CacheArgs,
-    /// Longest a fetch may take before the reader gets EIO.
+    /// How long a fetch may go without progress before it is retried or the reader gets EIO.
+    /// A Directory or small file must arrive whole within it; a large file only has to keep
+    /// bringing bytes (no bytes for this long: the read resumes where it stopped, up to
+    /// --retries times in a row, with backoff), so it reads over any slow link.
     #[arg(long, env = "CASFS_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub fetch_timeout: Duration,
     /// How files are opened: auto, no-open, passthrough, open.
@@ -222,6 +225,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     };
     cfg.fetch = FetchConfig {
         deadline: args.fetch_timeout,
+        retries: args.remote.conn.retries,
         batch_siblings: !args.no_batch_siblings,
         ..args.cache.fetch_config()
     };
@@ -233,7 +237,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
     }
     ready.send("ready\n");
     tokio::select! {
-        _ = stop.wait() => {}
+        _ = stop.wait() => tracing::info!(mountpoint = %mountpoint.display(), "signal received; the daemon unmounts and exits"),
         _ = gone(&guard) => {
             tracing::info!(mountpoint = %mountpoint.display(), "unmounted from outside; the daemon exits");
         }

@@ -23,7 +23,9 @@ pub struct ServeArgs {
     /// Address to listen on: HOST:PORT (port 0 picks one) or unix:PATH.
     #[arg(long, env = "CASFS_LISTEN", default_value = "127.0.0.1:8980")]
     listen: String,
-    /// Folder holding blobs and action results (created if missing).
+    /// Folder holding blobs and action results (created if missing). A blob found corrupt
+    /// when read is moved to its quarantine/ folder (the newest 16 kept) and counts as
+    /// missing, so the next upload heals it.
     #[arg(long, env = "CASFS_STORAGE", default_value_os_t = default_storage())]
     storage: PathBuf,
     /// Bound on stored blob bytes, least recently used evicted first (e.g. 10G; 0 = none).
@@ -76,6 +78,24 @@ pub struct ServeArgs {
     /// results; clients get PERMISSION_DENIED).
     #[arg(long, env = "CASFS_AC_WRITES", default_value = "all", value_parser = parse_ac_writes)]
     ac_writes: AcWrites,
+    /// A blob the server reported present (FindMissingBlobs, an action-cache or Execute cache
+    /// hit, a Remote Asset record) is not evicted for this long afterwards; an upload that
+    /// would need it gone is refused (RESOURCE_EXHAUSTED) instead. 0 = plain LRU, where
+    /// being asked about does not count as a use.
+    #[arg(long, env = "CASFS_MIN_BLOB_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    min_blob_lifetime: Duration,
+    /// Let the Remote Asset Fetch service download URLs that start with this prefix itself
+    /// (repeatable, e.g. https://mirror.example/; redirects must stay under an allowed
+    /// prefix too). By default it downloads nothing and answers only from records clients
+    /// pushed.
+    #[arg(long = "asset-fetch", env = "CASFS_ASSET_FETCH", value_delimiter = ',')]
+    asset_fetch: Vec<String>,
+    /// Largest file the Remote Asset Fetch service downloads.
+    #[arg(long, env = "CASFS_ASSET_MAX_SIZE", default_value = "4G", value_parser = super::parse_size)]
+    asset_max_size: u64,
+    /// Longest download of the Remote Asset Fetch service (a request may ask for less).
+    #[arg(long, env = "CASFS_ASSET_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    asset_timeout: Duration,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -96,7 +116,14 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
             tracing::warn!(%addr, "listening beyond loopback without authentication (see --tls-client-ca, --auth-token-file)");
         }
     }
-    let store = Arc::new(DiskStore::open(&args.storage, args.storage_size)?);
+    let metrics = Metrics::new();
+    let quarantined = metrics.counter("casfs_storage_quarantined_blobs_total");
+    let store = Arc::new(
+        DiskStore::open(&args.storage, args.storage_size)?
+            .with_min_lifetime(args.min_blob_lifetime)
+            .with_metrics(&metrics)
+            .count_quarantined_in(quarantined),
+    );
     tracing::info!(storage = %args.storage.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(casfs::server::TlsFiles {
@@ -125,6 +152,16 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
     }
     backend.upload_idle_timeout = args.upload_idle_timeout;
     backend.ac_writes = args.ac_writes;
+    backend.asset_fetch = casfs::server::AssetFetch {
+        allow: args.asset_fetch.iter().filter(|p| !p.is_empty()).cloned().collect(),
+        max_bytes: args.asset_max_size,
+        timeout: args.asset_timeout,
+        ..Default::default()
+    };
+    if let Some(p) = backend.asset_fetch.allow.iter().find(|p| !p.starts_with("http://") && !p.starts_with("https://"))
+    {
+        return Err(usage(format!("--asset-fetch {p:?}: a prefix starts with http:// or https://")));
+    }
     if let Some(p) = &args.auth_token_file {
         let token = std::fs::read_to_string(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
         if token.trim().is_empty() {
@@ -132,7 +169,6 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         }
         backend.auth_token = Some(token.trim().to_string());
     }
-    let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("binding {addr}"), e))?;
         tokio::spawn(casfs::metrics::serve(l, metrics.clone()));
@@ -157,7 +193,11 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let cached = Arc::new(casfs::exec::CachedExecutor::new(exec, store.clone()));
         backend.execution = Some(Scheduler::new(cached, sc));
     }
-    bound.serve_with(backend, tls, stop.wait()).await?;
+    let stopped = async {
+        stop.wait().await;
+        tracing::info!("signal received; the server shuts down");
+    };
+    bound.serve_with(backend, tls, stopped).await?;
     tracing::info!("server stopped");
     Ok(())
 }

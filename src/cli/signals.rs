@@ -20,13 +20,12 @@ impl Shutdown {
         Shutdown { signals }
     }
 
-    /// Resolves on SIGINT or SIGTERM.
+    /// Resolves on SIGINT or SIGTERM (the caller logs its shutdown under its own name).
     pub async fn wait(self) {
         let Some((mut term, mut int)) = self.signals else { return std::future::pending().await };
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-        tracing::info!("shutting down");
     }
 }

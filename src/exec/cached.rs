@@ -68,7 +68,18 @@ impl CachedExecutor {
     /// Writes a result worth keeping: the command exited 0 with an OK status, and the action
     /// may be cached (rules 12 and 15). A failed write is logged: the result still stands,
     /// only the next run will not find it.
+    /// Whatever the outcome, the result's blobs are vouched for (a store with promises
+    /// keeps them a while): the client is about to be told they exist.
     pub async fn record(&self, digest: Digest, action: &reapi::Action, done: &Executed) {
+        let cas = self.exec.cas().as_ref();
+        match crate::cas::result_blobs(cas, &done.result).await {
+            Ok(refs) => {
+                if let Err(e) = cas.find_missing(&refs).await {
+                    tracing::debug!(action = %digest, error = %e, "could not vouch for the result's blobs");
+                }
+            }
+            Err(e) => tracing::debug!(action = %digest, error = %e, "could not list the result's blobs"),
+        }
         if done.result.exit_code == 0 && done.status.code == 0 && !action.do_not_cache {
             if let Err(e) = self.ac.update_action_result(&digest, &done.result).await {
                 tracing::warn!(action = %digest, error = %e, "could not write the action result to the cache");

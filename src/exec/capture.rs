@@ -138,13 +138,13 @@ fn safe_lstat(root: &Path, rel: &Path) -> Result<Option<std::fs::Metadata>> {
     std::fs::symlink_metadata(root).map(Some).ctx(|| format!("stat {}", root.display()))
 }
 
-/// Captures `outputs` below `workdir` (relative to `root`). Missing outputs are left out;
-/// an output declared as a file that is a directory is FAILED_PRECONDITION (rule 16).
-pub fn capture(root: &Path, workdir: &str, outputs: &[OutputSpec], unchanged: &dyn Unchanged) -> Result<Captured> {
+/// Captures `outputs` below `root`. Missing outputs are left out; an output declared as a
+/// file that is a directory is FAILED_PRECONDITION (rule 16).
+pub fn capture(root: &Path, outputs: &[OutputSpec], unchanged: &dyn Unchanged) -> Result<Captured> {
     let mut out = Captured::default();
     for o in outputs {
-        let rel = Path::new(workdir).join(&o.path);
-        let meta = match safe_lstat(root, &rel) {
+        let rel = Path::new(&o.in_root);
+        let meta = match safe_lstat(root, rel) {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(e) => {
@@ -154,7 +154,7 @@ pub fn capture(root: &Path, workdir: &str, outputs: &[OutputSpec], unchanged: &d
         };
         let ft = meta.file_type();
         if ft.is_symlink() {
-            let target = std::fs::read_link(root.join(&rel)).ctx(|| format!("readlink {}", o.path))?;
+            let target = std::fs::read_link(root.join(rel)).ctx(|| format!("readlink {}", o.path))?;
             let s = reapi::OutputSymlink {
                 path: o.path.clone(),
                 target: target.to_string_lossy().into_owned(),
@@ -172,7 +172,7 @@ pub fn capture(root: &Path, workdir: &str, outputs: &[OutputSpec], unchanged: &d
             }
             let mut children = BTreeMap::new();
             let mut w = Walk { root, unchanged, out: &mut out };
-            let dir = w.dir(&rel, &mut children)?;
+            let dir = w.dir(rel, &mut children)?;
             let root_proto = dir.to_proto();
             let (root_digest, root_bytes) = dir.encode();
             out.blobs.entry(root_digest).or_insert_with(|| Source::Bytes(root_bytes.into()));
@@ -190,7 +190,7 @@ pub fn capture(root: &Path, workdir: &str, outputs: &[OutputSpec], unchanged: &d
                 return Err(Error::FailedPrecondition(format!("output directory {} is a file", o.path)));
             }
             let mut w = Walk { root, unchanged, out: &mut out };
-            let digest = w.file_digest(&root.join(&rel), &rel)?;
+            let digest = w.file_digest(&root.join(rel), rel)?;
             out.files.push(reapi::OutputFile {
                 path: o.path.clone(),
                 digest: Some(digest.to_proto()),

@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::capture::Unchanged;
 use crate::cache::LocalCache;
-use crate::cas::{Cas, SharedCas};
+use crate::cas::SharedCas;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::tree::Directory;
@@ -60,13 +60,13 @@ impl Unchanged for Materialized {
 /// its tiers). Fetched blobs go straight to blob files: each is about to be linked.
 async fn fetch_all(cas: &SharedCas, cache: &LocalCache, digests: Vec<Digest>) -> Result<()> {
     let missing: Vec<Digest> = digests.into_iter().filter(|d| !cache.contains(d)).collect();
-    let files = cache.files();
     let (small, large): (Vec<Digest>, Vec<Digest>) = missing.into_iter().partition(|d| d.size() <= SMALL);
     let mut missing_inputs = Vec::new();
     for chunk in small.chunks(512) {
         for (d, r) in cas.read_many(chunk).await? {
             match r {
-                Ok(bytes) => files.write(&d, bytes).await?,
+                // `read_many` returns verified bytes only.
+                Ok(bytes) => cache.write_file(&d, &bytes)?,
                 Err(Error::MissingBlob(m)) => missing_inputs.push(m),
                 Err(e) => return Err(e),
             }
@@ -75,7 +75,7 @@ async fn fetch_all(cas: &SharedCas, cache: &LocalCache, digests: Vec<Digest>) ->
     futures::stream::iter(large)
         .map(|d| async move {
             let s = cas.read_stream(&d, 0, 0).await?;
-            files.write_stream(&d, s).await
+            cache.write_file_stream(&d, s).await
         })
         .buffer_unordered(4)
         .try_collect::<Vec<_>>()

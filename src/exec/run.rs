@@ -2,7 +2,7 @@
 //! writable layer, or eager), run it sandboxed, capture and upload its outputs, and report an
 //! ActionResult. The executor knows nothing of the action cache (see `cached.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -195,24 +195,19 @@ impl Executor {
     ) -> Result<Executed> {
         meta.input_fetch_completed_timestamp = now();
         let root = ws.dir().join("root");
-        let argv = {
-            let (root, spec) = (root.clone(), spec.clone());
-            tokio::task::spawn_blocking(move || resolve_argv0(&root, &spec))
-                .await
-                .map_err(|e| Error::Internal(format!("argv task: {e}")))??
-        };
         let (stdout, stderr) = (ws.dir().join("stdout"), ws.dir().join("stderr"));
         meta.execution_start_timestamp = now();
         let job = Job {
             root: &root,
             cwd: format!("/{}", spec.working_directory),
-            argv: &argv,
+            argv: &spec.argv,
             env: &spec.env,
             stdout: &stdout,
             stderr: &stderr,
             network: spec.network,
             run_as_root: spec.run_as_root,
             timeout: spec.timeout,
+            hermetic: spec.hermetic,
         };
         let done = sandbox::run(&self.cfg.sandbox, job).await?;
         meta.auxiliary_metadata.push(done.to_any());
@@ -236,7 +231,7 @@ impl Executor {
             let unchanged = ws.unchanged(spec.input_root);
             let (root, spec) = (root.clone(), spec.clone());
             tokio::task::spawn_blocking(move || -> Result<Captured> {
-                capture(&root, &spec.working_directory, &spec.outputs, unchanged.as_ref())
+                capture(&root, &spec.outputs, unchanged.as_ref())
             })
             .await
             .map_err(|e| Error::Internal(format!("capture task: {e}")))??
@@ -295,30 +290,4 @@ impl Executor {
         }
         Ok(())
     }
-}
-
-/// argv[0] as given when it has a slash; otherwise looked up in the Command's own PATH
-/// (entries relative to the working directory), inside the prepared root (rule 4); a Command
-/// without PATH is looked up in `/usr/local/bin:/usr/bin:/bin`.
-fn resolve_argv0(root: &Path, spec: &ActionSpec) -> Result<Vec<String>> {
-    let mut argv = spec.argv.clone();
-    if argv[0].contains('/') {
-        return Ok(argv);
-    }
-    // Without a PATH of its own the command gets the usual system one for this lookup only
-    // (Pants runs a bare `env -0` with no environment at all); its environment is untouched.
-    let path =
-        spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    for entry in path.split(':').filter(|e| !e.is_empty()) {
-        let in_root =
-            if entry.starts_with('/') { entry.to_string() } else { format!("/{}/{entry}", spec.working_directory) };
-        let candidate = format!("{}/{}", in_root.trim_end_matches('/'), argv[0]);
-        // Host tool folders are bound in at run time, so look there too.
-        let host = Path::new(&candidate);
-        if root.join(candidate.trim_start_matches('/')).is_file() || host.is_file() {
-            argv[0] = candidate;
-            return Ok(argv);
-        }
-    }
-    Err(Error::InvalidArgument(format!("{:?} not found in the command's PATH {path:?}", argv[0])))
 }

@@ -22,14 +22,17 @@ pub enum OutputKind {
 /// One expected output, relative to the working directory (`""` = the working directory).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutputSpec {
-    /// Path relative to the working directory, as the client wrote it.
+    /// Path relative to the working directory, as the client wrote it (and as it is reported).
     pub path: String,
+    /// The same place relative to the input root, without `.` or `..` (`""` = the root).
+    pub in_root: String,
     /// How it was declared.
     pub kind: OutputKind,
 }
 
 /// Platform properties this executor understands (anything else is refused, rule 9).
-pub const SUPPORTED_PROPERTIES: [&str; 5] = ["OSFamily", "ISA", "network", "run-as-root", "container-image"];
+pub const SUPPORTED_PROPERTIES: [&str; 6] =
+    ["OSFamily", "ISA", "network", "run-as-root", "hermetic", "container-image"];
 
 /// Executor limits applied while validating.
 #[derive(Clone, Debug)]
@@ -78,6 +81,8 @@ pub struct ActionSpec {
     pub network: bool,
     /// Whether the command runs as root of its user namespace (`run-as-root=true`).
     pub run_as_root: bool,
+    /// No host folder in the command's view, only the input root (`hermetic=true`).
+    pub hermetic: bool,
     /// How output directories are reported.
     pub output_directory_format: i32,
 }
@@ -96,13 +101,54 @@ pub fn check_relative(path: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_sorted_unique(list: &[String], what: &str) -> Result<()> {
-    for w in list.windows(2) {
-        if w[0] >= w[1] {
-            return Err(Error::InvalidArgument(format!("{what} must be sorted and unique ({:?}, {:?})", w[0], w[1])));
+/// Where an output path (relative to the working directory, as clients such as BuildStream
+/// write it: `.` or `../../install`) is relative to the input root; an error when it is
+/// absolute or leaves the root.
+pub fn output_in_root(working_directory: &str, path: &str) -> Result<String> {
+    if path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!("output path {path:?} is absolute")));
+    }
+    let mut parts: Vec<&str> = working_directory.split('/').filter(|p| !p.is_empty()).collect();
+    for part in path.split('/') {
+        match part {
+            "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "output path {path:?} leaves the input root (working directory {working_directory:?})"
+                    )));
+                }
+            }
+            // `a//b` and a trailing `/` are how some clients spell `a/b`; an empty path is ".".
+            "" => {}
+            name => {
+                check_name(name).map_err(|why| Error::InvalidArgument(format!("output path {path:?}: {why}")))?;
+                parts.push(name);
+            }
         }
     }
-    Ok(())
+    Ok(parts.join("/"))
+}
+
+/// The environment sorted by name (REAPI asks clients to sort it; BuildStream does not, and
+/// order carries no meaning); a name set twice is refused, since which value wins would be
+/// a guess.
+fn sorted_environment(vars: &[reapi::command::EnvironmentVariable]) -> Result<Vec<(String, String)>> {
+    let mut env = Vec::with_capacity(vars.len());
+    for v in vars {
+        if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
+            return Err(Error::InvalidArgument(format!("bad environment variable {:?}", v.name)));
+        }
+        env.push((v.name.clone(), v.value.clone()));
+    }
+    env.sort();
+    if let Some(w) = env.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::InvalidArgument(format!(
+            "environment variable {:?} is set twice ({:?} and {:?})",
+            w[0].0, w[0].1, w[1].1
+        )));
+    }
+    Ok(env)
 }
 
 /// The properties that apply: the Action's platform when set (v2.2), else the Command's.
@@ -131,43 +177,33 @@ impl ActionSpec {
         if command.arguments.is_empty() || command.arguments[0].is_empty() {
             return Err(Error::InvalidArgument("command has no arguments".into()));
         }
-        let mut env = Vec::with_capacity(command.environment_variables.len());
-        for v in &command.environment_variables {
-            if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
-                return Err(Error::InvalidArgument(format!("bad environment variable {:?}", v.name)));
-            }
-            env.push((v.name.clone(), v.value.clone()));
-        }
-        let names: Vec<String> = env.iter().map(|(n, _)| n.clone()).collect();
-        check_sorted_unique(&names, "environment_variables")?;
-        check_relative(&command.working_directory, "working_directory")?;
+        let env = sorted_environment(&command.environment_variables)?;
+        let wd = &command.working_directory;
+        check_relative(wd, "working_directory")?;
+        let output = |path: &String, kind| -> Result<OutputSpec> {
+            Ok(OutputSpec { path: path.clone(), in_root: output_in_root(wd, path)?, kind })
+        };
         let outputs = if !command.output_paths.is_empty() {
-            command.output_paths.iter().map(|p| OutputSpec { path: p.clone(), kind: OutputKind::Any }).collect()
+            command.output_paths.iter().map(|p| output(p, OutputKind::Any)).collect::<Result<Vec<_>>>()?
         } else {
             let mut v: Vec<OutputSpec> = command
                 .output_files
                 .iter()
-                .map(|p| OutputSpec { path: p.clone(), kind: OutputKind::File })
-                .chain(
-                    command
-                        .output_directories
-                        .iter()
-                        .map(|p| OutputSpec { path: p.clone(), kind: OutputKind::Directory }),
-                )
-                .collect();
+                .map(|p| output(p, OutputKind::File))
+                .chain(command.output_directories.iter().map(|p| output(p, OutputKind::Directory)))
+                .collect::<Result<_>>()?;
             v.sort_by(|a, b| a.path.cmp(&b.path));
             v
         };
         for o in &outputs {
-            check_relative(&o.path, "output path")?;
-            if o.path.is_empty() && o.kind == OutputKind::File {
-                return Err(Error::InvalidArgument("an output file cannot be the working directory".into()));
+            if o.kind == OutputKind::File && (o.in_root.is_empty() || o.in_root == wd.trim_matches('/')) {
+                return Err(Error::InvalidArgument(format!("output file {:?} is a folder of the input root", o.path)));
             }
         }
         if let Some(p) = command.output_node_properties.first() {
             return Err(Error::InvalidArgument(format!("output node property {p:?} is not supported")));
         }
-        let (mut network, mut run_as_root) = (false, false);
+        let (mut network, mut run_as_root, mut hermetic) = (false, false, false);
         let yes = |v: &str| matches!(v, "true" | "on" | "1" | "yes");
         for p in platform(action, command) {
             match (p.name.as_str(), p.value.as_str()) {
@@ -176,10 +212,11 @@ impl ActionSpec {
                 ("ISA", "arm-a64") if cfg!(target_arch = "aarch64") => {}
                 ("network", v) => network = yes(v),
                 ("run-as-root", v) => run_as_root = yes(v),
+                ("hermetic", v) => hermetic = yes(v),
                 ("container-image", "") => {}
                 (name, value) => {
                     return Err(Error::InvalidArgument(format!(
-                        "platform property {name}={value} is not supported here (supported: OSFamily=linux, ISA, network, run-as-root, empty container-image)"
+                        "platform property {name}={value} is not supported here (supported: OSFamily=linux, ISA, network, run-as-root, hermetic, empty container-image)"
                     )))
                 }
             }
@@ -214,6 +251,7 @@ impl ActionSpec {
             do_not_cache: action.do_not_cache,
             network,
             run_as_root,
+            hermetic,
             output_directory_format: command.output_directory_format,
         })
     }
@@ -251,7 +289,8 @@ mod tests {
         assert_eq!(paths, ["a.o", "d", "z.o"]);
         let mut c = cmd();
         c.output_paths = vec!["x".into()];
-        assert_eq!(spec(&action(), &c).unwrap().outputs, vec![OutputSpec { path: "x".into(), kind: OutputKind::Any }]);
+        let x = OutputSpec { path: "x".into(), in_root: "x".into(), kind: OutputKind::Any };
+        assert_eq!(spec(&action(), &c).unwrap().outputs, vec![x]);
     }
 
     #[test]
@@ -260,8 +299,9 @@ mod tests {
         c.arguments.clear();
         assert!(spec(&action(), &c).is_err());
         let mut c = cmd();
-        c.environment_variables.reverse();
-        assert!(spec(&action(), &c).is_err(), "unsorted env");
+        c.environment_variables.push(c.environment_variables[0].clone());
+        let err = spec(&action(), &c).unwrap_err().to_string();
+        assert!(err.contains("\"A\" is set twice"), "{err}");
         let mut c = cmd();
         c.working_directory = "/abs".into();
         assert!(spec(&action(), &c).is_err());
@@ -299,5 +339,48 @@ mod tests {
         let s = ActionSpec::new(Digest::of_bytes(b"a"), &action(), Digest::of_bytes(b"c"), &c, &allowed).unwrap();
         assert!(s.run_as_root);
         assert!(!spec(&action(), &cmd()).unwrap().run_as_root);
+    }
+
+    #[test]
+    fn liberal_in_what_buildstream_sends() {
+        // Environment in any order: sorted.
+        let mut c = cmd();
+        c.environment_variables.reverse();
+        let names: Vec<String> = spec(&action(), &c).unwrap().env.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["A", "B"]);
+        // Output paths relative to the working directory that stay inside the root.
+        let mut c = cmd();
+        c.working_directory = "buildstream/project/element".into();
+        c.output_paths = vec![".".into(), "../../../buildstream-install".into(), "sub/./x/".into()];
+        let s = spec(&action(), &c).unwrap();
+        let places: Vec<(&str, &str)> = s.outputs.iter().map(|o| (o.path.as_str(), o.in_root.as_str())).collect();
+        assert_eq!(
+            places,
+            [
+                (".", "buildstream/project/element"),
+                ("../../../buildstream-install", "buildstream-install"),
+                ("sub/./x/", "buildstream/project/element/sub/x")
+            ]
+        );
+        c.output_paths = vec!["../../..".into()];
+        assert_eq!(spec(&action(), &c).unwrap().outputs[0].in_root, "", "the whole input root");
+        for bad in ["../../../..", "../../../../etc", "/etc", "a/../../../../../x"] {
+            c.output_paths = vec![bad.into()];
+            let err = spec(&action(), &c).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}: {err}");
+        }
+        let mut c = cmd();
+        c.output_files = vec![".".into()];
+        assert!(spec(&action(), &c).is_err(), "an output file cannot be the working directory");
+    }
+
+    #[test]
+    fn hermetic_is_a_platform_property() {
+        let mut c = cmd();
+        assert!(!spec(&action(), &c).unwrap().hermetic);
+        c.platform = Some(reapi::Platform {
+            properties: vec![reapi::platform::Property { name: "hermetic".into(), value: "true".into() }],
+        });
+        assert!(spec(&action(), &c).unwrap().hermetic);
     }
 }

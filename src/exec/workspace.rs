@@ -289,11 +289,11 @@ fn create_output_parents(root: &Path, spec: &ActionSpec, run_as: Option<(u32, u3
         )));
     }
     for o in &spec.outputs {
-        let Some(parent) = Path::new(&o.path).parent() else { continue };
+        let Some(parent) = Path::new(&o.in_root).parent() else { continue };
         // Folder by folder, never through a symlink of the (hostile) input root: one
         // pointing at a host path would have us create host folders as root.
         let mut p = root.to_path_buf();
-        for c in Path::new(&spec.working_directory).join(parent).components() {
+        for c in parent.components() {
             p.push(c);
             use std::os::unix::fs::MetadataExt;
             let uid = match std::fs::symlink_metadata(&p) {

@@ -28,8 +28,13 @@ const SIBLING_BATCH_FILES: usize = 2048;
 /// How the fetcher behaves.
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
-    /// Longest a fetch may take before the reader gets EIO.
+    /// How long a fetch may go without progress before it is retried or the reader gets EIO:
+    /// the whole of a Directory or small-blob fetch; for a large blob, the wait for its next
+    /// bytes (a large blob reads over a slow link as long as bytes keep coming, and a broken
+    /// stream resumes where it stopped).
     pub deadline: Duration,
+    /// Resumed reads in a row without progress before a large-blob fetch fails.
+    pub retries: u32,
     /// Weight bound of the Directory cache, in bytes of encoded Directories.
     pub dir_cache_bytes: u64,
     /// Fetch the small files of a directory together once a second one is read.
@@ -43,6 +48,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
             deadline: Duration::from_secs(30),
+            retries: 5,
             dir_cache_bytes: 256 << 20,
             batch_siblings: true,
             in_flight_bytes: 128 << 20,
@@ -286,18 +292,20 @@ impl Fetcher {
     /// large ones in the disk cache. `parent` is the Directory it was found in: once two files
     /// of one directory are read, the directory's other small files come along in one batch.
     pub async fn load(self: &Arc<Self>, digest: Digest, remote: &Arc<Remote>, parent: Option<Digest>) -> Result<()> {
-        if self.cache.contains(&digest) {
+        if self.cache.ready(&digest) {
             return Ok(());
         }
-        self.metrics.add("casfs_blob_cache_misses_total", 1);
         let this = self.clone();
         let remote = remote.clone();
         self.blob_flight
             .run(digest, move || {
                 async move {
-                    this.with_deadline(digest, this.fetch_blob(digest, &remote.cas, parent))
-                        .await
-                        .inspect_err(|e| this.note_failure(e))
+                    // A blob file of an earlier life is hashed once before it is served.
+                    if this.cache.check(&digest).await? {
+                        return Ok(());
+                    }
+                    this.metrics.add("casfs_blob_cache_misses_total", 1);
+                    this.fetch_blob(digest, &remote.cas, parent).await.inspect_err(|e| this.note_failure(e))
                 }
                 .boxed()
             })
@@ -305,69 +313,76 @@ impl Fetcher {
             .map_err(shared(digest))
     }
 
+    /// Fetches a blob: a small one (with its siblings) in one batch under the whole-fetch
+    /// deadline, a large one streamed under the progress deadline.
     async fn fetch_blob(&self, digest: Digest, remote: &SharedCas, parent: Option<Digest>) -> Result<()> {
+        if digest.size() > SMALL_BLOB {
+            return self.fetch_large(digest, remote).await;
+        }
         let started = Instant::now();
-        if digest.size() <= SMALL_BLOB {
-            let mut wanted = vec![digest];
-            if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
-                wanted.extend(self.siblings_to_batch(&p, &digest));
-            }
-            // A response is held twice while its blobs are copied out: count both.
-            let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
-            let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
-            let _turn = self
-                .in_flight
-                .acquire_many(units)
-                .await
-                .map_err(|_| Error::Internal("the fetcher was shut down".into()))?;
-            let results = remote.read_many(&wanted).await?;
-            let mut mine = Err(Error::MissingBlob(digest));
-            for (d, r) in results {
-                let r = match r {
-                    Ok(bytes) => {
-                        self.metrics.add("casfs_fetch_blobs_total", 1);
-                        self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
-                        // `read_many` returns verified bytes only.
-                        self.cache.insert_verified(d, bytes);
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                };
-                if d == digest {
-                    mine = r;
-                } else if let Err(e) = r {
-                    tracing::debug!(digest = %d, error = %e, "sibling prefetch failed");
-                }
-            }
-            self.metrics.histogram("casfs_fetch_seconds{kind=\"small\"}").observe(started.elapsed());
-            return mine;
+        let mut wanted = vec![digest];
+        if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
+            wanted.extend(self.siblings_to_batch(&p, &digest));
         }
-        let mut attempt = 0;
-        loop {
-            let res = async {
-                let stream = remote.read_stream(&digest, 0, 0).await?;
-                let bytes = self.metrics.counter("casfs_fetch_bytes_total");
-                let counted = stream
-                    .inspect(move |c| {
-                        if let Ok(b) = c {
-                            bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    })
-                    .boxed();
-                self.cache.insert_stream(&digest, counted).await
-            }
-            .await;
-            match res {
-                Err(e) if e.is_transient() && attempt < 3 => attempt += 1,
-                other => {
-                    if other.is_ok() {
-                        self.metrics.add("casfs_fetch_blobs_total", 1);
-                        self.metrics.histogram("casfs_fetch_seconds{kind=\"large\"}").observe(started.elapsed());
-                    }
-                    return other;
+        // A response is held twice while its blobs are copied out: count both.
+        let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
+        let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
+        let _turn = self
+            .in_flight
+            .acquire_many(units)
+            .await
+            .map_err(|_| Error::Internal("the fetcher was shut down".into()))?;
+        let results = self.with_deadline(digest, remote.read_many(&wanted)).await?;
+        let mut mine = Err(Error::MissingBlob(digest));
+        for (d, r) in results {
+            let r = match r {
+                Ok(bytes) => {
+                    self.metrics.add("casfs_fetch_blobs_total", 1);
+                    self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
+                    // `read_many` returns verified bytes only.
+                    self.cache.insert_verified(d, bytes);
+                    Ok(())
                 }
+                Err(e) => Err(e),
+            };
+            if d == digest {
+                mine = r;
+            } else if let Err(e) = r {
+                tracing::debug!(digest = %d, error = %e, "sibling prefetch failed");
             }
         }
+        self.metrics.histogram("casfs_fetch_seconds{kind=\"small\"}").observe(started.elapsed());
+        mine
+    }
+
+    /// Streams a large blob into the cache. The deadline bounds each wait for bytes, not the
+    /// transfer: a broken or stalled read resumes at the first byte not yet received, so the
+    /// cache appends to what it is writing and hashes the whole blob once (see
+    /// [`crate::cas::resume`]).
+    async fn fetch_large(&self, digest: Digest, remote: &SharedCas) -> Result<()> {
+        let started = Instant::now();
+        let cas = remote.clone();
+        let open: crate::cas::resume::Open<'static> = Box::new(move |offset| {
+            let cas = cas.clone();
+            async move { cas.read_stream(&digest, offset, 0).await }.boxed()
+        });
+        let policy = crate::cas::resume::Resume { idle: self.cfg.deadline, retries: self.cfg.retries };
+        let resumes = self.metrics.counter("casfs_fetch_resumes_total");
+        let on_resume = move |_| {
+            resumes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let bytes = self.metrics.counter("casfs_fetch_bytes_total");
+        let counted = crate::cas::resume::resuming(digest, open, policy, on_resume)
+            .inspect(move |c| {
+                if let Ok(b) = c {
+                    bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .boxed();
+        self.cache.insert_stream(&digest, counted).await?;
+        self.metrics.add("casfs_fetch_blobs_total", 1);
+        self.metrics.histogram("casfs_fetch_seconds{kind=\"large\"}").observe(started.elapsed());
+        Ok(())
     }
 
     /// A whole (verified) message blob such as an Action, Command or Tree, through the local

@@ -174,7 +174,12 @@ impl ByteStream for ByteStreamService {
         match self.backend.cas.write_stream(&digest, chunks.boxed()).await {
             Ok(()) => Ok(Response::new(WriteResponse { committed_size: size as i64 })),
             Err(e) => {
-                tracing::info!(digest = %digest, error = %e, "upload refused");
+                if e.is_disk_full() {
+                    // The store warned once that it is full.
+                    tracing::debug!(digest = %digest, error = %e, "upload refused");
+                } else {
+                    tracing::info!(digest = %digest, error = %e, "upload refused");
+                }
                 Err(status(e))
             }
         }

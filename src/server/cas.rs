@@ -111,8 +111,11 @@ impl ContentAddressableStorage for CasService {
             } else {
                 self.backend.cas.write(&digest, r.data).await
             };
-            if let Err(e) = &result {
-                tracing::info!(digest = %digest, error = %e, "batch write refused");
+            match &result {
+                // The store warned once that it is full.
+                Err(e) if e.is_disk_full() => tracing::debug!(digest = %digest, error = %e, "batch write refused"),
+                Err(e) => tracing::info!(digest = %digest, error = %e, "batch write refused"),
+                Ok(()) => {}
             }
             responses.push(batch_update_blobs_response::Response {
                 digest: Some(digest.to_proto()),

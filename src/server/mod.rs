@@ -21,6 +21,9 @@ use crate::proto::reapi::execution_server::ExecutionServer;
 
 mod ac;
 pub use ac::AcWrites;
+mod asset;
+mod asset_http;
+pub use asset_http::AssetFetch;
 pub(crate) mod auth;
 mod bytestream;
 mod capabilities;
@@ -58,8 +61,11 @@ pub struct Backend {
     /// An upload that delivers less than [`UPLOAD_PROGRESS_BYTES`] in this long is aborted
     /// (DEADLINE_EXCEEDED) and its temporary file removed.
     pub upload_idle_timeout: Duration,
-    /// Whether clients may write the action cache (the executor always may).
+    /// Whether clients may write the action cache (the executor always may) and push
+    /// Remote Asset records.
     pub ac_writes: AcWrites,
+    /// What the Remote Asset Fetch service may download itself (nothing by default).
+    pub asset_fetch: AssetFetch,
 }
 
 impl Backend {
@@ -72,6 +78,7 @@ impl Backend {
             auth_token: None,
             upload_idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT,
             ac_writes: AcWrites::All,
+            asset_fetch: AssetFetch::default(),
         }
     }
 }
@@ -121,6 +128,8 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         exec_enabled: backend.execution.is_some(),
         ac_update_enabled: backend.ac_writes == AcWrites::All,
     });
+    let fetch = crate::proto::asset::fetch_server::FetchServer::new(asset::AssetService::new(backend.clone()));
+    let push = crate::proto::asset::push_server::PushServer::new(asset::AssetService::new(backend.clone()));
     let exec = backend.execution.clone().map(|s| ExecutionServer::new(execution::ExecutionService::new(s)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
@@ -139,6 +148,8 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         .add_service(InterceptedService::new(bs, check.clone()))
         .add_service(InterceptedService::new(ac, check.clone()))
         .add_service(InterceptedService::new(caps, check.clone()))
+        .add_service(InterceptedService::new(fetch, check.clone()))
+        .add_service(InterceptedService::new(push, check.clone()))
         .add_optional_service(exec.map(|e| InterceptedService::new(e, check.clone()))))
 }
 

@@ -187,6 +187,7 @@ async fn starting_while_threads_come_and_go_never_hangs() -> TestResult {
             network: false,
             run_as_root: false,
             timeout: Duration::from_secs(20),
+            hermetic: false,
         };
         let done = tokio::time::timeout(Duration::from_secs(30), casfs::exec::sandbox::run(&cfg, job)).await;
         match done {

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio::sync::OnceCell;
 
 pub use super::channel::RemoteConfig;
 use super::channel::{connect, Conn, Retry};
+use super::resume::{resuming, Open, Resume};
 use super::{verify, ByteStream, Cas};
 use upload::write_requests;
 
@@ -286,6 +287,18 @@ impl GrpcStore {
     }
 }
 
+impl GrpcStore {
+    /// The whole of a blob as one stream that resumes where a broken or stalled read stopped
+    /// (at most `rpc_timeout` without a byte, `retries` attempts in a row without progress).
+    /// Not verified: the caller hashes what passes.
+    fn read_resuming<'a>(&'a self, digest: &Digest) -> futures::stream::BoxStream<'a, Result<Bytes>> {
+        let digest = *digest;
+        let open: Open<'a> = Box::new(move |offset| async move { self.read_stream(&digest, offset, 0).await }.boxed());
+        let policy = Resume { idle: self.retry.timeout, retries: self.retry.retries };
+        resuming(digest, open, policy, |_| {})
+    }
+}
+
 /// Runs `call` on every batch, `PARALLEL_BATCHES` at a time, and joins the per-blob results.
 async fn in_parallel<B, T, F, Fut>(batches: Vec<B>, call: F) -> Result<Vec<(Digest, T)>>
 where
@@ -359,23 +372,13 @@ impl Cas for GrpcStore {
             let mut out = self.batch_read(vec![*digest]).await?;
             return out.pop().map(|(_, r)| r).unwrap_or(Err(Error::MissingBlob(*digest)));
         }
-        let mut attempt = 0;
-        loop {
-            let res: Result<Vec<u8>> = async {
-                let s = self.read_stream(digest, 0, 0).await?;
-                let chunks: Vec<Bytes> = s.try_collect().await?;
-                Ok(chunks.concat())
-            }
-            .await;
-            match res {
-                Ok(buf) => {
-                    verify(digest, &buf)?;
-                    return Ok(buf.into());
-                }
-                Err(e) if e.is_transient() && attempt < self.retry.retries => attempt += 1,
-                Err(e) => return Err(e),
-            }
+        let mut buf = Vec::with_capacity(digest.size() as usize);
+        let mut s = self.read_resuming(digest);
+        while let Some(chunk) = s.next().await {
+            buf.extend_from_slice(&chunk?);
         }
+        verify(digest, &buf)?;
+        Ok(buf.into())
     }
 
     async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
@@ -436,18 +439,7 @@ impl Cas for GrpcStore {
     }
 
     async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
-        let mut attempt = 0;
-        loop {
-            let res = async {
-                let s = self.read_stream(digest, 0, 0).await?;
-                super::stream_to_file(digest, s, path).await
-            }
-            .await;
-            match res {
-                Err(e) if e.is_transient() && attempt < self.retry.retries => attempt += 1,
-                other => return other,
-            }
-        }
+        super::stream_to_file(digest, self.read_resuming(digest), path).await
     }
 
     async fn get_tree(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {

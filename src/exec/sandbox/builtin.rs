@@ -100,7 +100,7 @@ impl Plan {
             tmp: under("tmp")?,
             tmp_opts: cstr(format!("mode=1777,size={}", l.tmp_size))?,
             cwd: cstr(&job.cwd)?,
-            argv: job.argv.iter().map(cstr).collect::<Result<_>>()?,
+            argv: l.argv.iter().map(cstr).collect::<Result<_>>()?,
             env: job.env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect::<Result<_>>()?,
             argv_ptrs: Vec::new(),
             env_ptrs: Vec::new(),

@@ -52,7 +52,7 @@ fn args(l: &Launch<'_>) -> Vec<String> {
     a.extend(["--proc", "/proc", "--dev", "/dev"].map(String::from));
     a.extend(["--size".into(), l.tmp_size.to_string(), "--tmpfs".into(), "/tmp".into()]);
     a.extend(["--chdir".into(), l.job.cwd.clone(), "--".into()]);
-    a.extend(l.job.argv.iter().cloned());
+    a.extend(l.argv.iter().cloned());
     a
 }
 

@@ -14,6 +14,7 @@ pub(crate) mod cgroup;
 mod hierarchy;
 mod root;
 mod sys;
+mod view;
 mod wrapper;
 
 use std::ffi::CString;
@@ -99,7 +100,8 @@ pub struct Job<'a> {
     pub root: &'a Path,
     /// Working directory inside the root (absolute, in the command's view).
     pub cwd: String,
-    /// Arguments; `argv[0]` already resolved.
+    /// Arguments as the Command gave them (a bare `argv[0]` is looked up in the command's
+    /// view once its root is prepared).
     pub argv: &'a [String],
     /// The complete environment.
     pub env: &'a [(String, String)],
@@ -113,6 +115,8 @@ pub struct Job<'a> {
     pub run_as_root: bool,
     /// Wall-clock limit.
     pub timeout: Duration,
+    /// No host folders at all in its view, whatever the sandbox's configuration says.
+    pub hermetic: bool,
 }
 
 /// How a command ended.
@@ -160,6 +164,8 @@ impl Finished {
 pub struct Launch<'a> {
     /// The command.
     pub job: &'a Job<'a>,
+    /// Its arguments, `argv[0]` resolved in its view.
+    pub argv: Vec<String>,
     /// Host folders to bind read-only at the same path; their mount points exist in the root.
     pub host_dirs: Vec<PathBuf>,
     /// Host uid and gid of the command.
@@ -216,11 +222,17 @@ fn stdio(job: &Job<'_>) -> Result<(OwnedFd, OwnedFd, OwnedFd)> {
 pub async fn run(cfg: &SandboxConfig, job: Job<'_>) -> Result<Finished> {
     let sandbox = cfg.kind.sandbox();
     // These calls go through the overlay into the action's FUSE mount.
-    let host_dirs = super::blocking(|| root::prepare(job.root, &cfg.host_dirs))?;
+    let wanted: &[PathBuf] = if job.hermetic { &[] } else { &cfg.host_dirs };
+    let (host_dirs, argv) = super::blocking(|| {
+        let binds = root::prepare(job.root, wanted)?;
+        let argv = view::resolve_argv0(job.root, &binds, job.argv, job.env, &job.cwd)?;
+        Ok::<_, Error>((binds, argv))
+    })?;
     let cg = cgroup::ActionCgroup::create(cfg.memory_limit, cfg.pids_limit)?;
     let host_ids = cfg.ids();
     let launch = Launch {
         job: &job,
+        argv,
         host_dirs,
         host_ids,
         inside_ids: if job.run_as_root { (0, 0) } else { host_ids },

@@ -59,7 +59,7 @@ impl Sandbox for Wrapper {
         let (stdin, stdout, stderr) = super::stdio(l.job)?;
         let mut cmd = Command::new(program);
         cmd.args(words)
-            .args(l.job.argv)
+            .args(&l.argv)
             .env_clear()
             .envs(l.job.env.iter().map(|(k, v)| (k, v)))
             .envs(sandbox_env(l))

@@ -5,21 +5,31 @@
 //! emptied at open). A blob becomes visible only by `rename` after its bytes were hashed and
 //! matched, so a killed writer leaves at most a stray temporary file, never a partial blob.
 //! Recency survives restarts through file mtimes, refreshed when a blob is read.
+//!
+//! Promises (REAPI's lifetime rules): `find_missing` vouches for every blob it reports
+//! present (FindMissingBlobs, action-cache hits and Remote Asset records all go through it).
+//! A vouched blob is marked recently used and, for `min_lifetime` after that, is never
+//! evicted: an upload that would need it gone is refused with RESOURCE_EXHAUSTED instead.
+//! Vouch times live in memory; their recency reaches the files' mtimes in batches.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use prost::Message;
 
-use super::{ActionCache, ByteStream, Cas, CHUNK};
+use super::quarantine::{hash_file, ino_of, read_whole, verified_stream, FullLatch, Quarantine};
+use super::{ByteStream, Cas, CHUNK};
+use lru::{Lru, StoreMetrics};
+
+mod action_cache;
+mod lru;
+mod promises;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
-use crate::proto::reapi;
 
 /// Streams at least this large are hashed and written on two threads at once.
 const PIPELINE_MIN: u64 = 4 << 20;
@@ -29,53 +39,24 @@ const WHOLE_READ_MAX: u64 = 1 << 20;
 const READ_TASKS: usize = 8;
 /// How stale a blob's mtime may get before a read refreshes it (bounds the extra syscalls).
 const TOUCH_AFTER: Duration = Duration::from_secs(600);
-
-#[derive(Default)]
-struct Lru {
-    /// digest -> recency tick
-    ticks: HashMap<Digest, u64>,
-    /// recency tick -> digest, oldest first
-    order: BTreeMap<u64, Digest>,
-    total: u64,
-    next: u64,
-}
-
-impl Lru {
-    fn touch(&mut self, d: &Digest) -> bool {
-        let Some(t) = self.ticks.get_mut(d) else {
-            return false;
-        };
-        self.order.remove(t);
-        *t = self.next;
-        self.order.insert(self.next, *d);
-        self.next += 1;
-        true
-    }
-
-    fn insert(&mut self, d: Digest) {
-        if self.touch(&d) {
-            return;
-        }
-        self.ticks.insert(d, self.next);
-        self.order.insert(self.next, d);
-        self.next += 1;
-        self.total += d.size();
-    }
-
-    fn remove(&mut self, d: &Digest) {
-        if let Some(t) = self.ticks.remove(d) {
-            self.order.remove(&t);
-            self.total -= d.size();
-        }
-    }
-}
+/// Vouched blobs whose mtime is refreshed in one blocking batch.
+const MTIME_BATCH: usize = 4096;
 
 /// A persistent blob store and action cache in a local folder.
 pub struct DiskStore {
     root: PathBuf,
     /// Bound on the bytes of blobs held (0 = none).
     max_bytes: u64,
-    lru: Mutex<Lru>,
+    lru: Arc<Mutex<Lru>>,
+    /// How long a vouched blob is safe from eviction (zero: no promises, plain LRU).
+    min_lifetime: Duration,
+    metrics: Option<StoreMetrics>,
+    /// Where blob files found corrupt go.
+    quarantine: Quarantine,
+    /// Whether the last write failed for want of space.
+    full: FullLatch,
+    /// Told of every blob evicted (its owner closes files it holds open).
+    evicted: std::sync::OnceLock<EvictHook>,
 }
 
 impl DiskStore {
@@ -116,9 +97,61 @@ impl DiskStore {
         for (_, d) in found {
             lru.insert(d);
         }
-        let store = DiskStore { root, max_bytes, lru: Mutex::new(lru) };
+        let quarantine = Quarantine::new(root.join("quarantine"), Arc::new(AtomicU64::new(0)));
+        let full = FullLatch::default();
+        let store = DiskStore {
+            root,
+            max_bytes,
+            lru: Arc::new(Mutex::new(lru)),
+            quarantine,
+            full,
+            evicted: Default::default(),
+            min_lifetime: Duration::ZERO,
+            metrics: None,
+        };
         store.evict(None);
         Ok(store)
+    }
+
+    /// Calls `hook` with each blob evicted from now on (once; later hooks are ignored).
+    pub fn on_evict(&self, hook: EvictHook) {
+        let _ = self.evicted.set(hook);
+    }
+
+    /// Counts blobs quarantined from now on in `counter` (a metrics registry's).
+    pub fn count_quarantined_in(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.quarantine.set_counter(counter);
+        self
+    }
+
+    /// Deletes corrupt blob files instead of keeping the newest few aside (for a cache).
+    pub fn delete_corrupt(mut self) -> Self {
+        self.quarantine.keep = false;
+        self
+    }
+
+    /// Records how a write into the store went: the first refusal for want of space is
+    /// logged at WARN (later ones at DEBUG) until a write succeeds again.
+    pub fn note_write<T>(&self, res: &Result<T>) {
+        self.full.note(&self.root, res);
+    }
+
+    /// Hashes a held blob's file whole (blocking): true when it matches its digest; a
+    /// corrupt or short file is put aside and forgotten (false), as is a missing one.
+    pub fn verify_file(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        match hash_file(&path, digest)? {
+            None => {
+                self.lru.lock().unwrap().remove(digest);
+                Ok(false)
+            }
+            Some((actual, _)) if actual == *digest => Ok(true),
+            Some((actual, ino)) => {
+                let why = if actual.size() != digest.size() { "wrong length" } else { "bytes do not match the digest" };
+                set_aside(&self.lru, &self.quarantine, &path, digest, ino, why);
+                Ok(false)
+            }
+        }
     }
 
     /// The folder the store lives in.
@@ -153,25 +186,43 @@ impl DiskStore {
         digest.is_empty_blob() || self.lru.lock().unwrap().ticks.contains_key(digest)
     }
 
+    /// Removes least recently used blobs until the total fits (promised ones stay, even if
+    /// that leaves the store over its bound: that only happens at open, or when a promise
+    /// was made after room was checked).
     fn evict(&self, keep: Option<&Digest>) {
-        let max_bytes = self.max_bytes;
-        if max_bytes == 0 {
+        if self.max_bytes == 0 {
             return;
         }
-        let mut victims = Vec::new();
-        {
+        let victims = {
             let mut lru = self.lru.lock().unwrap();
-            while lru.total > max_bytes {
-                let Some((_, d)) = lru.order.iter().find(|(_, d)| Some(*d) != keep).map(|(t, d)| (*t, *d)) else {
-                    break;
-                };
-                lru.remove(&d);
-                victims.push(d);
+            // Whatever is not promised goes, oldest first, until the total fits.
+            let v = lru.victims(self.max_bytes, 0, keep, self.min_lifetime).unwrap_or_else(|| {
+                let now = Instant::now();
+                lru.order
+                    .values()
+                    .filter(|d| Some(*d) != keep && !lru.promised(d, self.min_lifetime, now))
+                    .copied()
+                    .collect()
+            });
+            for d in &v {
+                lru.remove(d);
             }
-        }
+            v
+        };
+        self.remove_files(victims);
+    }
+
+    fn remove_files(&self, victims: Vec<Digest>) {
         for d in victims {
             tracing::debug!(digest = %d, "evicting blob");
+            if let Some(m) = &self.metrics {
+                m.evictions.fetch_add(1, Ordering::Relaxed);
+                m.evicted_bytes.fetch_add(d.size(), Ordering::Relaxed);
+            }
             let _ = std::fs::remove_file(self.blob_path(&d));
+            if let Some(hook) = self.evicted.get() {
+                hook(&d);
+            }
         }
     }
 
@@ -189,13 +240,41 @@ impl DiskStore {
             std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
             tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
         }
-        self.lru.lock().unwrap().insert(*digest);
+        let victims = {
+            let mut lru = self.lru.lock().unwrap();
+            if self.max_bytes > 0 && !self.min_lifetime.is_zero() && !lru.ticks.contains_key(digest) {
+                match lru.victims(self.max_bytes, digest.size(), Some(digest), self.min_lifetime) {
+                    Some(v) => {
+                        for d in &v {
+                            lru.remove(d);
+                        }
+                        lru.insert(*digest);
+                        Some(v)
+                    }
+                    None => None,
+                }
+            } else {
+                lru.insert(*digest);
+                Some(Vec::new())
+            }
+        };
+        let Some(victims) = victims else {
+            let _ = std::fs::remove_file(&dest);
+            return Err(self.refusal(digest));
+        };
+        self.remove_files(victims);
         self.evict(Some(digest));
         Ok(())
     }
 
     /// Stores a blob by copying a local file, hashing as it copies (blocking).
     pub fn insert_file(&self, digest: &Digest, src: &Path) -> Result<()> {
+        let res = self.insert_file_unnoted(digest, src);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_file_unnoted(&self, digest: &Digest, src: &Path) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -218,6 +297,12 @@ impl DiskStore {
     /// Stores bytes the caller has already checked against `digest` (blocking; no second
     /// hashing). Only for bytes that were verified on their way in.
     pub fn insert_verified(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let res = self.insert_verified_unnoted(digest, data);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_verified_unnoted(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -233,6 +318,12 @@ impl DiskStore {
     /// Stores the content of an open file whose bytes the caller has already checked against
     /// `digest` (blocking; copied in the kernel where it can, no second hashing).
     pub fn insert_verified_file(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
+        let res = self.insert_verified_file_unnoted(digest, src);
+        self.note_write(&res);
+        res
+    }
+
+    fn insert_verified_file_unnoted(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
@@ -273,7 +364,13 @@ impl DiskStore {
         match std::fs::File::open(&path) {
             // The file is named by hash only: a digest with the right hash but another size
             // names a blob this store does not have.
-            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => Err(Error::MissingBlob(*digest)),
+            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => {
+                if self.contains(digest) {
+                    // Held under this very digest, but cut short or grown: corrupt.
+                    set_aside(&self.lru, &self.quarantine, &path, digest, ino_of(&f), "wrong length");
+                }
+                Err(Error::MissingBlob(*digest))
+            }
             Ok(f) => {
                 self.lru.lock().unwrap().touch(digest);
                 if let Ok(meta) = f.metadata() {
@@ -298,26 +395,15 @@ impl DiskStore {
     }
 }
 
-/// Reads and verifies a whole small blob (blocking). A file of the wrong length is a blob
-/// the store does not have.
-fn read_whole(path: &Path, digest: &Digest) -> Result<Bytes> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::MissingBlob(*digest)),
-        Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
-    };
-    let meta = file.metadata().ctx(|| format!("reading blob {digest}"))?;
-    if meta.len() != digest.size() {
-        return Err(Error::MissingBlob(*digest));
+/// Puts a corrupt blob file aside and forgets the blob (unless the file was replaced since).
+fn set_aside(lru: &Mutex<Lru>, q: &Quarantine, path: &Path, digest: &Digest, ino: Option<u64>, why: &str) {
+    if q.put_aside(path, digest, ino, why) {
+        lru.lock().unwrap().remove(digest);
     }
-    if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > TOUCH_AFTER) {
-        let _ = file.set_modified(SystemTime::now());
-    }
-    let mut buf = Vec::with_capacity(digest.size() as usize);
-    file.read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
-    super::verify(digest, &buf)?;
-    Ok(buf.into())
 }
+
+/// What [`DiskStore::on_evict`] calls.
+pub type EvictHook = Box<dyn Fn(&Digest) + Send + Sync>;
 
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
@@ -330,13 +416,25 @@ fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
 #[async_trait::async_trait]
 impl Cas for DiskStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let lru = self.lru.lock().unwrap();
-        let mut seen = std::collections::HashSet::new();
-        Ok(digests
-            .iter()
-            .filter(|d| !d.is_empty_blob() && !lru.ticks.contains_key(d) && seen.insert(**d))
-            .copied()
-            .collect())
+        let (missing, present) = {
+            let lru = self.lru.lock().unwrap();
+            let mut seen = std::collections::HashSet::new();
+            let (mut missing, mut present) = (Vec::new(), Vec::new());
+            for d in digests {
+                if d.is_empty_blob() || !seen.insert(*d) {
+                    continue;
+                }
+                if lru.ticks.contains_key(d) {
+                    present.push(*d);
+                } else {
+                    missing.push(*d);
+                }
+            }
+            (missing, present)
+        };
+        // Reported present: a promise that they stay for a while.
+        self.vouch(&present);
+        Ok(missing)
     }
 
     async fn read(&self, digest: &Digest) -> Result<Bytes> {
@@ -347,12 +445,15 @@ impl Cas for DiskStore {
             let mut out = self.read_many(std::slice::from_ref(digest)).await?;
             return out.pop().map(|(_, r)| r).unwrap_or(Err(Error::MissingBlob(*digest)));
         }
+        // A whole read is checked (and a corrupt file put aside) as it streams.
         let mut stream = self.read_stream(digest, 0, 0).await?;
         let mut buf = Vec::with_capacity(digest.size() as usize);
         while let Some(chunk) = stream.next().await {
             buf.extend_from_slice(&chunk?);
         }
-        super::verify(digest, &buf)?;
+        if buf.len() as u64 != digest.size() {
+            return Err(Error::Internal(format!("blob {digest} read {} bytes", buf.len())));
+        }
         Ok(buf.into())
     }
 
@@ -372,7 +473,9 @@ impl Cas for DiskStore {
                 tokio::task::spawn_blocking(move || {
                     chunk
                         .into_iter()
-                        .map(|(d, p)| (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d) }))
+                        .map(|(d, p)| {
+                            (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d, TOUCH_AFTER) })
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -393,6 +496,11 @@ impl Cas for DiskStore {
                 }
             }
         }
+        for (d, r) in &out {
+            if let Err(Error::DigestMismatch { .. }) = r {
+                set_aside(&self.lru, &self.quarantine, &self.blob_path(d), d, None, "bytes do not match the digest");
+            }
+        }
         for d in large {
             out.push((d, self.read(&d).await));
         }
@@ -408,14 +516,47 @@ impl Cas for DiskStore {
         }
         let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
+        let ino = ino_of(&file);
         // A few chunks read ahead; a reader that stops reading holds no thread.
-        Ok(super::read_ahead::stream(file, *digest, offset, end))
+        let stream = super::read_ahead::stream(file, *digest, offset, end);
+        if offset != 0 || end != digest.size() {
+            // A part cannot be checked; whoever reads the whole checks it.
+            return Ok(stream);
+        }
+        let (lru, q, path, d) = (self.lru.clone(), self.quarantine.clone(), self.blob_path(digest), *digest);
+        let on_bad = move || set_aside(&lru, &q, &path, &d, ino, "bytes do not match the digest");
+        Ok(verified_stream(stream, *digest, on_bad))
     }
 
-    async fn write_stream(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
+    async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
+        let res = self.write_stream_unnoted(digest, data).await;
+        self.note_write(&res);
+        res
+    }
+
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
         if self.contains(digest) {
             return Ok(());
         }
+        super::verify(digest, &data)?;
+        self.check_room(digest)?;
+        let res = (|| {
+            let (mut file, tmp) = self.temp()?;
+            file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
+            drop(file);
+            self.commit(digest, tmp)
+        })();
+        self.note_write(&res);
+        res
+    }
+}
+
+impl DiskStore {
+    async fn write_stream_unnoted(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        self.check_room(digest)?;
         if digest.size() >= PIPELINE_MIN {
             // Receiving, hashing and writing overlap; visible only once the whole hash matched.
             let (file, tmp) = self.temp()?;
@@ -437,45 +578,5 @@ impl Cas for DiskStore {
         drop(file);
         check(digest, hasher)?;
         self.commit(digest, tmp)
-    }
-
-    async fn write(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        super::verify(digest, &data)?;
-        let (mut file, tmp) = self.temp()?;
-        file.write_all(&data).ctx(|| format!("writing blob {digest}"))?;
-        drop(file);
-        self.commit(digest, tmp)
-    }
-}
-
-#[async_trait::async_trait]
-impl ActionCache for DiskStore {
-    async fn get_action_result(&self, action: &Digest) -> Result<Option<reapi::ActionResult>> {
-        match std::fs::read(self.ac_path(action)) {
-            Ok(bytes) => match reapi::ActionResult::decode(bytes.as_slice()) {
-                Ok(r) => Ok(Some(r)),
-                Err(e) => {
-                    tracing::warn!(action = %action, error = %e, "dropping undecodable action cache entry");
-                    let _ = std::fs::remove_file(self.ac_path(action));
-                    Ok(None)
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading action result {action}"), e)),
-        }
-    }
-
-    async fn update_action_result(&self, action: &Digest, result: &reapi::ActionResult) -> Result<()> {
-        let dest = self.ac_path(action);
-        let shard = dest.parent().expect("ac path has a shard");
-        std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
-        let (mut file, tmp) = self.temp()?;
-        file.write_all(&result.encode_to_vec()).ctx(|| format!("writing action result {action}"))?;
-        drop(file);
-        tmp.persist(&dest).map_err(|e| Error::io(format!("storing action result {action}"), e.error))?;
-        Ok(())
     }
 }
