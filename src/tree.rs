@@ -83,6 +83,23 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+fn invalid(label: &str, reason: String) -> Error {
+    Error::InvalidDirectory { digest: label.to_string(), reason }
+}
+
+/// Empties a digest field for the next merge, keeping its buffer.
+fn reset_digest(d: &mut Option<reapi::Digest>) {
+    let d = d.get_or_insert_with(Default::default);
+    d.hash.clear();
+    d.size_bytes = 0;
+}
+
+fn entry_digest(name: &str, d: &Option<reapi::Digest>, label: &str) -> Result<Digest> {
+    let d = d.as_ref().filter(|d| !d.hash.is_empty());
+    let d = d.ok_or_else(|| invalid(label, format!("entry {name:?} has no digest")))?;
+    Digest::try_from(d).map_err(|e| invalid(label, format!("entry {name:?}: {e}")))
+}
+
 fn check_sorted<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
     let mut prev: Option<&str> = None;
     for name in names {
@@ -103,46 +120,107 @@ fn check_sorted<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::re
 impl Directory {
     /// Validates a decoded message. `label` names it in errors (usually its digest).
     pub fn validate(msg: &reapi::Directory, label: &str) -> Result<Self> {
-        let bad = |reason: String| Error::InvalidDirectory { digest: label.to_string(), reason };
-        check_sorted("file", msg.files.iter().map(|f| f.name.as_str())).map_err(bad)?;
-        check_sorted("directory", msg.directories.iter().map(|d| d.name.as_str())).map_err(bad)?;
-        check_sorted("symlink", msg.symlinks.iter().map(|s| s.name.as_str())).map_err(bad)?;
-        let digest_of = |name: &str, d: &Option<reapi::Digest>| -> Result<Digest> {
-            let d = d.as_ref().ok_or_else(|| bad(format!("entry {name:?} has no digest")))?;
-            Digest::try_from(d).map_err(|e| bad(format!("entry {name:?}: {e}")))
-        };
-        let mut files = Vec::with_capacity(msg.files.len());
+        let mut dir = Directory::default();
         for f in &msg.files {
-            let digest = digest_of(&f.name, &f.digest)?;
-            files.push(FileEntry { name: f.name.clone(), digest, executable: f.is_executable });
+            dir.push_file(f.clone(), label)?;
         }
-        let mut dirs = Vec::with_capacity(msg.directories.len());
         for d in &msg.directories {
-            dirs.push(DirEntry { name: d.name.clone(), digest: digest_of(&d.name, &d.digest)? });
+            dir.push_dir(d.clone(), label)?;
         }
-        let mut symlinks = Vec::with_capacity(msg.symlinks.len());
         for s in &msg.symlinks {
-            if s.target.is_empty() || s.target.contains('\0') {
-                return Err(bad(format!("symlink {:?} has an empty or NUL target", s.name)));
-            }
-            symlinks.push(SymlinkEntry { name: s.name.clone(), target: s.target.clone() });
+            dir.push_symlink(s.clone(), label)?;
         }
-        let dir = Directory { files, dirs, symlinks };
-        let mut all: Vec<&str> = dir.names().collect();
-        all.sort_unstable();
-        if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
-            return Err(bad(format!("name {:?} used by two entries of different kinds", w[0])));
-        }
+        dir.check(label)?;
         Ok(dir)
     }
 
-    /// Decodes and validates the bytes of a Directory blob stored under `digest`.
+    fn push_file(&mut self, f: reapi::FileNode, label: &str) -> Result<()> {
+        let digest = entry_digest(&f.name, &f.digest, label)?;
+        self.files.push(FileEntry { name: f.name, digest, executable: f.is_executable });
+        Ok(())
+    }
+
+    fn push_dir(&mut self, d: reapi::DirectoryNode, label: &str) -> Result<()> {
+        let digest = entry_digest(&d.name, &d.digest, label)?;
+        self.dirs.push(DirEntry { name: d.name, digest });
+        Ok(())
+    }
+
+    fn push_symlink(&mut self, s: reapi::SymlinkNode, label: &str) -> Result<()> {
+        if s.target.is_empty() || s.target.contains('\0') {
+            return Err(invalid(label, format!("symlink {:?} has an empty or NUL target", s.name)));
+        }
+        self.symlinks.push(SymlinkEntry { name: s.name, target: s.target });
+        Ok(())
+    }
+
+    /// The rules on names: each list strictly sorted, no name in two lists.
+    fn check(&self, label: &str) -> Result<()> {
+        let bad = |reason: String| invalid(label, reason);
+        check_sorted("file", self.files.iter().map(|f| f.name.as_str())).map_err(bad)?;
+        check_sorted("directory", self.dirs.iter().map(|d| d.name.as_str())).map_err(bad)?;
+        check_sorted("symlink", self.symlinks.iter().map(|s| s.name.as_str())).map_err(bad)?;
+        if !self.dirs.is_empty() || !self.symlinks.is_empty() {
+            let mut all: Vec<&str> = self.names().collect();
+            all.sort_unstable();
+            if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+                return Err(bad(format!("name {:?} used by two entries of different kinds", w[0])));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and validates the bytes of a Directory blob stored under `digest`. Entries are
+    /// decoded one at a time straight into their validated form, so a Directory of a million
+    /// entries never exists twice in memory (a whole decoded message costs ~3x the final one).
     pub fn decode(digest: &Digest, bytes: &[u8]) -> Result<Self> {
-        let msg = reapi::Directory::decode(bytes).map_err(|e| Error::InvalidDirectory {
-            digest: digest.to_string(),
-            reason: format!("not a Directory message: {e}"),
-        })?;
-        Directory::validate(&msg, &digest.to_string())
+        use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+        let label = digest.to_string();
+        let wire = |e: prost::DecodeError| invalid(&label, format!("not a Directory message: {e}"));
+        let mut buf = bytes;
+        let mut dir = Directory::default();
+        // One message per kind, merged into again for each entry: its digest's buffer is
+        // reused, so a million entries allocate only their names, packed together (a fresh
+        // message per entry left a freed hash between every two names).
+        let (mut file, mut sub) = (reapi::FileNode::default(), reapi::DirectoryNode::default());
+        while !buf.is_empty() {
+            let (tag, wt) = decode_key(&mut buf).map_err(wire)?;
+            if !matches!(tag, 1 | 2 | 3 | 5) {
+                skip_field(wt, tag, &mut buf, DecodeContext::default()).map_err(wire)?;
+                continue;
+            }
+            if wt != WireType::LengthDelimited {
+                return Err(invalid(&label, format!("not a Directory message: field {tag} has wire type {wt:?}")));
+            }
+            let len = decode_varint(&mut buf).map_err(wire)?;
+            if len > buf.len() as u64 {
+                return Err(invalid(&label, "not a Directory message: buffer underflow".into()));
+            }
+            let (item, rest) = buf.split_at(len as usize);
+            buf = rest;
+            match tag {
+                1 => {
+                    reset_digest(&mut file.digest);
+                    (file.is_executable, file.node_properties) = (false, None);
+                    file.merge(item).map_err(wire)?;
+                    let name = std::mem::take(&mut file.name);
+                    let digest = entry_digest(&name, &file.digest, &label)?;
+                    dir.files.push(FileEntry { name, digest, executable: file.is_executable });
+                }
+                2 => {
+                    reset_digest(&mut sub.digest);
+                    sub.merge(item).map_err(wire)?;
+                    let name = std::mem::take(&mut sub.name);
+                    let digest = entry_digest(&name, &sub.digest, &label)?;
+                    dir.dirs.push(DirEntry { name, digest });
+                }
+                3 => dir.push_symlink(reapi::SymlinkNode::decode(item).map_err(wire)?, &label)?,
+                _ => drop(reapi::NodeProperties::decode(item).map_err(wire)?),
+            }
+        }
+        dir.check(&label)?;
+        dir.files.shrink_to_fit();
+        Ok(dir)
     }
 
     /// All entry names, files first, then directories, then symlinks.

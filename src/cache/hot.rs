@@ -15,8 +15,6 @@ use bytes::Bytes;
 use super::tiers::OnDisk;
 use crate::digest::Digest;
 
-/// Most bytes waiting for the disk writer; past this, callers write themselves.
-const MAX_PENDING_BYTES: u64 = 64 << 20;
 /// Most blobs waiting for the disk writer (bounds how long a final flush takes).
 const MAX_PENDING_BLOBS: usize = 50_000;
 /// Blobs the writer takes per round.
@@ -42,21 +40,23 @@ struct Shared {
 /// Verified small blobs in memory, persisted to the disk cache in the background.
 pub struct HotBlobs {
     mem: moka::sync::Cache<Digest, Bytes>,
+    /// Most bytes waiting for the disk writer; past this, callers write themselves.
+    max_pending: u64,
     shared: Arc<Shared>,
     disk: Arc<OnDisk>,
 }
 
 impl HotBlobs {
     /// A store holding up to `mem_bytes` of blobs in memory and writing them to `disk`
-    /// from its own thread.
-    pub(crate) fn new(disk: Arc<OnDisk>, mem_bytes: u64) -> Arc<Self> {
+    /// from its own thread, with up to `max_pending` bytes waiting for it.
+    pub(crate) fn new(disk: Arc<OnDisk>, mem_bytes: u64, max_pending: u64) -> Arc<Self> {
         let mem = moka::sync::Cache::builder()
             .max_capacity(mem_bytes)
             .weigher(|_, b: &Bytes| (b.len() + 64).min(u32::MAX as usize) as u32)
             .build();
         let shared =
             Arc::new(Shared { pending: Mutex::new(Pending::default()), work: Condvar::new(), done: Condvar::new() });
-        let hot = Arc::new(HotBlobs { mem, shared: shared.clone(), disk: disk.clone() });
+        let hot = Arc::new(HotBlobs { mem, max_pending, shared: shared.clone(), disk: disk.clone() });
         let spawned =
             std::thread::Builder::new().name("casfs-cache-writer".into()).spawn(move || writer(&shared, &disk));
         if let Err(e) = spawned {
@@ -83,13 +83,25 @@ impl HotBlobs {
     /// disk cache gets it soon. Blocks (writing it itself) only when the writer is far behind,
     /// so call it from a blocking context or accept a short write.
     pub fn insert(&self, digest: Digest, data: Bytes) {
+        self.insert_as(digest, data, true)
+    }
+
+    /// As [`HotBlobs::insert`], but kept in memory only until it is on disk: for bytes the
+    /// caller holds in another form (a decoded Directory), which would be counted twice.
+    pub fn insert_cold(&self, digest: Digest, data: Bytes) {
+        self.insert_as(digest, data, false)
+    }
+
+    fn insert_as(&self, digest: Digest, data: Bytes, keep: bool) {
         if self.disk.contains(&digest) {
             return;
         }
-        self.mem.insert(digest, data.clone());
+        if keep {
+            self.mem.insert(digest, data.clone());
+        }
         let overflow = {
             let mut p = self.shared.pending.lock().unwrap();
-            if p.closed || p.bytes + data.len() as u64 > MAX_PENDING_BYTES || p.map.len() >= MAX_PENDING_BLOBS {
+            if p.closed || p.bytes + data.len() as u64 > self.max_pending || p.map.len() >= MAX_PENDING_BLOBS {
                 true
             } else {
                 if p.map.insert(digest, data.clone()).is_none() {

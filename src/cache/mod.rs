@@ -34,6 +34,50 @@ use tiers::OnDisk;
 /// Largest blob kept in memory and in packs rather than in a file of its own.
 pub const SMALL_BLOB: u64 = 256 << 10;
 
+/// One bound on the memory a process's cache and filesystems hold, shared out between the
+/// tiers that hold it. Each share is enforced where it lives (a tier evicts, or a caller
+/// waits or goes to disk), so the shares together never pass the total:
+/// - small blobs held in memory: 3/16, plus 1/16 waiting for the pack writer;
+/// - validated Directories: 3/16;
+/// - small-blob fetches in flight (responses being received and copied): 1/8;
+/// - large blobs in memory files until their disk copy is done: 1/4;
+/// - inodes and everything else: the last 1/8 (inodes are freed when the kernel forgets
+///   them, about 110 bytes each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget(pub u64);
+
+impl MemoryBudget {
+    /// An eighth of the machine's memory, between 512 MiB and 4 GiB.
+    pub fn default_for_machine() -> Self {
+        MemoryBudget(machine_memory().map_or(1 << 30, |m| (m / 8).clamp(512 << 20, 4 << 30)))
+    }
+
+    /// Small blobs held in memory for immediate reads.
+    pub fn small_blobs(self) -> u64 {
+        self.0 / 16 * 3
+    }
+
+    /// Small blobs waiting for the background pack writer (past this, callers write).
+    pub fn pending(self) -> u64 {
+        self.0 / 16
+    }
+
+    /// Validated Directories (weighed by entries).
+    pub fn directories(self) -> u64 {
+        self.0 / 16 * 3
+    }
+
+    /// Small-blob fetches in flight (past this, fetches wait).
+    pub fn in_flight(self) -> u64 {
+        self.0 / 8
+    }
+
+    /// Large blobs in memory files (past this, a fetch goes to the disk cache first).
+    pub fn large_files(self) -> u64 {
+        self.0 / 4
+    }
+}
+
 /// Where the cache lives and how much it may hold.
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -41,28 +85,39 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Bound on disk (0 = none): blob files get three quarters, packs one quarter.
     pub max_bytes: u64,
-    /// Small blobs (and Directories) kept in memory for immediate reads.
+    /// Small blobs kept in memory for immediate reads.
     pub mem_small_bytes: u64,
+    /// Small blobs waiting in memory for the pack writer.
+    pub mem_pending_bytes: u64,
     /// Large blobs that may wait in memory files for their copy to disk (bounded across the
     /// process); a large blob that finds no room goes to disk before it is served.
     pub mem_large_bytes: u64,
 }
 
 impl CacheConfig {
-    /// Defaults for everything but the folder and the bound.
+    /// Defaults for everything but the folder and the bound (the machine's default
+    /// [`MemoryBudget`]).
     pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
-        CacheConfig { dir: dir.into(), max_bytes, mem_small_bytes: 256 << 20, mem_large_bytes: default_large_bytes() }
+        Self::with_budget(dir, max_bytes, MemoryBudget::default_for_machine())
+    }
+
+    /// A cache whose memory shares come from `budget`.
+    pub fn with_budget(dir: impl Into<PathBuf>, max_bytes: u64, budget: MemoryBudget) -> Self {
+        CacheConfig {
+            dir: dir.into(),
+            max_bytes,
+            mem_small_bytes: budget.small_blobs(),
+            mem_pending_bytes: budget.pending(),
+            mem_large_bytes: budget.large_files(),
+        }
     }
 }
 
-/// An eighth of the machine's memory, at most 4 GiB.
-fn default_large_bytes() -> u64 {
+/// The machine's memory in bytes, if it can be read.
+fn machine_memory() -> Option<u64> {
     // SAFETY: sysconf only reads system configuration values.
     let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    if pages <= 0 || page <= 0 {
-        return 1 << 30;
-    }
-    ((pages as u64 * page as u64) / 8).min(4 << 30)
+    (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
 }
 
 /// The local blob cache (see the module docs).
@@ -104,7 +159,7 @@ impl LocalCache {
             open.run_pending_tasks();
         }));
         Ok(Arc::new(LocalCache {
-            hot: HotBlobs::new(disk.clone(), cfg.mem_small_bytes),
+            hot: HotBlobs::new(disk.clone(), cfg.mem_small_bytes, cfg.mem_pending_bytes),
             large: LargeBlobs::new(disk.clone(), cfg.mem_large_bytes),
             disk,
             fds,
@@ -173,6 +228,18 @@ impl LocalCache {
         Some(b)
     }
 
+    /// As [`LocalCache::bytes_now`], without keeping a blob read from a pack in memory: for
+    /// bytes the caller keeps in another form (a decoded Directory).
+    pub fn bytes_once(&self, digest: &Digest) -> Option<Bytes> {
+        if let Some(b) = self.hot.get(digest) {
+            self.mem_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(b);
+        }
+        let b = self.disk.packed(digest)?;
+        self.disk_hits.fetch_add(1, Ordering::Relaxed);
+        Some(b)
+    }
+
     /// Path of a blob's own file, if it has one now (marked recently used).
     pub fn path_now(&self, digest: &Digest) -> Option<PathBuf> {
         if digest.is_empty_blob() {
@@ -230,6 +297,16 @@ impl LocalCache {
             if !e.is_disk_full() {
                 tracing::warn!(digest = %digest, error = %e, "could not write a blob to the local cache");
             }
+        }
+    }
+
+    /// As [`LocalCache::insert_verified`], but a small blob is held in memory only until it
+    /// is on disk: for bytes the caller keeps in another form (a decoded Directory).
+    pub fn insert_verified_cold(&self, digest: Digest, data: Bytes) {
+        if digest.size() <= SMALL_BLOB {
+            self.hot.insert_cold(digest, data);
+        } else {
+            self.insert_verified(digest, data);
         }
     }
 

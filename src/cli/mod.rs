@@ -68,13 +68,34 @@ pub struct CacheArgs {
     /// Bound of the local blob cache (least recently used blobs evicted first).
     #[arg(long, env = "CASFS_CACHE_SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Bound on the memory the cache and the filesystem hold: small blobs, Directories,
+    /// fetches in flight, large blobs in memory files and inodes (the process adds ~64 MiB
+    /// of its own). Under pressure they evict, wait or go to disk first
+    /// [default: an eighth of the machine's memory, between 512M and 4G].
+    #[arg(long, env = "CASFS_MEMORY_BUDGET", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
 }
 
 impl CacheArgs {
+    /// The memory budget: the flag's, or the machine's default.
+    pub fn budget(&self) -> casfs::cache::MemoryBudget {
+        self.memory_budget.map_or_else(casfs::cache::MemoryBudget::default_for_machine, casfs::cache::MemoryBudget)
+    }
+
     /// Opens (or creates) the cache; its hit counters land in `metrics`.
     pub fn open(&self, metrics: &casfs::metrics::Metrics) -> Result<std::sync::Arc<casfs::cache::LocalCache>> {
-        let cfg = casfs::cache::CacheConfig::new(&self.cache_dir, self.cache_size);
+        let cfg = casfs::cache::CacheConfig::with_budget(&self.cache_dir, self.cache_size, self.budget());
         casfs::cache::LocalCache::open(&cfg, metrics)
+    }
+
+    /// Fetcher settings whose memory shares come from the budget.
+    pub fn fetch_config(&self) -> casfs::fs::FetchConfig {
+        let b = self.budget();
+        casfs::fs::FetchConfig {
+            dir_cache_bytes: b.directories(),
+            in_flight_bytes: b.in_flight(),
+            ..casfs::fs::FetchConfig::default()
+        }
     }
 }
 

@@ -52,7 +52,8 @@ pub async fn run(args: RunArgs) -> CmdResult<u8> {
     let store = Arc::new(args.remote.store()?);
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
-    let cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
+    let mut cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
+    cfg.fetch = args.cache.fetch_config();
     let stop = Shutdown::install();
     let exec = Arc::new(Executor::new(store.clone(), cache, cfg, metrics));
     exec.clean_stale()?;

@@ -101,7 +101,8 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
     let cas = Arc::new(GrpcStore::new(&args.conn.config(&cas_url)?)?);
     let bots = BotsClient::new(&args.conn.config(&args.scheduler)?)?;
     // BuildGrid looks results up and writes them itself: the bare executor runs leases.
-    let cfg = args.exec.config(bot_id.clone(), work_dir);
+    let mut cfg = args.exec.config(bot_id.clone(), work_dir);
+    cfg.fetch = args.cache.fetch_config();
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;
     // Every counter a scrape reads exists from the start: "none yet" is 0, never absent.

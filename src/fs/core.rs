@@ -76,7 +76,16 @@ impl CasFs {
 
     /// A path for log messages.
     pub fn path(&self, ino: u64) -> String {
-        self.inodes.path(ino)
+        let (dir, file_in) = self.inodes.path(ino);
+        let Some(parent) = file_in else { return dir };
+        // A file inode keeps no name: find it in its directory's listing, if that is at hand.
+        let name = match (self.inodes.get(ino), self.listing_now(parent)) {
+            (Some(Node::File { digest, executable, .. }), Ok(Some(Listing::Tree { dir, .. }))) => {
+                dir.files.iter().find(|f| f.digest == digest && f.executable == executable).map(|f| f.name.clone())
+            }
+            _ => None,
+        };
+        format!("{}/{}", dir.trim_end_matches('/'), name.as_deref().unwrap_or("?"))
     }
 
     fn node(&self, ino: u64) -> Result<Node> {

@@ -20,6 +20,8 @@ use crate::tree::Directory;
 
 /// Most bytes one sibling batch brings in.
 const SIBLING_BATCH_BYTES: u64 = 3 << 20;
+/// Granularity of the in-flight bound.
+const IN_FLIGHT_UNIT: u64 = 4096;
 /// Most files one sibling batch brings in.
 const SIBLING_BATCH_FILES: usize = 2048;
 
@@ -37,15 +39,29 @@ pub struct FetchConfig {
     pub dir_cache_bytes: u64,
     /// Fetch the small files of a directory together once a second one is read.
     pub batch_siblings: bool,
+    /// Bytes of small-blob fetches in flight at once (a response and its copies count
+    /// twice); past this, fetches wait their turn.
+    pub in_flight_bytes: u64,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
-        FetchConfig { deadline: Duration::from_secs(30), retries: 5, dir_cache_bytes: 256 << 20, batch_siblings: true }
+        FetchConfig {
+            deadline: Duration::from_secs(30),
+            retries: 5,
+            dir_cache_bytes: 256 << 20,
+            batch_siblings: true,
+            in_flight_bytes: 128 << 20,
+        }
     }
 }
 
 type Flight<V> = Shared<BoxFuture<'static, std::result::Result<V, Arc<Error>>>>;
+
+/// `bytes` in units of the in-flight bound (at least one).
+fn in_flight_units(bytes: u64) -> u32 {
+    bytes.div_ceil(IN_FLIGHT_UNIT).clamp(1, u32::MAX as u64 >> 4) as u32
+}
 
 /// A failed flight, as each of its waiters reports it.
 fn shared(digest: Digest) -> impl Fn(Arc<Error>) -> Error {
@@ -106,6 +122,8 @@ pub struct Fetcher {
     dir_flight: SingleFlight<Arc<Directory>>,
     blob_flight: SingleFlight<()>,
     reads_per_dir: moka::sync::Cache<Digest, ()>,
+    /// Units of [`IN_FLIGHT_UNIT`] bytes that small fetches may have in flight.
+    in_flight: tokio::sync::Semaphore,
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
     failures: Mutex<FetchFailures>,
@@ -134,6 +152,7 @@ impl Fetcher {
             dir_flight: SingleFlight::new(),
             blob_flight: SingleFlight::new(),
             reads_per_dir: moka::sync::Cache::new(100_000),
+            in_flight: tokio::sync::Semaphore::new(in_flight_units(cfg.in_flight_bytes) as usize),
             cfg,
             metrics,
             failures: Mutex::new(FetchFailures::default()),
@@ -200,7 +219,8 @@ impl Fetcher {
     }
 
     async fn fetch_dir(&self, digest: Digest, remote: &Remote) -> Result<Arc<Directory>> {
-        let (bytes, fresh) = if let Some(b) = self.cache.bytes_now(&digest) {
+        // The decoded Directory is what stays in memory, not its bytes.
+        let (bytes, fresh) = if let Some(b) = self.cache.bytes_once(&digest) {
             (b, false)
         } else if self.cache.contains(&digest) {
             (crate::cas::Cas::read(self.cache.as_ref(), &digest).await?, false)
@@ -216,7 +236,7 @@ impl Fetcher {
         let store_and_decode = move || -> Result<Arc<Directory>> {
             if fresh {
                 // `read` returned verified bytes.
-                cache.insert_verified(digest, bytes.clone());
+                cache.insert_verified_cold(digest, bytes.clone());
             }
             Ok(Arc::new(Directory::decode(&digest, &bytes)?))
         };
@@ -304,6 +324,14 @@ impl Fetcher {
         if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
             wanted.extend(self.siblings_to_batch(&p, &digest));
         }
+        // A response is held twice while its blobs are copied out: count both.
+        let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
+        let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
+        let _turn = self
+            .in_flight
+            .acquire_many(units)
+            .await
+            .map_err(|_| Error::Internal("the fetcher was shut down".into()))?;
         let results = self.with_deadline(digest, remote.read_many(&wanted)).await?;
         let mut mine = Err(Error::MissingBlob(digest));
         for (d, r) in results {
@@ -378,7 +406,7 @@ impl Fetcher {
     /// local cache (its digest was computed from these bytes) and the Directory cache.
     pub async fn insert_dir(&self, digest: Digest, bytes: bytes::Bytes, dir: Directory) -> Result<()> {
         crate::cas::verify(&digest, &bytes)?;
-        self.cache.insert_verified(digest, bytes);
+        self.cache.insert_verified_cold(digest, bytes);
         self.dirs.insert(digest, Arc::new(dir));
         Ok(())
     }

@@ -167,7 +167,26 @@ fn hostile_directories_are_rejected() {
     for (what, msg) in cases {
         let err = Directory::validate(&msg, what).expect_err(what);
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
+        // Decoding from bytes (entry by entry) refuses the same messages.
+        let bytes = msg.encode_to_vec();
+        let err = Directory::decode(&Digest::of_bytes(&bytes), &bytes).expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what} (decoded): {err}");
     }
+    // Node properties and fields unknown to casfs are read past, as a whole-message decode does.
+    let mut with_extras = reapi::Directory {
+        files: vec![node("a")],
+        directories: vec![dir_node("d")],
+        symlinks: vec![reapi::SymlinkNode { name: "l".into(), target: "a".into(), node_properties: None }],
+        node_properties: Some(reapi::NodeProperties { unix_mode: Some(0o755), ..Default::default() }),
+    }
+    .encode_to_vec();
+    with_extras.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1
+    let d = Directory::decode(&Digest::of_bytes(&with_extras), &with_extras).expect("extras");
+    let whole = reapi::Directory::decode(&with_extras[..]).expect("prost");
+    assert_eq!(d, Directory::validate(&whole, "whole").expect("valid"));
+    // A truncated message is refused.
+    let cut = &with_extras[..with_extras.len() - 5];
+    assert!(Directory::decode(&Digest::of_bytes(cut), cut).is_err());
     // Bytes that are not a Directory at all.
     let junk = b"\xff\xff\xff\xff";
     assert!(Directory::decode(&Digest::of_bytes(junk), junk).is_err());

@@ -16,6 +16,7 @@ mod hostile_exec;
 mod lifetimes;
 mod mount;
 mod mount_life;
+mod mount_memory;
 mod mount_modes;
 mod remote;
 mod remote_asset;
