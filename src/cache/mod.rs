@@ -54,7 +54,7 @@ impl MemoryBudget {
 
     /// Small blobs held in memory for immediate reads.
     pub fn small_blobs(self) -> u64 {
-        self.0 / 16 * 3
+        self.0 / 8
     }
 
     /// Small blobs waiting for the background pack writer (past this, callers write).
@@ -64,17 +64,20 @@ impl MemoryBudget {
 
     /// Validated Directories (weighed by entries).
     pub fn directories(self) -> u64 {
-        self.0 / 16 * 3
+        self.0 / 8
     }
 
     /// Small-blob fetches in flight (past this, fetches wait).
     pub fn in_flight(self) -> u64 {
-        self.0 / 8
+        self.0 / 16
     }
 
-    /// Large blobs in memory files (past this, a fetch goes to the disk cache first).
+    /// Large blobs in memory files (past this, a fetch goes to the disk cache first). The
+    /// largest share: a memory file is held only until its disk copy is made, and serving a
+    /// cold large read from memory is what keeps it faster than writing the file first (a
+    /// 1 GiB blob fits the default budget of a 16 GiB machine).
     pub fn large_files(self) -> u64 {
-        self.0 / 4
+        self.0 / 2
     }
 }
 
