@@ -22,7 +22,7 @@
 //! # async fn demo(exec: std::sync::Arc<casfs::exec::Executor>, cas: casfs::cas::SharedCas) -> casfs::Result<()> {
 //! use casfs::cas::RemoteConfig;
 //! use casfs::worker::{Bot, Shutdown, WorkerConfig};
-//! let bots = casfs::worker::session::BotsClient::new(&RemoteConfig::new("grpc://127.0.0.1:50051"))?;
+//! let bots = casfs::worker::BotsClient::new(&RemoteConfig::new("grpc://127.0.0.1:50051"))?;
 //! let cfg = WorkerConfig::new("bot-1", 4);
 //! let (_stop, shutdown) = Shutdown::channel();
 //! Bot::new(cfg, bots, exec, cas).run(shutdown).await?;
