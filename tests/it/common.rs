@@ -371,3 +371,12 @@ pub fn signal(pid: i32, sig: i32) -> bool {
     // SAFETY: kill takes two integers and touches no memory of ours.
     unsafe { libc::kill(pid, sig) == 0 }
 }
+
+/// The value of an unlabelled or fully labelled metric line; an absent metric is an error.
+pub fn metric(text: &str, name: &str) -> TestResult<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| format!("metric {name} is absent:\n{text}").into())
+}

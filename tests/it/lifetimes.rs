@@ -11,14 +11,6 @@ use crate::mount::http_get;
 
 const MIB: usize = 1 << 20;
 
-fn metric(text: &str, name: &str) -> TestResult<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .ok_or_else(|| format!("metric {name} is absent:\n{text}").into())
-}
-
 async fn put(store: &GrpcStore, seed: u64, len: usize) -> TestResult<Digest> {
     let data = pseudo_random(seed, len);
     let d = Digest::of_bytes(&data);

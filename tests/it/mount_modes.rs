@@ -13,15 +13,6 @@ const SMALL_FILES: usize = casfs::fs::NO_OPEN_AFTER as usize + 200;
 /// A file above the passthrough threshold.
 const LARGE_LEN: usize = 3 << 20;
 
-/// The value of an unlabelled or fully labelled metric line; an absent metric is an error.
-fn metric(text: &str, name: &str) -> TestResult<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .ok_or_else(|| format!("metric {name} is absent:\n{text}").into())
-}
-
 /// The open mode the mount settled on when the kernel answered its FUSE_INIT, from the
 /// `casfs_fuse_open_mode{mode="..."}` metric.
 fn open_mode(text: &str) -> TestResult<String> {
