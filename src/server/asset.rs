@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tonic::{Request, Response, Status};
 
-use super::asset_http::{download, AssetFetch, Sri, SriHasher};
+use super::asset_http::{Downloader, Sri, SriHasher};
 use super::{status, AcWrites, Backend};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -60,15 +60,34 @@ fn system_time(t: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
 /// The Fetch and Push services of one server.
 pub(super) struct AssetService {
     backend: Backend,
-    fetch: AssetFetch,
-    downloads: Arc<tokio::sync::Semaphore>,
+    http: Downloader,
+    downloads: tokio::sync::Semaphore,
 }
 
 impl AssetService {
-    pub(super) fn new(backend: Backend) -> Self {
-        let fetch = backend.asset_fetch.clone();
-        let downloads = Arc::new(tokio::sync::Semaphore::new(fetch.concurrency.max(1)));
-        AssetService { backend, fetch, downloads }
+    /// One service for both Fetch and Push (one HTTP client, one bound on downloads).
+    pub(super) fn new(backend: Backend) -> Result<Arc<Self>> {
+        let http = Downloader::new(backend.asset_fetch.clone())?;
+        let downloads = tokio::sync::Semaphore::new(http.config().concurrency.max(1));
+        Ok(Arc::new(AssetService { backend, http, downloads }))
+    }
+
+    /// The first of `uris` with a live record no older than `oldest`.
+    async fn find(
+        &self,
+        kind: Kind,
+        uris: &[String],
+        qualifiers: &[Qualifier],
+        oldest: Option<SystemTime>,
+    ) -> Result<Option<(String, Record)>> {
+        for uri in uris {
+            let Some(r) = self.lookup(kind, uri, qualifiers).await? else { continue };
+            if oldest.is_some_and(|o| r.created.is_none_or(|c| c < o)) {
+                continue;
+            }
+            return Ok(Some((uri.clone(), r)));
+        }
+        Ok(None)
     }
 
     async fn record(
@@ -156,12 +175,12 @@ impl AssetService {
             .timeout
             .and_then(|t| Duration::try_from(t).ok())
             .filter(|t| !t.is_zero())
-            .map_or(self.fetch.timeout, |t| t.min(self.fetch.timeout));
+            .map_or(self.http.config().timeout, |t| t.min(self.http.config().timeout));
         let dir = std::env::temp_dir();
         let mut last = None;
-        for uri in req.uris.iter().filter(|u| self.fetch.allows(u)) {
+        for uri in req.uris.iter().filter(|u| self.http.config().allows(u)) {
             let _slot = self.downloads.acquire().await.map_err(|_| Error::Internal("download slots closed".into()))?;
-            match download(&self.fetch, uri, &headers, sri, timeout, &dir).await {
+            match self.http.download(uri, &headers, sri, timeout, &dir).await {
                 Ok((file, digest)) => {
                     self.backend.cas.write_file(&digest, file.path()).await?;
                     tracing::info!(uri = %uri, digest = %digest, "remote asset downloaded");
@@ -216,14 +235,11 @@ impl Fetch for AssetService {
         }
         let sri = sri_of(&req.qualifiers).map_err(status)?;
         let oldest = system_time(&req.oldest_content_accepted);
-        for uri in &req.uris {
-            let Some(r) = self.lookup(Kind::Blob, uri, &req.qualifiers).await.map_err(status)? else { continue };
-            if oldest.is_some_and(|o| r.created.is_none_or(|c| c < o)) {
-                continue;
-            }
+        let found = self.find(Kind::Blob, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
+        if let Some((uri, r)) = found {
             return Ok(Response::new(asset::FetchBlobResponse {
                 status: ok_status(),
-                uri: uri.clone(),
+                uri,
                 qualifiers: req.qualifiers.clone(),
                 expires_at: r.expires.map(timestamp),
                 blob_digest: Some(r.digest.to_proto()),
@@ -252,14 +268,11 @@ impl Fetch for AssetService {
             return Err(Status::invalid_argument("FetchDirectory needs at least one URI"));
         }
         let oldest = system_time(&req.oldest_content_accepted);
-        for uri in &req.uris {
-            let Some(r) = self.lookup(Kind::Directory, uri, &req.qualifiers).await.map_err(status)? else { continue };
-            if oldest.is_some_and(|o| r.created.is_none_or(|c| c < o)) {
-                continue;
-            }
+        let found = self.find(Kind::Directory, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
+        if let Some((uri, r)) = found {
             return Ok(Response::new(asset::FetchDirectoryResponse {
                 status: ok_status(),
-                uri: uri.clone(),
+                uri,
                 qualifiers: req.qualifiers.clone(),
                 expires_at: r.expires.map(timestamp),
                 root_directory_digest: Some(r.digest.to_proto()),

@@ -142,35 +142,64 @@ impl SriHasher {
     }
 }
 
-/// Downloads `url` (headers from `http_header:NAME` qualifiers) into a temporary file under
-/// `dir`, hashing it; returns the file and its digest. Redirects are followed only to
-/// allowed URLs.
-pub async fn download(
+/// The HTTP client of one server: built once (system roots loaded once, connections
+/// reused), following redirects only to allowed URLs.
+pub struct Downloader {
+    cfg: AssetFetch,
+    client: reqwest::Client,
+}
+
+impl Downloader {
+    /// A client for what `cfg` allows.
+    pub fn new(cfg: AssetFetch) -> Result<Self> {
+        let allow = cfg.clone();
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                attempt.error("too many redirects")
+            } else if allow.allows(attempt.url().as_str()) {
+                attempt.follow()
+            } else {
+                let to = attempt.url().to_string();
+                attempt.error(format!("redirected to {to}, which --asset-fetch does not allow"))
+            }
+        });
+        let client = reqwest::Client::builder()
+            .redirect(policy)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        Ok(Downloader { cfg, client })
+    }
+
+    /// What this client may fetch.
+    pub fn config(&self) -> &AssetFetch {
+        &self.cfg
+    }
+
+    /// Downloads `url` (headers from `http_header:NAME` qualifiers) into a temporary file
+    /// under `dir`, hashing it; returns the file and its digest.
+    pub async fn download(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        sri: Option<&Sri>,
+        timeout: Duration,
+        dir: &std::path::Path,
+    ) -> Result<(tempfile::NamedTempFile, Digest)> {
+        download(&self.cfg, &self.client, url, headers, sri, timeout, dir).await
+    }
+}
+
+async fn download(
     cfg: &AssetFetch,
+    client: &reqwest::Client,
     url: &str,
     headers: &[(String, String)],
     sri: Option<&Sri>,
     timeout: Duration,
     dir: &std::path::Path,
 ) -> Result<(tempfile::NamedTempFile, Digest)> {
-    let allow = cfg.clone();
-    let policy = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= 10 {
-            attempt.error("too many redirects")
-        } else if allow.allows(attempt.url().as_str()) {
-            attempt.follow()
-        } else {
-            let to = attempt.url().to_string();
-            attempt.error(format!("redirected to {to}, which --asset-fetch does not allow"))
-        }
-    });
-    let client = reqwest::Client::builder()
-        .redirect(policy)
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(30)))
-        .build()
-        .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
-    let mut req = client.get(url);
+    let mut req = client.get(url).timeout(timeout);
     for (k, v) in headers {
         req = req.header(k, v);
     }

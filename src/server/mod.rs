@@ -128,8 +128,9 @@ fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::s
         exec_enabled: backend.execution.is_some(),
         ac_update_enabled: backend.ac_writes == AcWrites::All,
     });
-    let fetch = crate::proto::asset::fetch_server::FetchServer::new(asset::AssetService::new(backend.clone()));
-    let push = crate::proto::asset::push_server::PushServer::new(asset::AssetService::new(backend.clone()));
+    let assets = asset::AssetService::new(backend.clone())?;
+    let fetch = crate::proto::asset::fetch_server::FetchServer::from_arc(assets.clone());
+    let push = crate::proto::asset::push_server::PushServer::from_arc(assets);
     let exec = backend.execution.clone().map(|s| ExecutionServer::new(execution::ExecutionService::new(s)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
