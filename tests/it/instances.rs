@@ -10,7 +10,7 @@ use casfs::proto::reapi::{self, content_addressable_storage_client::ContentAddre
 
 use crate::common::*;
 use crate::exec::{upload_action, Act};
-use crate::mount::http_get;
+use crate::mount::{http_get, MountProcess};
 
 fn client(url: &str, instance: &str) -> TestResult<GrpcStore> {
     let mut cfg = RemoteConfig::new(url);
@@ -256,5 +256,36 @@ async fn casfs_run_executes_against_an_instance_of_a_server() -> TestResult {
     let (code, _, err) = run("typo")?;
     assert_ne!(code, 0);
     assert!(err.contains("unknown instance name"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn the_browse_mount_and_a_digest_mount_follow_the_instance() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let args = ["--no-execution", "--instance", "a", "--instance", "b"];
+    let server = ServeProcess::start_with(&tmp.path().join("storage"), "127.0.0.1:0", &args)?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("only-in-a.txt"), "instance a\n")?;
+    let (code, out, err) =
+        casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url, "--instance-name", "a"])?;
+    assert_eq!(code, 0, "{err}");
+    let root = Digest::parse(out.trim())?;
+    let mnt = tmp.path().join("mnt");
+    let m = MountProcess::start("--browse", &mnt, &server.url, &tmp.path().join("cache"), &[])?;
+    let dir = |instance: &str| mnt.join(instance).join("blobs/sha256/directory").join(root.to_path_form());
+    // b and an unknown name first: the mount's local blob cache is one for all instances
+    // (content-addressed), so a digest read through a is then at hand under b as well.
+    assert!(std::fs::metadata(dir("b")).is_err(), "a tree of a is absent in b");
+    assert!(std::fs::metadata(dir("typo")).is_err(), "an unknown instance shows nothing");
+    assert_eq!(std::fs::read_to_string(dir("a").join("only-in-a.txt"))?, "instance a\n");
+    drop(m);
+    // A digest mount with the instance name reads it; with another, it fails cleanly.
+    let mnt2 = tmp.path().join("mnt2");
+    let root_text = root.to_string();
+    let m = MountProcess::start(&root_text, &mnt2, &server.url, &tmp.path().join("cache2"), &["--instance-name", "a"])?;
+    assert_eq!(std::fs::read_to_string(mnt2.join("only-in-a.txt"))?, "instance a\n");
+    drop(m);
     Ok(())
 }
