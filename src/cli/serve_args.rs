@@ -93,7 +93,8 @@ pub struct ServeArgs {
     /// Serve this named instance (repeatable): NAME[=OPTION,…] with options storage=DIR (its
     /// folder; default instances/NAME in --storage), shared-cas (blobs in --storage, shared
     /// with the other shared-cas instances; the action cache stays its own), execution or
-    /// no-execution, ac-writes=all|none, access-log=FILE. With instances, a request naming
+    /// no-execution, ac-writes=all|none, access-log=FILE, and with --cas upstream=NAME (the
+    /// upstream instance it serves; default: its own name). With instances, a request naming
     /// another instance is refused (INVALID_ARGUMENT, listing these); without, one store
     /// serves every instance name.
     #[arg(long = "instance", value_parser = parse_instance)]
@@ -129,10 +130,12 @@ pub struct InstanceSpec {
     pub ac_writes: Option<AcWrites>,
     /// Its own access log [default: `--access-log`].
     pub access_log: Option<PathBuf>,
+    /// With `--cas`: the upstream instance it serves [default: its own name].
+    pub upstream: Option<String>,
 }
 
 /// Parses `NAME[=OPTION,OPTION…]`; options: `storage=DIR`, `shared-cas`, `execution`,
-/// `no-execution`, `ac-writes=all|none`, `access-log=FILE`.
+/// `no-execution`, `ac-writes=all|none`, `access-log=FILE`, `upstream=NAME` (with `--cas`).
 pub fn parse_instance(text: &str) -> Result<InstanceSpec, String> {
     let (name, opts) = text.split_once('=').unwrap_or((text, ""));
     casfs::server::check_instance_name(name).map_err(|e| e.to_string())?;
@@ -143,12 +146,17 @@ pub fn parse_instance(text: &str) -> Result<InstanceSpec, String> {
         execution: None,
         ac_writes: None,
         access_log: None,
+        upstream: None,
     };
     for opt in opts.split(',').filter(|o| !o.is_empty()) {
         let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
         match (key, value) {
             ("storage", v) if !v.is_empty() => spec.storage = Some(PathBuf::from(v)),
             ("access-log", v) if !v.is_empty() => spec.access_log = Some(PathBuf::from(v)),
+            ("upstream", v) => {
+                casfs::server::check_instance_name(v).map_err(|e| e.to_string())?;
+                spec.upstream = Some(v.to_string());
+            }
             ("shared-cas", "") => spec.shared_cas = true,
             ("execution", "") => spec.execution = Some(true),
             ("no-execution", "") => spec.execution = Some(false),
@@ -156,7 +164,7 @@ pub fn parse_instance(text: &str) -> Result<InstanceSpec, String> {
             _ => {
                 return Err(format!(
                     "instance {name:?}: unknown option {opt:?} (storage=DIR, shared-cas, execution, \
-                     no-execution, ac-writes=all|none, access-log=FILE)"
+                     no-execution, ac-writes=all|none, access-log=FILE, upstream=NAME)"
                 ))
             }
         }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use casfs::cache::LocalCache;
 use casfs::cas::{DiskStore, GrpcStore, SharedActionCache, SharedCas};
 use casfs::exec::{CachedExecutor, Executor};
 use casfs::metrics::Metrics;
@@ -105,13 +106,43 @@ fn work_dir(args: &ServeArgs, default: PathBuf, instance: Option<&str>) -> PathB
 /// Opens the stores and executors `args` ask for.
 pub fn backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
     if let Some(url) = &args.cas {
-        if !args.instances.is_empty() {
-            return Err(usage(
-                "--cas and --instance cannot be combined yet: run one casfs serve per upstream instance",
-            ));
+        if args.instances.is_empty() {
+            let up = Upstream {
+                instance: &args.conn.instance_name,
+                execute: !args.no_execution,
+                ac_writes: args.ac_writes,
+                access_log: args.access_log.as_ref(),
+                work_dir: work_dir(args, args.storage.join("exec"), None),
+            };
+            let backend = split_backend(args, url, up, &mut None, metrics, metrics)?;
+            return Ok(Served { backends: vec![(None, backend, metrics.clone())] });
         }
-        let backend = split_backend(args, url, metrics)?;
-        return Ok(Served { backends: vec![(None, backend, metrics.clone())] });
+        // One local blob cache for all instances (content-addressed; opened once).
+        let mut cache = None;
+        let mut out = Vec::new();
+        for spec in &args.instances {
+            if spec.storage.is_some() || spec.shared_cas {
+                return Err(usage(format!(
+                    "--instance {:?}: storage= and shared-cas are for local storage, not with --cas",
+                    spec.name
+                )));
+            }
+            let m = Metrics::new();
+            let up = Upstream {
+                instance: spec.upstream.as_deref().unwrap_or(&spec.name),
+                execute: spec.execution.unwrap_or(!args.no_execution),
+                ac_writes: spec.ac_writes.unwrap_or(args.ac_writes),
+                access_log: spec.access_log.as_ref().or(args.access_log.as_ref()),
+                work_dir: work_dir(
+                    args,
+                    args.storage.join("instances").join(folder_name(&spec.name)).join("exec"),
+                    Some(&spec.name),
+                ),
+            };
+            let backend = split_backend(args, url, up, &mut cache, &m, metrics)?;
+            out.push((Some(spec.name.clone()), backend, m));
+        }
+        return Ok(Served { backends: out });
     }
     if args.ac.is_some() {
         return Err(usage("--ac needs --cas (the store whose action cache it replaces)"));
@@ -158,26 +189,52 @@ pub fn backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
     Ok(Served { backends: out })
 }
 
+/// What one backend in front of a remote store serves.
+struct Upstream<'a> {
+    /// The upstream instance name.
+    instance: &'a str,
+    execute: bool,
+    ac_writes: AcWrites,
+    access_log: Option<&'a PathBuf>,
+    work_dir: PathBuf,
+}
+
 /// An executor (and proxy) in front of the store at `url`: inputs are fetched lazily through
-/// the local blob cache, outputs and results go to the store (or `--ac`).
-fn split_backend(args: &ServeArgs, url: &str, metrics: &Arc<Metrics>) -> CmdResult<Backend> {
-    let store = Arc::new(GrpcStore::new(&args.conn.config(url)?)?);
+/// the local blob cache (`cache`, opened on first use with its counters in `server`),
+/// outputs and results go to the store (or `--ac`).
+fn split_backend(
+    args: &ServeArgs,
+    url: &str,
+    up: Upstream<'_>,
+    cache: &mut Option<Arc<LocalCache>>,
+    metrics: &Arc<Metrics>,
+    server: &Arc<Metrics>,
+) -> CmdResult<Backend> {
+    let config = |u: &str| {
+        let mut cfg = args.conn.config(u)?;
+        cfg.instance_name = up.instance.to_string();
+        Ok::<_, casfs::Error>(cfg)
+    };
+    let store = Arc::new(GrpcStore::new(&config(url)?)?);
     let ac: SharedActionCache = match &args.ac {
-        Some(ac_url) => Arc::new(GrpcStore::new(&args.conn.config(ac_url)?)?),
+        Some(ac_url) => Arc::new(GrpcStore::new(&config(ac_url)?)?),
         None => store.clone(),
     };
-    let cas = logged(store.clone(), args.access_log.as_ref())?;
+    let cas = logged(store.clone(), up.access_log)?;
     let mut backend = Backend::new(cas.clone(), ac.clone());
-    backend.ac_writes = args.ac_writes;
-    if !args.no_execution {
-        let cache = args.cache.open(metrics)?;
-        let mut cfg =
-            args.exec.config(format!("casfs-serve@{}", hostname()), work_dir(args, args.storage.join("exec"), None));
+    backend.ac_writes = up.ac_writes;
+    if up.execute {
+        let cache = match cache {
+            Some(c) => c.clone(),
+            None => cache.insert(args.cache.open(server)?).clone(),
+        };
+        let mut cfg = args.exec.config(format!("casfs-serve@{}", hostname()), up.work_dir.clone());
+        cfg.work_dir = up.work_dir;
         cfg.fetch = args.cache.fetch_config();
         let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()));
         backend.execution = Some(scheduler(args, exec, ac)?);
     }
-    tracing::info!(cas = %url, ac = args.ac.as_deref().unwrap_or(url), execution = backend.execution.is_some(), "serving in front of a remote store");
+    tracing::info!(cas = %url, ac = args.ac.as_deref().unwrap_or(url), instance = %up.instance, execution = backend.execution.is_some(), "serving in front of a remote store");
     Ok(backend)
 }
 

@@ -289,3 +289,42 @@ fn the_browse_mount_and_a_digest_mount_follow_the_instance() -> TestResult {
     drop(m);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_an_execution_server_map_to_instances_of_its_store() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let store_args = ["--no-execution", "--instance", "main", "--instance", "other"];
+    let store_srv = ServeProcess::start_with(&tmp.path().join("store"), "127.0.0.1:0", &store_args)?;
+    let cache = tmp.path().join("cache");
+    let exec_args = [
+        "--cas",
+        store_srv.url.as_str(),
+        "--instance",
+        "main",
+        "--instance",
+        "alias=upstream=other,no-execution",
+        "--cache-dir",
+        &cache.to_string_lossy(),
+    ];
+    let exec_srv = ServeProcess::start_with(&tmp.path().join("exec"), "127.0.0.1:0", &exec_args)?;
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input)?;
+    std::fs::write(input.join("data.txt"), "mapped\n")?;
+    // Everything through the execution server: it passes CAS calls on to the store.
+    let main = client(&exec_srv.url, "main")?;
+    let action = upload_action(&main, &input, &Act { argv: &["cat", "data.txt"], ..Default::default() }).await?;
+    let resp = casfs::cas::execution::execute(&main, action, false, |_, _| {}).await?;
+    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{:?}", resp.status);
+    assert!(client(&store_srv.url, "main")?.get_action_result(&action).await?.is_some(), "result in the store's main");
+    assert!(client(&store_srv.url, "other")?.get_action_result(&action).await?.is_none());
+    // `alias` is the store's `other`, storage only.
+    let alias = client(&exec_srv.url, "alias")?;
+    let blob = Digest::of_bytes(b"to other\n");
+    alias.write(&blob, "to other\n".into()).await?;
+    assert!(client(&store_srv.url, "other")?.find_missing(&[blob]).await?.is_empty(), "written to other");
+    assert_eq!(client(&store_srv.url, "main")?.find_missing(&[blob]).await?, vec![blob]);
+    assert!(!caps(&alias, "alias").await?.execution_capabilities.is_some_and(|e| e.exec_enabled));
+    let st = find_missing(&alias, "other", &blob).await.expect_err("the store's name is not the front's");
+    assert!(st.message().contains("\"alias\", \"main\""), "{st:?}");
+    Ok(())
+}
