@@ -328,3 +328,44 @@ async fn instances_of_an_execution_server_map_to_instances_of_its_store() -> Tes
     assert!(st.message().contains("\"alias\", \"main\""), "{st:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_server_reaches_its_store_over_tls_with_a_token() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let p = |n: &str| tmp.path().join(n).to_string_lossy().into_owned();
+    std::fs::write(p("cert.pem"), ck.cert.pem())?;
+    std::fs::write(p("key.pem"), ck.signing_key.serialize_pem())?;
+    std::fs::write(p("token"), "s3cret\n")?;
+    let store_args =
+        ["--no-execution", "--tls-cert", &p("cert.pem"), "--tls-key", &p("key.pem"), "--auth-token-file", &p("token")];
+    let store_srv = ServeProcess::start_with(&tmp.path().join("store"), "127.0.0.1:0", &store_args)?;
+    let store_url = store_srv.url.replace("127.0.0.1", "localhost");
+    assert!(store_url.starts_with("grpcs://"), "{store_url}");
+    let exec_args = [
+        "--cas",
+        &store_url,
+        "--tls-ca-file",
+        &p("cert.pem"),
+        "--remote-header",
+        "authorization=Bearer s3cret",
+        "--cache-dir",
+        &p("cache"),
+    ];
+    let exec_srv = ServeProcess::start_with(&tmp.path().join("exec"), "127.0.0.1:0", &exec_args)?;
+    let exec = client(&exec_srv.url, "")?;
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input)?;
+    std::fs::write(input.join("data.txt"), "guarded\n")?;
+    let action = upload_action(&exec, &input, &Act { argv: &["cat", "data.txt"], ..Default::default() }).await?;
+    let resp = casfs::cas::execution::execute(&exec, action, false, |_, _| {}).await?;
+    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{:?}", resp.status);
+    let mut cfg = RemoteConfig::new(&store_url);
+    cfg.tls_ca_file = Some(tmp.path().join("cert.pem"));
+    cfg.headers.push(("authorization".into(), "Bearer s3cret".into()));
+    let store = GrpcStore::new(&cfg)?;
+    let result = store.get_action_result(&action).await?.ok_or("no result in the store")?;
+    let stdout = Digest::try_from(result.stdout_digest.as_ref().ok_or("no stdout")?)?;
+    assert_eq!(&store.read(&stdout).await?[..], b"guarded\n");
+    Ok(())
+}
