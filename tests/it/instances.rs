@@ -40,10 +40,15 @@ async fn find_missing(c: &GrpcStore, instance: &str, d: &Digest) -> Result<Vec<r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_instances_results_and_blobs_are_not_anothers_unless_the_cas_is_shared() -> TestResult {
     let tmp = tempfile::tempdir()?;
+    let log_a = tmp.path().join("a.log");
+    let log_all = tmp.path().join("all.log");
+    let instance_a = format!("a=access-log={}", log_a.display());
     let args = [
         "--no-execution",
+        "--access-log",
+        &log_all.to_string_lossy(),
         "--instance",
-        "a",
+        &instance_a,
         "--instance",
         "b",
         "--instance",
@@ -76,6 +81,13 @@ async fn one_instances_results_and_blobs_are_not_anothers_unless_the_cas_is_shar
     c.update_action_result(&action, &a_result(&shared)).await?;
     assert!(c.get_action_result(&action).await?.is_some());
     assert!(d.get_action_result(&action).await?.is_none(), "d has its own action cache");
+    // The access log follows the instance: a's own file, the server's for the others.
+    let a_lines = std::fs::read_to_string(&log_a)?;
+    assert!(a_lines.contains(&format!("write {blob}")), "{a_lines}");
+    assert!(!a_lines.contains(&shared.to_string()), "{a_lines}");
+    let other_lines = std::fs::read_to_string(&log_all)?;
+    assert!(other_lines.contains(&format!("write {shared}")), "{other_lines}");
+    assert!(!other_lines.contains(&format!("write {blob}")), "{other_lines}");
     // Each instance's folder is its own.
     assert!(tmp.path().join("storage/instances/a").is_dir());
     assert!(tmp.path().join("storage/instances/team_d").is_dir());
