@@ -114,11 +114,10 @@ pub fn backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
                 access_log: args.access_log.as_ref(),
                 work_dir: work_dir(args, args.storage.join("exec"), None),
             };
-            let backend = split_backend(args, url, up, &mut None, metrics, metrics)?;
+            let backend = split_backend(args, url, up, CacheShare { folder: None, of: 1 }, metrics)?;
             return Ok(Served { backends: vec![(None, backend, metrics.clone())] });
         }
-        // One local blob cache for all instances (content-addressed; opened once).
-        let mut cache = None;
+        let executing = args.instances.iter().filter(|s| s.execution.unwrap_or(!args.no_execution)).count();
         let mut out = Vec::new();
         for spec in &args.instances {
             if spec.storage.is_some() || spec.shared_cas {
@@ -139,7 +138,8 @@ pub fn backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
                     Some(&spec.name),
                 ),
             };
-            let backend = split_backend(args, url, up, &mut cache, &m, metrics)?;
+            let cache = CacheShare { folder: Some(folder_name(&spec.name)), of: executing };
+            let backend = split_backend(args, url, up, cache, &m)?;
             out.push((Some(spec.name.clone()), backend, m));
         }
         return Ok(Served { backends: out });
@@ -199,16 +199,38 @@ struct Upstream<'a> {
     work_dir: PathBuf,
 }
 
+/// Which local blob cache an executor in front of a remote store uses: `--cache-dir` itself,
+/// or (for a named instance) its folder `instances/NAME` there with a `1/of` share of the
+/// memory budget. Instances never share one: a blob read for one instance is not at hand
+/// for an action of another that the upstream would refuse it to.
+struct CacheShare {
+    folder: Option<String>,
+    of: usize,
+}
+
+impl CacheShare {
+    fn open(&self, args: &ServeArgs, metrics: &Metrics) -> CmdResult<(Arc<LocalCache>, casfs::fs::FetchConfig)> {
+        let Some(folder) = &self.folder else { return Ok((args.cache.open(metrics)?, args.cache.fetch_config())) };
+        let budget = casfs::cache::MemoryBudget(args.cache.budget().0 / self.of.max(1) as u64);
+        let dir = args.cache.cache_dir.join("instances").join(folder);
+        let cfg = casfs::cache::CacheConfig::with_budget(&dir, args.cache.cache_size, budget);
+        let fetch = casfs::fs::FetchConfig {
+            dir_cache_bytes: budget.directories(),
+            in_flight_bytes: budget.in_flight(),
+            ..casfs::fs::FetchConfig::default()
+        };
+        Ok((LocalCache::open(&cfg, metrics)?, fetch))
+    }
+}
+
 /// An executor (and proxy) in front of the store at `url`: inputs are fetched lazily through
-/// the local blob cache (`cache`, opened on first use with its counters in `server`),
-/// outputs and results go to the store (or `--ac`).
+/// the local blob cache, outputs and results go to the store (or `--ac`).
 fn split_backend(
     args: &ServeArgs,
     url: &str,
     up: Upstream<'_>,
-    cache: &mut Option<Arc<LocalCache>>,
+    cache: CacheShare,
     metrics: &Arc<Metrics>,
-    server: &Arc<Metrics>,
 ) -> CmdResult<Backend> {
     let config = |u: &str| {
         let mut cfg = args.conn.config(u)?;
@@ -224,13 +246,10 @@ fn split_backend(
     let mut backend = Backend::new(cas.clone(), ac.clone());
     backend.ac_writes = up.ac_writes;
     if up.execute {
-        let cache = match cache {
-            Some(c) => c.clone(),
-            None => cache.insert(args.cache.open(server)?).clone(),
-        };
+        let (cache, fetch) = cache.open(args, metrics)?;
         let mut cfg = args.exec.config(format!("casfs-serve@{}", hostname()), up.work_dir.clone());
         cfg.work_dir = up.work_dir;
-        cfg.fetch = args.cache.fetch_config();
+        cfg.fetch = fetch;
         let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()));
         backend.execution = Some(scheduler(args, exec, ac)?);
     }

@@ -329,6 +329,9 @@ async fn instances_of_an_execution_server_map_to_instances_of_its_store() -> Tes
     assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{:?}", resp.status);
     assert!(client(&store_srv.url, "main")?.get_action_result(&action).await?.is_some(), "result in the store's main");
     assert!(client(&store_srv.url, "other")?.get_action_result(&action).await?.is_none());
+    // Each executing instance has a local blob cache of its own.
+    assert!(cache.join("instances/main").is_dir(), "no cache folder of instance main");
+    assert!(!cache.join("instances/alias").exists(), "alias executes nothing");
     // `alias` is the store's `other`, storage only.
     let alias = client(&exec_srv.url, "alias")?;
     let blob = Digest::of_bytes(b"to other\n");
