@@ -103,10 +103,10 @@ pub struct ServeArgs {
     /// storage: actions mount their inputs lazily from it through the local blob cache
     /// (--cache-dir), outputs and results go to it; CAS and action-cache calls are passed
     /// on. --instance-name, --remote-header and --tls-ca-file/--tls-client-* apply to it.
-    #[arg(long, env = "CASFS_CAS")]
+    #[arg(long, env = "CASFS_SERVE_CAS")]
     pub(super) cas: Option<String>,
     /// With --cas: the action cache at this URL instead of the --cas store's.
-    #[arg(long, env = "CASFS_AC", requires = "cas")]
+    #[arg(long, env = "CASFS_SERVE_AC", requires = "cas")]
     pub(super) ac: Option<String>,
     #[command(flatten)]
     pub(super) conn: super::ConnArgs,
