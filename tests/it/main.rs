@@ -13,6 +13,7 @@ mod fs_core;
 mod golden;
 mod hostile_clients;
 mod hostile_exec;
+mod instances;
 mod lifetimes;
 mod mount;
 mod mount_life;
