@@ -141,6 +141,9 @@ pub struct Fetcher {
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
     failures: Mutex<FetchFailures>,
+    /// Blobs a prefetch batch is bringing: a reader of one waits for the batch (it turns
+    /// true when the batch is done) rather than fetching the blob a second time.
+    prefetching: Mutex<HashMap<Digest, tokio::sync::watch::Receiver<bool>>>,
 }
 
 /// Fetches that failed since the fetcher was made (the executor reads these to tell an
@@ -170,6 +173,7 @@ impl Fetcher {
             cfg,
             metrics,
             failures: Mutex::new(FetchFailures::default()),
+            prefetching: Mutex::new(HashMap::new()),
         })
     }
 
@@ -208,10 +212,31 @@ impl Fetcher {
     pub async fn prefetch_small(&self, wanted: Vec<Digest>, remote: &SharedCas) -> usize {
         let wanted: Vec<Digest> = wanted.into_iter().filter(|d| !self.cache.contains(d)).collect();
         let Some(first) = wanted.first().copied() else { return 0 };
+        let (done, waiting) = tokio::sync::watch::channel(false);
+        {
+            let mut p = self.prefetching.lock().unwrap();
+            for d in &wanted {
+                p.entry(*d).or_insert_with(|| waiting.clone());
+            }
+        }
+        let arrived = self.prefetch_batch(first, &wanted, remote).await;
+        {
+            let mut p = self.prefetching.lock().unwrap();
+            for d in &wanted {
+                if p.get(d).is_some_and(|rx| rx.same_channel(&waiting)) {
+                    p.remove(d);
+                }
+            }
+        }
+        let _ = done.send(true);
+        arrived
+    }
+
+    async fn prefetch_batch(&self, first: Digest, wanted: &[Digest], remote: &SharedCas) -> usize {
         let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
         let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
         let Ok(_turn) = self.in_flight.acquire_many(units).await else { return 0 };
-        let results = match self.with_deadline(first, remote.read_many(&wanted)).await {
+        let results = match self.with_deadline(first, remote.read_many(wanted)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, blobs = wanted.len(), "prefetch failed");
@@ -370,6 +395,14 @@ impl Fetcher {
                     if this.cache.check(&digest).await? {
                         return Ok(());
                     }
+                    // A prefetch on its way brings it sooner than a fetch of its own would.
+                    let batch = this.prefetching.lock().unwrap().get(&digest).cloned();
+                    if let Some(mut rx) = batch {
+                        let _ = rx.wait_for(|done| *done).await;
+                        if this.cache.ready(&digest) {
+                            return Ok(());
+                        }
+                    }
                     this.metrics.add("casfs_blob_cache_misses_total", 1);
                     this.fetch_blob(digest, &remote.cas, parent).await.inspect_err(|e| this.note_failure(e))
                 }
@@ -510,9 +543,15 @@ impl Fetcher {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut seen = std::collections::HashSet::from([*me]);
+        let pending = self.prefetching.lock().unwrap();
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.cache.contains(&d) {
+            if d.size() > SMALL_BLOB
+                || d.is_empty_blob()
+                || !seen.insert(d)
+                || self.cache.contains(&d)
+                || pending.contains_key(&d)
+            {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

@@ -265,8 +265,8 @@ impl TreePrefetch {
     /// window ahead, once they make a large batch (or reach the last directory).
     async fn plan(&self, next: &[crate::tree::DirEntry], remote: &Arc<Remote>) -> Vec<Digest> {
         let streak = self.pos.lock().unwrap().streak.min(16);
-        let window = self.fetch.config().scan_ahead_bytes.min((64 << 10) << streak);
-        let max_files = SCAN_AHEAD_FILES.min(256 << streak);
+        let window = self.fetch.config().scan_ahead_bytes.min((256 << 10) << streak);
+        let max_files = SCAN_AHEAD_FILES.min(1024 << streak);
         let (mut ahead_bytes, mut ahead_files) = (0u64, 0usize);
         let (mut want, mut want_bytes, mut new_dirs) = (Vec::new(), 0u64, Vec::new());
         let mut to_end = true;
