@@ -26,4 +26,5 @@ mod sandbox;
 mod sandbox_limits;
 mod slow_links;
 mod storage_faults;
+mod tree_reads;
 mod worker;
