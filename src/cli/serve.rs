@@ -178,7 +178,8 @@ pub async fn serve(args: ServeArgs) -> CmdResult {
         let cfg = args.exec.config(name, args.storage.join("exec"));
         // The store is also the executor's blob cache: inputs are already local.
         let cache = casfs::cache::LocalCache::over_store(store.clone(), &metrics)?;
-        let exec = Arc::new(Executor::new(cas.clone(), cache, cfg, metrics.clone()));
+        let exec =
+            Arc::new(Executor::new(cas.clone(), cache, cfg, metrics.clone()).with_profiles(args.exec.profiles()));
         exec.clean_stale()?;
         let mut sc = SchedulerConfig {
             max_queued: args.max_queued_actions,
