@@ -149,7 +149,7 @@ impl Prefetch {
             }
             level = next;
         }
-        // Small files next (many per round trip), then large ones, all within the budget.
+        // Then files (small ones many per round trip), all within the budget.
         small.retain(|d| self.spend(&mut spent, d.size()));
         large.retain(|d| self.spend(&mut spent, d.size()));
         let mut batches = Vec::new();
@@ -165,27 +165,25 @@ impl Prefetch {
         if !batch.is_empty() {
             batches.push(batch);
         }
+        // Large files stream beside the small batches: they need bandwidth, not round trips.
         let this = Arc::new(self);
-        futures::stream::iter(batches)
-            .for_each_concurrent(BATCH_CONCURRENCY, |b| {
-                let this = this.clone();
-                async move { this.batch(b).await }
-            })
-            .await;
-        futures::stream::iter(large)
-            .for_each_concurrent(LARGE_CONCURRENCY, |d| {
-                let this = this.clone();
-                async move {
-                    if this.fetch.cache().contains(&d) {
-                        return;
-                    }
-                    match this.fetch.load(d, &this.remote, None).await {
-                        Ok(()) => this.count_file(d),
-                        Err(e) => tracing::debug!(digest = %d, error = %e, "prefetch of a large file failed"),
-                    }
+        let smalls = futures::stream::iter(batches).for_each_concurrent(BATCH_CONCURRENCY, |b| {
+            let this = this.clone();
+            async move { this.batch(b).await }
+        });
+        let larges = futures::stream::iter(large).for_each_concurrent(LARGE_CONCURRENCY, |d| {
+            let this = this.clone();
+            async move {
+                if this.fetch.cache().contains(&d) {
+                    return;
                 }
-            })
-            .await;
+                match this.fetch.load(d, &this.remote, None).await {
+                    Ok(()) => this.count_file(d),
+                    Err(e) => tracing::debug!(digest = %d, error = %e, "prefetch of a large file failed"),
+                }
+            }
+        });
+        futures::join!(smalls, larges);
     }
 
     fn count_file(&self, d: Digest) {
@@ -202,11 +200,12 @@ impl Prefetch {
         }
         match self.remote.cas.read_many(&b).await {
             Ok(results) => {
+                let asked: HashSet<Digest> = b.iter().copied().collect();
                 for (d, r) in results {
                     match r {
                         // `read_many` returns verified bytes only; a blob that was not asked
                         // for is dropped.
-                        Ok(bytes) if b.contains(&d) && bytes.len() as u64 == d.size() => {
+                        Ok(bytes) if asked.contains(&d) && bytes.len() as u64 == d.size() => {
                             self.fetch.cache().insert_verified(d, bytes);
                             self.count_file(d);
                         }
