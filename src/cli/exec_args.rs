@@ -69,7 +69,7 @@ pub struct ExecArgs {
     /// Access profiles (lazy input roots): record which inputs an action looked up, keep
     /// that in the action cache, and prefetch it at the next run of the same command; with
     /// no profile yet, prefetch the whole input root in the background. on or off.
-    #[arg(long, env = "CASFS_PROFILES", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, env = "CASFS_PROFILES", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub profiles: bool,
     /// Most bytes one run prefetches (a profile's files, or the whole input root).
     #[arg(long, env = "CASFS_PREFETCH_BUDGET", default_value = "512M", value_parser = parse_size)]
