@@ -95,6 +95,7 @@ impl Prefetch {
         let mut seen_dirs = HashSet::from([root]);
         while !level.is_empty() {
             let digests: Vec<Digest> = level.iter().map(|(d, _)| *d).collect();
+            self.batch_dirs(&digests).await;
             let fetched: Vec<_> = futures::stream::iter(digests.into_iter().enumerate())
                 .map(|(i, d)| {
                     let (fetch, remote) = (self.fetch.clone(), self.remote.clone());
@@ -152,19 +153,7 @@ impl Prefetch {
         // Then files (small ones many per round trip), all within the budget.
         small.retain(|d| self.spend(&mut spent, d.size()));
         large.retain(|d| self.spend(&mut spent, d.size()));
-        let mut batches = Vec::new();
-        let (mut batch, mut bytes) = (Vec::new(), 0);
-        for d in small {
-            if !batch.is_empty() && (bytes + d.size() > BATCH_BYTES || batch.len() >= BATCH_FILES) {
-                batches.push(std::mem::take(&mut batch));
-                bytes = 0;
-            }
-            bytes += d.size();
-            batch.push(d);
-        }
-        if !batch.is_empty() {
-            batches.push(batch);
-        }
+        let batches = batches(small);
         // Large files stream beside the small batches: they need bandwidth, not round trips.
         let this = Arc::new(self);
         let smalls = futures::stream::iter(batches).for_each_concurrent(BATCH_CONCURRENCY, |b| {
@@ -192,6 +181,32 @@ impl Prefetch {
         self.progress.files.lock().unwrap_or_else(|e| e.into_inner()).push(d);
     }
 
+    /// Brings in the not yet local small Directories of one level in batches (a level of
+    /// thousands costs a few round trips, not thousands); verified, decoded and registered
+    /// with the fetcher, whose Directory cache then answers.
+    async fn batch_dirs(&self, level: &[Digest]) {
+        let missing: Vec<Digest> =
+            level.iter().copied().filter(|d| d.size() <= SMALL_BLOB && !self.fetch.cache().contains(d)).collect();
+        futures::stream::iter(batches(missing))
+            .for_each_concurrent(BATCH_CONCURRENCY, |b| async move {
+                let results = match self.remote.cas.read_many(&b).await {
+                    Ok(r) => r,
+                    Err(e) => return tracing::debug!(error = %e, "a directory prefetch batch failed"),
+                };
+                for (d, r) in results {
+                    let Ok(bytes) = r else { continue };
+                    // Verified by `read_many` and again by `insert_dir`; a bad Directory is
+                    // left for the normal path to report.
+                    let Ok(dir) = crate::tree::Directory::decode(&d, &bytes) else { continue };
+                    if b.contains(&d) && self.fetch.insert_dir(d, bytes, dir).await.is_ok() {
+                        self.progress.blobs.fetch_add(1, Ordering::Relaxed);
+                        self.progress.bytes.fetch_add(d.size(), Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+    }
+
     /// One batch of small files (those the command has not fetched meanwhile).
     async fn batch(&self, mut b: Vec<Digest>) {
         b.retain(|d| !self.fetch.cache().contains(d));
@@ -217,6 +232,24 @@ impl Prefetch {
             Err(e) => tracing::debug!(error = %e, files = b.len(), "a prefetch batch failed"),
         }
     }
+}
+
+/// Digests grouped into batches of at most [`BATCH_FILES`] blobs and [`BATCH_BYTES`] bytes.
+fn batches(digests: Vec<Digest>) -> Vec<Vec<Digest>> {
+    let mut out = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0);
+    for d in digests {
+        if !batch.is_empty() && (bytes + d.size() > BATCH_BYTES || batch.len() >= BATCH_FILES) {
+            out.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += d.size();
+        batch.push(d);
+    }
+    if !batch.is_empty() {
+        out.push(batch);
+    }
+    out
 }
 
 #[cfg(test)]
