@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use casfs::exec::sandbox::{default_memory_limit, SandboxKind};
-use casfs::exec::{ExecConfig, Limits, Materialize, SandboxConfig};
+use casfs::exec::{ExecConfig, Limits, Materialize, ProfileConfig, SandboxConfig};
 use casfs::fs::FetchConfig;
 
 use super::{parse_duration, parse_size};
@@ -66,6 +66,14 @@ pub struct ExecArgs {
     /// the README). It runs as root in the action's cgroup and must confine the command.
     #[arg(long, env = "CASFS_SANDBOX_WRAPPER", conflicts_with = "sandbox")]
     pub sandbox_wrapper: Option<String>,
+    /// Access profiles (lazy input roots): record which inputs an action looked up, keep
+    /// that in the action cache, and prefetch it at the next run of the same command; with
+    /// no profile yet, prefetch the whole input root in the background. on or off.
+    #[arg(long, env = "CASFS_PROFILES", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub profiles: bool,
+    /// Most bytes one run prefetches (a profile's files, or the whole input root).
+    #[arg(long, env = "CASFS_PREFETCH_BUDGET", default_value = "512M", value_parser = parse_size)]
+    pub prefetch_budget: u64,
 }
 
 /// The sandboxes `--sandbox` names.
@@ -78,6 +86,11 @@ pub enum SandboxChoice {
 }
 
 impl ExecArgs {
+    /// The access-profile settings these flags describe.
+    pub fn profiles(&self) -> ProfileConfig {
+        ProfileConfig { enabled: self.profiles, budget: self.prefetch_budget }
+    }
+
     /// The executor configuration these flags describe; `work_dir` unless --work-dir is given.
     pub fn config(&self, worker_name: String, work_dir: PathBuf) -> ExecConfig {
         if self.run_as.is_some_and(|(uid, _)| uid == 0) {
@@ -107,6 +120,14 @@ impl ExecArgs {
             worker_name,
             fetch: FetchConfig::default(),
         }
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
     }
 }
 

@@ -55,7 +55,7 @@ pub async fn run(args: RunArgs) -> CmdResult<u8> {
     let mut cfg = args.exec.config(format!("casfs-run@{}", hostname()), std::env::temp_dir().join("casfs-exec"));
     cfg.fetch = args.cache.fetch_config();
     let stop = Shutdown::install();
-    let exec = Arc::new(Executor::new(store.clone(), cache, cfg, metrics));
+    let exec = Arc::new(Executor::new(store.clone(), cache, cfg, metrics).with_profiles(args.exec.profiles()));
     exec.clean_stale()?;
     let exec = CachedExecutor::new(exec, store);
     // SIGINT/SIGTERM drop the execution: its processes, overlay, mount and scratch folder

@@ -87,7 +87,7 @@ fn local_backend(args: &ServeArgs, l: Local<'_>, metrics: &Arc<Metrics>) -> CmdR
         cfg.work_dir = l.work_dir;
         // The store is also the executor's blob cache: inputs are already local.
         let cache = casfs::cache::LocalCache::over_store(l.blobs.clone(), metrics)?;
-        let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()));
+        let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()).with_profiles(args.exec.profiles()));
         backend.execution = Some(scheduler(args, exec, l.ac)?);
     }
     Ok(backend)
@@ -250,7 +250,7 @@ fn split_backend(
         let mut cfg = args.exec.config(format!("casfs-serve@{}", hostname()), up.work_dir.clone());
         cfg.work_dir = up.work_dir;
         cfg.fetch = fetch;
-        let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()));
+        let exec = Arc::new(Executor::new(cas, cache, cfg, metrics.clone()).with_profiles(args.exec.profiles()));
         backend.execution = Some(scheduler(args, exec, ac)?);
     }
     tracing::info!(cas = %url, ac = args.ac.as_deref().unwrap_or(url), instance = %up.instance, execution = backend.execution.is_some(), "serving in front of a remote store");

@@ -38,7 +38,9 @@ pub struct CachedExecutor {
 impl CachedExecutor {
     /// `exec` with results looked up in and written to `ac` (verified against the
     /// executor's CAS before they are served).
+    /// Access profiles are kept in the same action cache.
     pub fn new(exec: Arc<Executor>, ac: SharedActionCache) -> Self {
+        exec.share_profiles(ac.clone());
         CachedExecutor { exec, ac }
     }
 

@@ -6,12 +6,15 @@
 pub(crate) mod cached;
 pub(crate) mod capture;
 pub(crate) mod materialize;
+pub mod profile;
+pub(crate) mod profiling;
 pub(crate) mod run;
 pub mod sandbox;
 pub mod spec;
 pub(crate) mod workspace;
 
 pub use cached::{CachedExecutor, Outcome};
+pub use profile::ProfileConfig;
 pub use run::{load_action, ExecConfig, Executed, Executor};
 pub use sandbox::SandboxConfig;
 pub use spec::{ActionSpec, Limits, OutputKind, OutputSpec};

@@ -9,11 +9,13 @@ use std::time::SystemTime;
 use prost::Message;
 
 use super::capture::{capture, Captured, Source};
+use super::profile::ProfileConfig;
+use super::profiling::{Session, Start};
 use super::sandbox::{self, Exit, Job, SandboxConfig};
 use super::spec::{ActionSpec, Limits};
 use super::workspace::{Materialize, Setup, Workspace};
 use crate::cache::LocalCache;
-use crate::cas::SharedCas;
+use crate::cas::{SharedActionCache, SharedCas};
 use crate::digest::Digest;
 use crate::error::{rpc_ok, rpc_status, Error, IoContext, Result};
 use crate::fs::FetchConfig;
@@ -71,6 +73,8 @@ pub struct Executor {
     cfg: ExecConfig,
     metrics: Arc<Metrics>,
     lock: std::sync::Mutex<Option<std::fs::File>>,
+    profiles: ProfileConfig,
+    profile_ac: std::sync::OnceLock<SharedActionCache>,
 }
 
 /// Largest Action or Command the executor reads.
@@ -83,7 +87,28 @@ fn now() -> Option<prost_types::Timestamp> {
 impl Executor {
     /// An executor reading inputs from `cas` through `cache`, writing outputs to `cas`.
     pub fn new(cas: SharedCas, cache: Arc<LocalCache>, cfg: ExecConfig, metrics: Arc<Metrics>) -> Self {
-        Executor { cas, cache, cfg, metrics, lock: Default::default() }
+        Executor {
+            cas,
+            cache,
+            cfg,
+            metrics,
+            lock: Default::default(),
+            profiles: ProfileConfig::default(),
+            profile_ac: Default::default(),
+        }
+    }
+
+    /// This executor with access profiles configured so (on by default; they take effect
+    /// once an action cache is shared with [`Executor::share_profiles`]).
+    pub fn with_profiles(mut self, cfg: ProfileConfig) -> Self {
+        self.profiles = cfg;
+        self
+    }
+
+    /// Stores and finds access profiles in `ac` (the action cache of the executor's CAS);
+    /// the first call wins. [`super::CachedExecutor::new`] calls this.
+    pub fn share_profiles(&self, ac: SharedActionCache) {
+        let _ = self.profile_ac.set(ac);
     }
 
     /// The CAS inputs come from and outputs go to.
@@ -180,7 +205,22 @@ impl Executor {
             run_as: Some(self.cfg.sandbox.ids()),
         };
         let ws = Workspace::prepare(setup, &spec).await?;
+        let session = match (ws.fs(), self.profile_ac.get()) {
+            (Some(fs), Some(ac)) if self.profiles.enabled => Some(Session::start(Start {
+                cfg: self.profiles,
+                cas: &self.cas,
+                ac,
+                metrics: &self.metrics,
+                fs,
+                key: super::profile::key(&command, action),
+                root: spec.input_root,
+            })),
+            _ => None,
+        };
         let out = self.run_prepared(&ws, spec, action_digest, meta).await;
+        if let Some(s) = session {
+            s.finish(out.is_ok()).await;
+        }
         ws.close().await;
         out
     }

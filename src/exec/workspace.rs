@@ -147,6 +147,14 @@ impl Workspace {
         &self.dir
     }
 
+    /// The input mount's filesystem (lazy inputs only).
+    pub(crate) fn fs(&self) -> Option<&Arc<crate::fs::CasFs>> {
+        match &self.inputs {
+            Some(Inputs::Lazy { mount, .. }) => Some(mount.fs()),
+            _ => None,
+        }
+    }
+
     /// The input mount's fetcher (lazy inputs only).
     pub(crate) fn fetcher(&self) -> Option<&Arc<Fetcher>> {
         match &self.inputs {

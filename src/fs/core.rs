@@ -52,6 +52,7 @@ pub struct CasFs {
     fetch: Arc<Fetcher>,
     cfg: FsConfig,
     tree: Arc<TreePrefetch>,
+    recorder: std::sync::OnceLock<Arc<super::record::Recorder>>,
 }
 
 impl CasFs {
@@ -59,7 +60,7 @@ impl CasFs {
     /// folder (such as [`super::browse::root`]), read through `fetch`.
     pub fn new(root: Node, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
         let tree = Arc::new(TreePrefetch::new(fetch.clone()));
-        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, tree })
+        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, tree, recorder: Default::default() })
     }
 
     /// The attribute choices.
@@ -70,6 +71,22 @@ impl CasFs {
     /// The fetcher (caches, metrics).
     pub fn fetcher(&self) -> &Arc<Fetcher> {
         &self.fetch
+    }
+
+    /// Records every successful lookup from now on into `r` (an action's access profile).
+    pub fn record_into(&self, r: Arc<super::record::Recorder>) {
+        let _ = self.recorder.set(r);
+    }
+
+    /// Notes a successful lookup for the recorder, if one is attached.
+    fn note(&self, parent: u64, name: &str, n: &Node) {
+        let Some(r) = self.recorder.get() else { return };
+        let file = match n {
+            Node::File { digest, .. } => Some(*digest),
+            n if n.is_dir() => None,
+            _ => return,
+        };
+        r.note(&self.inodes.path(parent).0, name, file);
     }
 
     /// Inodes currently known to the kernel.
@@ -171,7 +188,12 @@ impl CasFs {
             Ok(Node::Folder(_)) => None,
             Ok(_) => match self.listing_now(parent) {
                 Ok(Some(l)) => Some(
-                    l.find(name).map(|n| self.enter(parent, name, n)).ok_or_else(|| Error::NotFound(name.to_string())),
+                    l.find(name)
+                        .map(|n| {
+                            self.note(parent, name, &n);
+                            self.enter(parent, name, n)
+                        })
+                        .ok_or_else(|| Error::NotFound(name.to_string())),
                 ),
                 Ok(None) => None,
                 Err(e) => Some(Err(e)),
@@ -196,7 +218,12 @@ impl CasFs {
             };
         }
         let l = self.listing(parent).await?;
-        l.find(name).map(|n| self.enter(parent, name, n)).ok_or_else(|| Error::NotFound(name.to_string()))
+        l.find(name)
+            .map(|n| {
+                self.note(parent, name, &n);
+                self.enter(parent, name, n)
+            })
+            .ok_or_else(|| Error::NotFound(name.to_string()))
     }
 
     /// Drops kernel lookups of an inode.

@@ -12,6 +12,8 @@ pub(crate) mod fuse;
 pub(crate) mod inode;
 pub mod mount;
 pub(crate) mod node;
+pub mod prefetch;
+pub mod record;
 pub(crate) mod tree_prefetch;
 
 pub use self::core::{CasFs, FsConfig};

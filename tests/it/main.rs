@@ -19,6 +19,7 @@ mod mount;
 mod mount_life;
 mod mount_memory;
 mod mount_modes;
+mod profiles;
 mod remote;
 mod remote_asset;
 mod roundtrip;
