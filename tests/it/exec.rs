@@ -356,7 +356,11 @@ async fn reading_one_percent_of_a_100k_file_root_fetches_one_percent() -> TestRe
     .await?;
     std::fs::write(&log, b"")?;
     let cfg = lazy_config(&tmp.path().join("work"), FetchConfig::default());
-    let exec = cached_executor(&client, local_cache(&tmp.path().join("cache"))?, cfg);
+    // Access profiles off: with them, a first run with no profile yet prefetches the whole
+    // root on purpose (tests/it/profiles.rs); this is about the mount's own laziness.
+    let off = casfs::exec::ProfileConfig { enabled: false, ..Default::default() };
+    let exec = Executor::new(client.clone(), local_cache(&tmp.path().join("cache"))?, cfg, Metrics::new());
+    let exec = CachedExecutor::new(Arc::new(exec.with_profiles(off)), client.clone());
     let o = exec.execute(d, false).await?;
     assert_eq!(o.result.exit_code, 0);
     let out = client.read(&Digest::try_from(o.result.output_files[0].digest.as_ref().ok_or("digest")?)?).await?;
