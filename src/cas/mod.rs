@@ -211,7 +211,7 @@ pub async fn verified_action_result(
 pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
     let actual = Digest::of_bytes(data);
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     Ok(())
 }
@@ -315,7 +315,7 @@ pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<By
     }
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     file.flush().await.ctx(|| format!("writing {}", path.display()))?;
     tmp_path.persist(path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;

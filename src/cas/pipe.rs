@@ -177,7 +177,7 @@ pub async fn write_verified(digest: &Digest, mut data: ByteStream, file: std::fs
     };
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     Ok(file)
 }

@@ -183,7 +183,7 @@ pub(crate) fn verified_stream(inner: ByteStream, digest: Digest, on_bad: impl Fn
                     if let Some(f) = on_bad.take() {
                         f();
                     }
-                    yield Err(Error::DigestMismatch { expected: digest, actual });
+                    yield Err(Error::DigestMismatch { expected: Box::new(digest), actual: Box::new(actual) });
                     return;
                 }
             }

@@ -107,7 +107,7 @@ async fn copy_output(
     to.flush().await.ctx(|| format!("writing {name}"))?;
     let actual = hasher.finish();
     if actual != d {
-        return Err(Error::DigestMismatch { expected: d, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(d), actual: Box::new(actual) });
     }
     Ok(())
 }
