@@ -280,6 +280,15 @@ impl Digest {
         Digest::from_parts_with(function, &d.hash, d.size_bytes)
     }
 
+    /// Reads a request's digest under the request's `digest_function` field (0: inferred
+    /// from the hash length, as REAPI says).
+    pub fn from_request(function: i32, d: &reapi::Digest) -> Result<Self, DigestError> {
+        match function {
+            0 => Digest::try_from(d),
+            f => Digest::from_proto_with(DigestFunction::from_proto(f)?, d),
+        }
+    }
+
     /// The function that made this digest.
     pub fn function(&self) -> DigestFunction {
         self.function

@@ -209,7 +209,7 @@ pub async fn verified_action_result(
 
 /// Checks that `data` hashes to `digest`.
 pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
-    let actual = Digest::of_bytes(data);
+    let actual = Digest::of_bytes_with(digest.function(), data);
     if actual != *digest {
         return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
@@ -307,7 +307,7 @@ pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<By
         .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
     let (file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(file);
-    let mut hasher = Hasher::new();
+    let mut hasher = Hasher::new_with(digest.function());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         hasher.update(&chunk);

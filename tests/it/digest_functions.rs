@@ -4,7 +4,14 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use bytes::Bytes;
+
+use casfs::cas::{Cas, GrpcStore, RemoteConfig};
 use casfs::digest::{Digest, DigestFunction, Hasher};
+use casfs::error::Error;
+use casfs::proto::reapi;
+use casfs::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use casfs::tree::build_local_tree_with;
 
 use crate::common::*;
 
@@ -57,5 +64,108 @@ fn every_function_agrees_with_its_command_line_tool() -> TestResult {
             assert_eq!(casfs::digest::hash_file_with(function, file.path())?, whole);
         }
     }
+    Ok(())
+}
+
+fn client(url: &str) -> TestResult<GrpcStore> {
+    Ok(GrpcStore::new(&RemoteConfig::new(url))?)
+}
+
+/// Small (batched) and large (ByteStream) blobs and a whole tree under every function, through
+/// a real `casfs serve` on disk, read back again after a restart (the store's scan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_function_round_trips_through_a_real_server() -> TestResult {
+    let storage = tempfile::tempdir()?;
+    let src = tempfile::tempdir()?;
+    generate_tree(src.path(), &TreeSpec { files: 30, dirs: 6, large: vec![300_000] })?;
+    let big = Bytes::from(pseudo_random(9, 5 << 20));
+    let mut kept = Vec::new();
+    {
+        let server = ServeProcess::start(storage.path())?;
+        let cas = client(&server.url)?;
+        for f in DigestFunction::ALL {
+            let small = Bytes::from(format!("small blob under {f}"));
+            let (ds, db) = (Digest::of_bytes_with(f, &small), Digest::of_bytes_with(f, &big));
+            assert_eq!(cas.find_missing(&[ds, db]).await?, vec![ds, db], "{f}");
+            cas.write(&ds, small.clone()).await?;
+            cas.write(&db, big.clone()).await?;
+            assert!(cas.find_missing(&[ds, db]).await?.is_empty(), "{f}");
+            assert_eq!(cas.read(&ds).await?, small);
+            assert_eq!(cas.read(&db).await?, big);
+            let tree = build_local_tree_with(f, src.path(), &|_| {})?;
+            assert_eq!(tree.root.function(), f);
+            for (d, bytes) in &tree.directories {
+                cas.write(d, Bytes::from(bytes.clone())).await?;
+            }
+            for (d, path) in &tree.files {
+                cas.write_file(d, path).await?;
+            }
+            let walked = cas.get_tree(&tree.root).await?;
+            assert_eq!(walked.len(), tree.directories.len(), "{f} GetTree");
+            assert!(walked.iter().all(|(d, _)| d.function() == f));
+            kept.push((ds, small, db));
+        }
+    }
+    let server = ServeProcess::start(storage.path())?;
+    let cas = client(&server.url)?;
+    for (ds, small, db) in kept {
+        assert_eq!(cas.read(&ds).await?, small, "{} after restart", ds.function());
+        assert_eq!(cas.read(&db).await?.len(), big.len());
+        let hex = ds.hash_hex();
+        let name =
+            if ds.function() == DigestFunction::Sha256 { hex.clone() } else { format!("{}.{hex}", ds.function()) };
+        assert!(storage.path().join("cas").join(&hex[..2]).join(name).is_file(), "{ds:?} file name");
+    }
+    Ok(())
+}
+
+/// The same bytes under two functions are two blobs; a SHA-256 hash string sent as BLAKE3 names
+/// a different (absent) blob; an unset function is inferred from the hash length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_on_one_server_are_never_confused() -> TestResult {
+    let storage = tempfile::tempdir()?;
+    let server = ServeProcess::start(storage.path())?;
+    let cas = client(&server.url)?;
+    let data = Bytes::from_static(b"same bytes, two functions\n");
+    let sha = Digest::of_bytes(&data);
+    cas.write(&sha, data.clone()).await?;
+    let as_blake3 = Digest::from_parts_with(DigestFunction::Blake3, &sha.hash_hex(), sha.size() as i64)?;
+    assert_ne!(as_blake3, sha);
+    assert_eq!(cas.find_missing(&[sha, as_blake3]).await?, vec![as_blake3]);
+    assert!(matches!(cas.read(&as_blake3).await, Err(Error::MissingBlob(_))));
+    let refused = cas.write(&as_blake3, data.clone()).await;
+    assert!(refused.is_err(), "SHA-256 bytes accepted under a BLAKE3 name: {refused:?}");
+    let b3 = Digest::of_bytes_with(DigestFunction::Blake3, &data);
+    cas.write(&b3, data.clone()).await?;
+    assert!(cas.find_missing(&[sha, b3]).await?.is_empty());
+    assert_eq!(cas.read(&b3).await?, data);
+
+    // Raw requests: no digest_function, so the length decides (40 hex: SHA-1).
+    let sha1 = Digest::of_bytes_with(DigestFunction::Sha1, &data);
+    let mut raw = ContentAddressableStorageClient::connect(server.url.clone()).await?;
+    let ask = |function: i32, d: &Digest| reapi::FindMissingBlobsRequest {
+        instance_name: String::new(),
+        blob_digests: vec![d.to_proto()],
+        digest_function: function,
+    };
+    let missing = raw.find_missing_blobs(ask(0, &sha1)).await?.into_inner().missing_blob_digests;
+    assert_eq!(missing.len(), 1);
+    cas.write(&sha1, data.clone()).await?;
+    assert!(raw.find_missing_blobs(ask(0, &sha1)).await?.into_inner().missing_blob_digests.is_empty());
+    // A 64-character hash without a function is SHA-256, never BLAKE3; with BLAKE3 it is b3.
+    let b3_wire = ask(0, &Digest::from_parts_with(DigestFunction::Sha256, &b3.hash_hex(), b3.size() as i64)?);
+    assert_eq!(raw.find_missing_blobs(b3_wire).await?.into_inner().missing_blob_digests.len(), 1);
+    let b3_named = ask(DigestFunction::Blake3.proto_value(), &b3);
+    assert!(raw.find_missing_blobs(b3_named).await?.into_inner().missing_blob_digests.is_empty());
+    let wrong_len = ask(DigestFunction::Sha512.proto_value(), &sha);
+    let e = raw.find_missing_blobs(wrong_len).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let unknown = raw.find_missing_blobs(ask(4, &sha)).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument, "{unknown}");
+
+    // Capabilities list every function.
+    let caps = cas.capabilities().await?;
+    let listed = caps.cache_capabilities.ok_or("no cache capabilities")?.digest_functions;
+    assert_eq!(listed, DigestFunction::ALL.map(|f| f.proto_value()).to_vec());
     Ok(())
 }
