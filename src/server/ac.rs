@@ -79,7 +79,7 @@ impl ActionCache for AcService {
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
         let result = req.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
-        referenced_blobs(&result).map_err(status)?;
+        referenced_blobs(action.function(), &result).map_err(status)?;
         self.backend.ac.update_action_result(&action, &result).await.map_err(status)?;
         Ok(Response::new(result))
     }

@@ -1,5 +1,5 @@
 //! The command line with `--digest-function`: upload, download, digest, a real FUSE mount of
-//! a tree hashed with each function.
+//! a tree hashed with each function, and BLAKE3 actions through `casfs serve` and `casfs run`.
 
 use std::path::Path;
 use std::process::Command;
@@ -75,5 +75,94 @@ fn mount_a_tree_hashed_with_each_function() -> TestResult {
         same_tree(&src, &mnt)?;
         drop(m);
     }
+    Ok(())
+}
+
+/// Runs `casfs execute` with BLAKE3 against `url`; the ActionResult as JSON.
+fn execute_blake3(url: &str, input: &Path, extra: &[&str], script: &str) -> TestResult<serde_json::Value> {
+    let mut args = vec!["execute", "--json", "--remote", url, "--digest-function", "blake3", "--input", path(input)?];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output-dir", "out", "--", "/bin/sh", "-c", script]);
+    let (code, out, err) = casfs(&args)?;
+    assert_eq!(code, 0, "{err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn field(v: &serde_json::Value, key: &str) -> TestResult<Digest> {
+    let text = v[key].as_str().ok_or_else(|| format!("no {key} in {v}"))?;
+    Ok(Digest::parse_with(DigestFunction::Blake3, text)?)
+}
+
+/// An Action hashed with BLAKE3 runs on a real `casfs serve`: its outputs, stdout and output
+/// Directories are BLAKE3 digests, readable under BLAKE3; DIRECTORY_ONLY gives no Tree.
+#[test]
+fn blake3_action_through_serve_hashes_outputs_with_blake3() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input)?;
+    std::fs::write(input.join("data"), b"input bytes\n")?;
+    let script = "mkdir -p out/sub && cat data > out/sub/copy && echo made";
+    let r = execute_blake3(&server.url, &input, &[], script)?;
+    let stdout = field(&r, "stdout_digest")?;
+    assert_eq!(stdout, Digest::of_bytes_with(DigestFunction::Blake3, b"made\n"));
+    let dir = &r["output_directories"][0];
+    let root = field(dir, "root_directory_digest")?;
+    field(dir, "tree_digest")?;
+    let dest = tmp.path().join("out");
+    let args = ["download", &root.to_string(), path(&dest)?, "--remote", &server.url, "--digest-function", "blake3"];
+    let (code, _, err) = casfs(&args)?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(dest.join("sub/copy"))?, b"input bytes\n");
+
+    let r = execute_blake3(&server.url, &input, &["--output-directory-format", "directory-only"], script)?;
+    let dir = &r["output_directories"][0];
+    assert!(dir["tree_digest"].is_null(), "DIRECTORY_ONLY still gave a Tree: {dir}");
+    assert_eq!(field(dir, "root_directory_digest")?, root);
+    Ok(())
+}
+
+/// `casfs run` executes a BLAKE3 Action locally and hashes its outputs with BLAKE3.
+#[test]
+fn blake3_action_through_casfs_run() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input)?;
+    let (code, action, err) = casfs(&[
+        "action",
+        "--remote",
+        &server.url,
+        "--digest-function",
+        "blake3",
+        "--input",
+        path(&input)?,
+        "--output-file",
+        "f",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo output > f",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let (work, cache) = (tmp.path().join("work"), tmp.path().join("cache"));
+    let args = [
+        "run",
+        action.trim(),
+        "--remote",
+        &server.url,
+        "--digest-function",
+        "blake3",
+        "--work-dir",
+        path(&work)?,
+        "--cache-dir",
+        path(&cache)?,
+    ];
+    let (code, out, err) = casfs(&args)?;
+    assert_eq!(code, 0, "{err}");
+    let want = Digest::of_bytes_with(DigestFunction::Blake3, b"output\n").to_string();
+    assert!(out.contains(&want), "no BLAKE3 output digest {want} in {out}");
     Ok(())
 }
