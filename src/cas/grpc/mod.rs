@@ -319,11 +319,12 @@ fn function_of<'a>(mut digests: impl Iterator<Item = &'a Digest>) -> DigestFunct
     digests.next().map(|d| d.function()).unwrap_or_default()
 }
 
-/// The `FUNCTION/` segment of a resource name: empty for SHA-256, which every server takes
-/// without one, so old servers keep working.
+/// The `FUNCTION/` segment of a resource name. REAPI leaves it out for the functions that
+/// predate the field (their hash length tells them apart; servers such as buildbox-casd
+/// 1.4.25 refuse it there), so only a function sharing a length with another gets one.
 fn function_segment(d: &Digest) -> String {
     match d.function() {
-        DigestFunction::Sha256 => String::new(),
+        f if DigestFunction::from_hex_len(f.hex_len()) == Some(f) => String::new(),
         f => format!("{f}/"),
     }
 }
