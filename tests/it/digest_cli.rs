@@ -166,3 +166,35 @@ fn blake3_action_through_casfs_run() -> TestResult {
     assert!(out.contains(&want), "no BLAKE3 output digest {want} in {out}");
     Ok(())
 }
+
+/// The browse mount shows `blobs/<function>/` for every function; a BLAKE3 tree opens under
+/// blake3 and its hash is absent under sha256.
+#[test]
+fn browse_shows_each_function() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let server = ServeProcess::start(&tmp.path().join("storage"))?;
+    let src = tmp.path().join("src");
+    generate_tree(&src, &TreeSpec { files: 30, dirs: 4, large: vec![] })?;
+    let mnt = tmp.path().join("mnt");
+    let _m = MountProcess::start("--browse", &mnt, &server.url, &tmp.path().join("cache"), &[])?;
+    let mut listed: Vec<String> = std::fs::read_dir(mnt.join("_/blobs"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    listed.sort();
+    let mut want: Vec<&str> = DigestFunction::ALL.iter().map(|f| f.name()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    for f in [DigestFunction::Blake3, DigestFunction::Md5] {
+        let (code, root, err) =
+            casfs(&["upload", path(&src)?, "--remote", &server.url, "--digest-function", f.name()])?;
+        assert_eq!(code, 0, "{err}");
+        let root = Digest::parse_with(f, root.trim())?;
+        same_tree(&src, &mnt.join(format!("_/blobs/{f}/directory")).join(root.to_path_form()))?;
+        if f == DigestFunction::Blake3 {
+            let as_sha = mnt.join("_/blobs/sha256/directory").join(root.to_path_form());
+            assert!(std::fs::metadata(&as_sha).is_err(), "a BLAKE3 root opened as SHA-256");
+        }
+    }
+    Ok(())
+}
