@@ -196,5 +196,16 @@ fn browse_shows_each_function() -> TestResult {
             assert!(std::fs::metadata(&as_sha).is_err(), "a BLAKE3 root opened as SHA-256");
         }
     }
+    // A BLAKE3 action's cached result, with its outputs, under actions/blake3.
+    let args = ["execute", "--remote", &server.url, "--digest-function", "blake3", "--input", path(&src)?];
+    let tail = ["--output-file", "o", "--", "/bin/sh", "-c", "echo browsed > o; echo out"];
+    let (code, _, err) = casfs(&[&args[..], &tail[..]].concat())?;
+    assert_eq!(code, 0, "{err}");
+    let line = err.lines().find_map(|l| l.strip_prefix("casfs: action ")).ok_or("no action line")?;
+    let action = Digest::parse_with(DigestFunction::Blake3, line.trim())?;
+    let view = mnt.join("_/actions/blake3").join(action.to_path_form());
+    assert_eq!(std::fs::read_to_string(view.join("stdout"))?, "out\n");
+    assert_eq!(std::fs::read_to_string(view.join("outputs/o"))?, "browsed\n");
+    assert!(std::fs::read_to_string(view.join("command.json"))?.contains("browsed"));
     Ok(())
 }
