@@ -169,3 +169,28 @@ async fn functions_on_one_server_are_never_confused() -> TestResult {
     assert_eq!(listed, DigestFunction::ALL.map(|f| f.proto_value()).to_vec());
     Ok(())
 }
+
+/// The local cache keeps small blobs of every function across a restart (packs hold SHA-256
+/// only; other functions get blob files named by function).
+#[test]
+fn local_cache_keeps_small_blobs_of_other_functions() -> TestResult {
+    use casfs::cache::{CacheConfig, LocalCache};
+    let dir = tempfile::tempdir()?;
+    let data = Bytes::from_static(b"a small cached blob\n");
+    let others: Vec<Digest> = DigestFunction::ALL
+        .into_iter()
+        .filter(|f| *f != DigestFunction::Sha256)
+        .map(|f| Digest::of_bytes_with(f, &data))
+        .collect();
+    {
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), 0), &casfs::metrics::Metrics::new())?;
+        for d in &others {
+            cache.insert_verified(*d, data.clone());
+        }
+    }
+    let cache = LocalCache::open(&CacheConfig::new(dir.path(), 0), &casfs::metrics::Metrics::new())?;
+    for d in &others {
+        assert!(cache.contains(d), "{d:?} lost across a restart");
+    }
+    Ok(())
+}
