@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the embedded REAPI server (CAS, ByteStream, ActionCache, Execution) on local disk.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Mount a Directory digest read-only, fetching lazily and verifying every blob.
     Mount(cli::mount::MountArgs),
     /// Build an Action from a command line (uploading its inputs) and print its digest.
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
 /// Runs a subcommand; returns its exit status (0 unless it says otherwise) or a usage error.
 async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
     let done: CmdResult = match cmd {
-        Cmd::Serve(args) => cli::serve::serve(args).await,
+        Cmd::Serve(args) => cli::serve::serve(*args).await,
         Cmd::Mount(args) => cli::mount::run(args, ready.unwrap_or(cli::mount::Ready::Nobody)).await,
         // `casfs run` says by its exit status how the action went.
         Cmd::Run(args) => return cli::run::run(args).await,

@@ -69,11 +69,19 @@ impl Metrics {
 
     /// Everything in the Prometheus text exposition format.
     pub fn render(&self) -> String {
+        self.render_labelled("")
+    }
+
+    /// Like [`Metrics::render`], with `label` (e.g. `instance="a"`; empty for none) added to
+    /// every series: one registry per REAPI instance, all served on one page.
+    pub fn render_labelled(&self, label: &str) -> String {
         let mut out = String::new();
         for (name, c) in self.counters.lock().unwrap().iter() {
+            let name = with_label(name, label);
             let _ = writeln!(out, "{name} {}", c.load(Ordering::Relaxed));
         }
         for (name, h) in self.histograms.lock().unwrap().iter() {
+            let name = with_label(name, label);
             let (base, labels) = match name.split_once('{') {
                 Some((b, l)) => (b, l.trim_end_matches('}').to_string()),
                 None => (name.as_str(), String::new()),
@@ -95,14 +103,30 @@ impl Metrics {
     }
 }
 
+/// `name` (which may carry labels already) with `label` added first.
+fn with_label(name: &str, label: &str) -> String {
+    if label.is_empty() {
+        return name.to_string();
+    }
+    match name.split_once('{') {
+        Some((base, rest)) => format!("{base}{{{label},{rest}"),
+        None => format!("{name}{{{label}}}"),
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until the task is dropped (HTTP/1.0, one response
 /// per connection: enough for Prometheus and curl).
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    serve_page(listener, Arc::new(move || metrics.render())).await
+}
+
+/// Like [`serve`], with the page made by `render` (several registries on one page).
+pub async fn serve_page(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let metrics = render.clone();
         tokio::spawn(async move {
             // Read at least the request line (it may arrive in pieces).
             let mut buf = Vec::with_capacity(1024);
@@ -115,7 +139,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             }
             let req = String::from_utf8_lossy(&buf);
             let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", metrics.render())
+                ("200 OK", metrics())
             } else {
                 ("404 Not Found", "try /metrics\n".to_string())
             };
@@ -142,5 +166,9 @@ mod tests {
         assert!(text.contains("casfs_x_total 2"), "{text}");
         assert!(text.contains("casfs_op_seconds_bucket{op=\"read\",le=\"0.0001\"} 1"), "{text}");
         assert!(text.contains("casfs_op_seconds_count{op=\"read\"} 1"), "{text}");
+        let text = m.render_labelled("instance=\"a\"");
+        assert!(text.contains("casfs_x_total{instance=\"a\"} 2"), "{text}");
+        assert!(text.contains("casfs_op_seconds_count{instance=\"a\",op=\"read\"} 1"), "{text}");
+        assert!(text.contains("casfs_op_seconds_bucket{instance=\"a\",op=\"read\",le=\"0.0001\"} 1"), "{text}");
     }
 }

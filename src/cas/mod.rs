@@ -43,6 +43,9 @@ pub use memory::MemoryStore;
 /// A stream of blob chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
 
+/// Pages of Directories streamed by [`Cas::tree_pages`].
+pub type TreePages = BoxStream<'static, Result<Vec<(Digest, Bytes, Directory)>>>;
+
 /// Chunk size used when streaming blobs between files and stores.
 pub const CHUNK: usize = 1 << 20;
 
@@ -123,6 +126,15 @@ pub trait Cas: Send + Sync + 'static {
     /// Every Directory reachable from `root`, root first, each validated and returned once.
     async fn get_tree(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
         walk_tree(self, root).await
+    }
+
+    /// The Directories under `root` as the store streams them in one call (REAPI GetTree),
+    /// page by page, each with the digest of its encoding (and those bytes) but not checked
+    /// against any parent: callers keep only those a Directory they trust names. `None`:
+    /// the store has no such call (walk with [`Cas::read_many`]). Dropping the stream ends
+    /// the call, so a caller bounds what it receives.
+    async fn tree_pages(&self, _root: &Digest) -> Result<Option<TreePages>> {
+        Ok(None)
     }
 }
 

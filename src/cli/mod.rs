@@ -17,6 +17,8 @@ pub mod make_action;
 pub mod mount;
 pub mod run;
 pub mod serve;
+pub mod serve_args;
+pub mod serve_backends;
 pub mod signals;
 pub mod transfer;
 pub mod worker;

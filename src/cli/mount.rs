@@ -50,6 +50,17 @@ pub struct MountArgs {
     /// Fetch each file alone, never its small siblings with it.
     #[arg(long, env = "CASFS_NO_BATCH_SIBLINGS")]
     pub no_batch_siblings: bool,
+    /// Listing a directory fetches the Directories below it in one stream, at most this many
+    /// bytes of them per listed directory (0: off).
+    #[arg(long, env = "CASFS_TREE_PREFETCH_BYTES", default_value = "64M", value_parser = super::parse_size)]
+    pub tree_prefetch_bytes: u64,
+    /// ... and at most this many Directories.
+    #[arg(long, env = "CASFS_TREE_PREFETCH_DIRS", default_value_t = 100_000)]
+    pub tree_prefetch_dirs: usize,
+    /// A scan (files of a directory, or directories, read in order) fetches the next
+    /// directories' small files ahead of the reader, up to this many bytes (0: off).
+    #[arg(long, env = "CASFS_SCAN_AHEAD", default_value = "8M", value_parser = super::parse_size)]
+    pub scan_ahead: u64,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long, env = "CASFS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -227,6 +238,9 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
         deadline: args.fetch_timeout,
         retries: args.remote.conn.retries,
         batch_siblings: !args.no_batch_siblings,
+        tree_prefetch_bytes: args.tree_prefetch_bytes,
+        tree_prefetch_dirs: args.tree_prefetch_dirs,
+        scan_ahead_bytes: args.scan_ahead,
         ..args.cache.fetch_config()
     };
     let stop = super::signals::Shutdown::install();

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use super::fetch::Fetcher;
 use super::inode::{synthetic_ino, Inodes};
 use super::node::{Attr, Listing, Node};
+use super::tree_prefetch::TreePrefetch;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
@@ -50,13 +51,15 @@ pub struct CasFs {
     inodes: Inodes,
     fetch: Arc<Fetcher>,
     cfg: FsConfig,
+    tree: Arc<TreePrefetch>,
 }
 
 impl CasFs {
     /// A filesystem showing `root`: a CAS Directory ([`Node::Dir`]) or a namespace's root
     /// folder (such as [`super::browse::root`]), read through `fetch`.
     pub fn new(root: Node, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
-        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg })
+        let tree = Arc::new(TreePrefetch::new(fetch.clone()));
+        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, tree })
     }
 
     /// The attribute choices.
@@ -114,7 +117,10 @@ impl CasFs {
         }
         match self.node(ino)? {
             Node::Dir { digest, remote } => match self.fetch.dir(digest, &remote).await {
-                Ok(dir) => Ok(Listing::Tree { dir, remote }),
+                Ok(dir) => {
+                    self.tree.below(digest, &dir, &remote);
+                    Ok(Listing::Tree { dir, remote })
+                }
                 Err(e) => {
                     tracing::warn!(digest = %digest, path = %self.path(ino), error = %e, "cannot load directory");
                     Err(e)
@@ -122,6 +128,33 @@ impl CasFs {
             },
             Node::Folder(f) => Ok(Listing::Fixed(Arc::new(f.list().await?))),
             _ => Err(Error::NotADirectory(self.path(ino))),
+        }
+    }
+
+    /// A directory is being listed: the Directories below it not yet in memory are fetched
+    /// in the background, in one stream.
+    pub fn listed(&self, ino: u64, l: &Listing) {
+        if let (Listing::Tree { dir, remote }, Some(Node::Dir { digest, .. })) = (l, self.inodes.get(ino)) {
+            self.tree.below(digest, dir, remote);
+        }
+    }
+
+    /// A file is being read: when that continues a scan (files of a directory, or
+    /// directories of a parent, in order), the next directories' small files are fetched
+    /// ahead of the reader.
+    pub fn note_read(&self, ino: u64) {
+        if !self.tree.scans() {
+            return;
+        }
+        let dir = self.inodes.parent(ino);
+        if !self.tree.note_read(dir, |d| self.inodes.parent(d)) {
+            return;
+        }
+        let parent = self.inodes.parent(dir);
+        if let (Ok(Some(Listing::Tree { dir: pdir, remote })), Some(Node::Dir { digest, .. })) =
+            (self.listing_now(parent), self.inodes.get(dir))
+        {
+            self.tree.scan_ahead(pdir, digest, remote);
         }
     }
 

@@ -42,6 +42,15 @@ pub struct FetchConfig {
     /// Bytes of small-blob fetches in flight at once (a response and its copies count
     /// twice); past this, fetches wait their turn.
     pub in_flight_bytes: u64,
+    /// Listing a directory fetches the Directories below it in one stream (GetTree, or
+    /// batches): at most this many bytes of encoded Directories per listed directory (0: off).
+    pub tree_prefetch_bytes: u64,
+    /// ... and at most this many Directories.
+    pub tree_prefetch_dirs: usize,
+    /// A recognised scan (files of a directory read in order, or directories visited in
+    /// order) fetches the small files of the next directories ahead of the reader, up to this
+    /// many bytes (0: off).
+    pub scan_ahead_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -52,6 +61,11 @@ impl Default for FetchConfig {
             dir_cache_bytes: 256 << 20,
             batch_siblings: true,
             in_flight_bytes: 128 << 20,
+            // Off unless asked for (`casfs mount` does): an executor's input root is read
+            // sparsely, and only what its command touches should cross the link.
+            tree_prefetch_bytes: 0,
+            tree_prefetch_dirs: 100_000,
+            scan_ahead_bytes: 0,
         }
     }
 }
@@ -127,6 +141,9 @@ pub struct Fetcher {
     cfg: FetchConfig,
     metrics: Arc<Metrics>,
     failures: Mutex<FetchFailures>,
+    /// Blobs a prefetch batch is bringing: a reader of one waits for the batch (it turns
+    /// true when the batch is done) rather than fetching the blob a second time.
+    prefetching: Mutex<HashMap<Digest, tokio::sync::watch::Receiver<bool>>>,
 }
 
 /// Fetches that failed since the fetcher was made (the executor reads these to tell an
@@ -156,6 +173,7 @@ impl Fetcher {
             cfg,
             metrics,
             failures: Mutex::new(FetchFailures::default()),
+            prefetching: Mutex::new(HashMap::new()),
         })
     }
 
@@ -167,6 +185,79 @@ impl Fetcher {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// How the fetcher behaves.
+    pub fn config(&self) -> &FetchConfig {
+        &self.cfg
+    }
+
+    /// A Directory in memory, not counted as a hit or miss (for prefetch planning).
+    pub fn peek_dir(&self, digest: &Digest) -> Option<Arc<Directory>> {
+        self.dirs.get(digest)
+    }
+
+    /// Keeps a Directory that a prefetch validated: `digest` is the hash of `bytes`, its
+    /// encoding, and a trusted parent names it. The bytes go to the local cache too, so a
+    /// later mount over it needs no server for them.
+    pub fn insert_prefetched_dir(&self, digest: Digest, bytes: bytes::Bytes, dir: Directory) {
+        self.cache.insert_verified_cold(digest, bytes);
+        self.dirs.insert(digest, Arc::new(dir));
+    }
+
+    /// Fetches small blobs ahead of their readers in as few batches as the remote allows,
+    /// through the in-flight bound and the deadline, into the cache: only verified bytes are
+    /// kept, and a blob that fails (absent, or bytes that do not match) is left for its
+    /// reader to fetch, and fail, alone. Returns how many arrived.
+    pub async fn prefetch_small(&self, wanted: Vec<Digest>, remote: &SharedCas) -> usize {
+        let wanted: Vec<Digest> = wanted.into_iter().filter(|d| !self.cache.contains(d)).collect();
+        let Some(first) = wanted.first().copied() else { return 0 };
+        let (done, waiting) = tokio::sync::watch::channel(false);
+        {
+            let mut p = self.prefetching.lock().unwrap();
+            for d in &wanted {
+                p.entry(*d).or_insert_with(|| waiting.clone());
+            }
+        }
+        let arrived = self.prefetch_batch(first, &wanted, remote).await;
+        {
+            let mut p = self.prefetching.lock().unwrap();
+            for d in &wanted {
+                if p.get(d).is_some_and(|rx| rx.same_channel(&waiting)) {
+                    p.remove(d);
+                }
+            }
+        }
+        let _ = done.send(true);
+        arrived
+    }
+
+    async fn prefetch_batch(&self, first: Digest, wanted: &[Digest], remote: &SharedCas) -> usize {
+        let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
+        let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
+        let Ok(_turn) = self.in_flight.acquire_many(units).await else { return 0 };
+        let results = match self.with_deadline(first, remote.read_many(wanted)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, blobs = wanted.len(), "prefetch failed");
+                return 0;
+            }
+        };
+        let mut arrived = 0;
+        for (d, r) in results {
+            match r {
+                Ok(bytes) => {
+                    self.metrics.add("casfs_fetch_bytes_total", bytes.len() as u64);
+                    // `read_many` returns verified bytes only.
+                    self.cache.insert_verified(d, bytes);
+                    arrived += 1;
+                }
+                Err(e) => tracing::debug!(digest = %d, error = %e, "prefetched blob refused"),
+            }
+        }
+        self.metrics.add("casfs_scan_prefetch_blobs_total", arrived as u64);
+        self.metrics.add("casfs_scan_prefetch_batches_total", 1);
+        arrived
     }
 
     /// A Directory already in memory (no fetch, no wait).
@@ -303,6 +394,14 @@ impl Fetcher {
                     // A blob file of an earlier life is hashed once before it is served.
                     if this.cache.check(&digest).await? {
                         return Ok(());
+                    }
+                    // A prefetch on its way brings it sooner than a fetch of its own would.
+                    let batch = this.prefetching.lock().unwrap().get(&digest).cloned();
+                    if let Some(mut rx) = batch {
+                        let _ = rx.wait_for(|done| *done).await;
+                        if this.cache.ready(&digest) {
+                            return Ok(());
+                        }
                     }
                     this.metrics.add("casfs_blob_cache_misses_total", 1);
                     this.fetch_blob(digest, &remote.cas, parent).await.inspect_err(|e| this.note_failure(e))
@@ -444,9 +543,15 @@ impl Fetcher {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut seen = std::collections::HashSet::from([*me]);
+        let pending = self.prefetching.lock().unwrap();
         for f in &dir.files {
             let d = f.digest;
-            if d.size() > SMALL_BLOB || d.is_empty_blob() || !seen.insert(d) || self.cache.contains(&d) {
+            if d.size() > SMALL_BLOB
+                || d.is_empty_blob()
+                || !seen.insert(d)
+                || self.cache.contains(&d)
+                || pending.contains_key(&d)
+            {
                 continue;
             }
             if bytes + d.size() > SIBLING_BATCH_BYTES || out.len() >= SIBLING_BATCH_FILES {

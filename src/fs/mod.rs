@@ -12,6 +12,7 @@ pub(crate) mod fuse;
 pub(crate) mod inode;
 pub mod mount;
 pub(crate) mod node;
+pub(crate) mod tree_prefetch;
 
 pub use self::core::{CasFs, FsConfig};
 pub use browse::{Instances, RemoteFactory};

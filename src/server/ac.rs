@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 
-use super::{status, Backend};
+use super::{status, Instances};
 use crate::cas::{referenced_blobs, verified_action_result};
 use crate::digest::Digest;
 use crate::error::Result;
@@ -35,12 +35,12 @@ impl std::str::FromStr for AcWrites {
 }
 
 pub(super) struct AcService {
-    backend: Backend,
+    instances: std::sync::Arc<Instances>,
 }
 
 impl AcService {
-    pub(super) fn new(backend: Backend) -> Self {
-        AcService { backend }
+    pub(super) fn new(instances: std::sync::Arc<Instances>) -> Self {
+        AcService { instances }
     }
 }
 
@@ -56,8 +56,9 @@ impl ActionCache for AcService {
         req: Request<reapi::GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let req = req.into_inner();
+        let backend = self.instances.get(&req.instance_name)?;
         let action = action_digest(&req.action_digest, req.digest_function)?;
-        let found = verified_action_result(self.backend.cas.as_ref(), self.backend.ac.as_ref(), &action).await;
+        let found = verified_action_result(backend.cas.as_ref(), backend.ac.as_ref(), &action).await;
         match found.map_err(status)? {
             Some(result) => Ok(Response::new(result)),
             None => Err(Status::not_found(format!("no action result for {action}"))),
@@ -68,7 +69,8 @@ impl ActionCache for AcService {
         &self,
         req: Request<reapi::UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        if self.backend.ac_writes == AcWrites::None {
+        let backend = self.instances.get(&req.get_ref().instance_name)?;
+        if backend.ac_writes == AcWrites::None {
             return Err(Status::permission_denied(
                 "this server takes action results only from its own executor (casfs serve --ac-writes none): \
                  run the action with Execute, or stop uploading local results (Bazel: \
@@ -80,7 +82,7 @@ impl ActionCache for AcService {
         let action = action_digest(&req.action_digest, req.digest_function)?;
         let result = req.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
         referenced_blobs(action.function(), &result).map_err(status)?;
-        self.backend.ac.update_action_result(&action, &result).await.map_err(status)?;
+        backend.ac.update_action_result(&action, &result).await.map_err(status)?;
         Ok(Response::new(result))
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 
 use super::asset_http::{Downloader, Sri, SriHasher};
-use super::{status, AcWrites, Backend};
+use super::{status, AcWrites, Backend, Instances};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::asset::{self, fetch_server::Fetch, push_server::Push, Qualifier};
@@ -59,29 +59,30 @@ fn system_time(t: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
 
 /// The Fetch and Push services of one server.
 pub(super) struct AssetService {
-    backend: Backend,
+    instances: Arc<Instances>,
     http: Downloader,
     downloads: tokio::sync::Semaphore,
 }
 
 impl AssetService {
     /// One service for both Fetch and Push (one HTTP client, one bound on downloads).
-    pub(super) fn new(backend: Backend) -> Result<Arc<Self>> {
-        let http = Downloader::new(backend.asset_fetch.clone())?;
+    pub(super) fn new(instances: Arc<Instances>) -> Result<Arc<Self>> {
+        let http = Downloader::new(instances.first().asset_fetch.clone())?;
         let downloads = tokio::sync::Semaphore::new(http.config().concurrency.max(1));
-        Ok(Arc::new(AssetService { backend, http, downloads }))
+        Ok(Arc::new(AssetService { instances, http, downloads }))
     }
 
     /// The first of `uris` with a live record no older than `oldest`.
     async fn find(
         &self,
+        b: &Backend,
         kind: Kind,
         uris: &[String],
         qualifiers: &[Qualifier],
         oldest: Option<SystemTime>,
     ) -> Result<Option<(String, Record)>> {
         for uri in uris {
-            let Some(r) = self.lookup(kind, uri, qualifiers).await? else { continue };
+            let Some(r) = self.lookup(b, kind, uri, qualifiers).await? else { continue };
             if oldest.is_some_and(|o| r.created.is_none_or(|c| c < o)) {
                 continue;
             }
@@ -92,6 +93,7 @@ impl AssetService {
 
     async fn record(
         &self,
+        b: &Backend,
         kind: Kind,
         uri: &str,
         qualifiers: &[Qualifier],
@@ -120,12 +122,12 @@ impl AssetService {
                 ..Default::default()
             }),
         }
-        self.backend.ac.update_action_result(&key(kind, uri, qualifiers), &result).await
+        b.ac.update_action_result(&key(kind, uri, qualifiers), &result).await
     }
 
     /// The live record of a name: present, not expired, its content still in the CAS.
-    async fn lookup(&self, kind: Kind, uri: &str, qualifiers: &[Qualifier]) -> Result<Option<Record>> {
-        let Some(r) = self.backend.ac.get_action_result(&key(kind, uri, qualifiers)).await? else { return Ok(None) };
+    async fn lookup(&self, b: &Backend, kind: Kind, uri: &str, qualifiers: &[Qualifier]) -> Result<Option<Record>> {
+        let Some(r) = b.ac.get_action_result(&key(kind, uri, qualifiers)).await? else { return Ok(None) };
         let meta = r.execution_metadata.unwrap_or_default();
         let digest = match kind {
             Kind::Blob => r.output_files.first().and_then(|f| f.digest.clone()),
@@ -140,17 +142,17 @@ impl AssetService {
         if record.expires.is_some_and(|e| e <= SystemTime::now()) {
             return Ok(None);
         }
-        if !digest.is_empty_blob() && !self.backend.cas.find_missing(&[digest]).await?.is_empty() {
+        if !digest.is_empty_blob() && !b.cas.find_missing(&[digest]).await?.is_empty() {
             return Ok(None);
         }
         Ok(Some(record))
     }
 
     /// Checks a blob against a `checksum.sri` qualifier, reading it from the CAS.
-    async fn check_sri(&self, digest: &Digest, sri: &Sri, uri: &str) -> Result<()> {
+    async fn check_sri(&self, b: &Backend, digest: &Digest, sri: &Sri, uri: &str) -> Result<()> {
         use futures::StreamExt;
         let mut h = SriHasher::new(sri);
-        let mut stream = self.backend.cas.read_stream(digest, 0, 0).await?;
+        let mut stream = b.cas.read_stream(digest, 0, 0).await?;
         while let Some(chunk) = stream.next().await {
             h.update(&chunk?);
         }
@@ -158,7 +160,12 @@ impl AssetService {
     }
 
     /// Downloads the first allowed URI that works, stores and records it.
-    async fn download_blob(&self, req: &asset::FetchBlobRequest, sri: Option<&Sri>) -> Result<(String, Digest)> {
+    async fn download_blob(
+        &self,
+        b: &Backend,
+        req: &asset::FetchBlobRequest,
+        sri: Option<&Sri>,
+    ) -> Result<(String, Digest)> {
         let mut headers = Vec::new();
         for q in &req.qualifiers {
             match q.name.as_str() {
@@ -182,7 +189,7 @@ impl AssetService {
             let _slot = self.downloads.acquire().await.map_err(|_| Error::Internal("download slots closed".into()))?;
             match self.http.download(uri, &headers, sri, timeout, &dir).await {
                 Ok((file, digest)) => {
-                    self.backend.cas.write_file(&digest, file.path()).await?;
+                    b.cas.write_file(&digest, file.path()).await?;
                     tracing::info!(uri = %uri, digest = %digest, "remote asset downloaded");
                     return Ok((uri.clone(), digest));
                 }
@@ -231,13 +238,14 @@ impl Fetch for AssetService {
         req: Request<asset::FetchBlobRequest>,
     ) -> Result<Response<asset::FetchBlobResponse>, Status> {
         let req = req.into_inner();
+        let b = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         if req.uris.is_empty() {
             return Err(Status::invalid_argument("FetchBlob needs at least one URI"));
         }
         let sri = sri_of(&req.qualifiers).map_err(status)?;
         let oldest = system_time(&req.oldest_content_accepted);
-        let found = self.find(Kind::Blob, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
+        let found = self.find(b, Kind::Blob, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
         if let Some((uri, r)) = found {
             return Ok(Response::new(asset::FetchBlobResponse {
                 status: ok_status(),
@@ -248,8 +256,8 @@ impl Fetch for AssetService {
                 digest_function: req.digest_function,
             }));
         }
-        let (uri, digest) = self.download_blob(&req, sri.as_ref()).await.map_err(status)?;
-        self.record(Kind::Blob, &uri, &req.qualifiers, digest, None).await.map_err(status)?;
+        let (uri, digest) = self.download_blob(b, &req, sri.as_ref()).await.map_err(status)?;
+        self.record(b, Kind::Blob, &uri, &req.qualifiers, digest, None).await.map_err(status)?;
         Ok(Response::new(asset::FetchBlobResponse {
             status: ok_status(),
             uri,
@@ -265,12 +273,13 @@ impl Fetch for AssetService {
         req: Request<asset::FetchDirectoryRequest>,
     ) -> Result<Response<asset::FetchDirectoryResponse>, Status> {
         let req = req.into_inner();
+        let b = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         if req.uris.is_empty() {
             return Err(Status::invalid_argument("FetchDirectory needs at least one URI"));
         }
         let oldest = system_time(&req.oldest_content_accepted);
-        let found = self.find(Kind::Directory, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
+        let found = self.find(b, Kind::Directory, &req.uris, &req.qualifiers, oldest).await.map_err(status)?;
         if let Some((uri, r)) = found {
             return Ok(Response::new(asset::FetchDirectoryResponse {
                 status: ok_status(),
@@ -290,8 +299,8 @@ impl Fetch for AssetService {
 
 impl AssetService {
     /// Common checks of both pushes: clients may write, the URIs and the content exist.
-    async fn check_push(&self, uris: &[String], digest: &Digest) -> Result<(), Status> {
-        if self.backend.ac_writes == AcWrites::None {
+    async fn check_push(&self, b: &Backend, uris: &[String], digest: &Digest) -> Result<(), Status> {
+        if b.ac_writes == AcWrites::None {
             return Err(Status::permission_denied(
                 "this server takes no records from clients (casfs serve --ac-writes none)",
             ));
@@ -299,7 +308,7 @@ impl AssetService {
         if uris.is_empty() {
             return Err(Status::invalid_argument("a push needs at least one URI"));
         }
-        if !digest.is_empty_blob() && !self.backend.cas.find_missing(&[*digest]).await.map_err(status)?.is_empty() {
+        if !digest.is_empty_blob() && !b.cas.find_missing(&[*digest]).await.map_err(status)?.is_empty() {
             return Err(Status::failed_precondition(format!("{digest} is not in the CAS; upload it first")));
         }
         Ok(())
@@ -313,16 +322,17 @@ impl Push for AssetService {
         req: Request<asset::PushBlobRequest>,
     ) -> Result<Response<asset::PushBlobResponse>, Status> {
         let req = req.into_inner();
+        let b = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         let digest = digest_of(&req.blob_digest, "blob_digest")?;
-        self.check_push(&req.uris, &digest).await?;
+        self.check_push(b, &req.uris, &digest).await?;
         if let Some(sri) = sri_of(&req.qualifiers).map_err(status)? {
             // A record must not name content its checksum does not describe.
-            self.check_sri(&digest, &sri, &req.uris[0]).await.map_err(status)?;
+            self.check_sri(b, &digest, &sri, &req.uris[0]).await.map_err(status)?;
         }
         let expires = system_time(&req.expire_at);
         for uri in &req.uris {
-            self.record(Kind::Blob, uri, &req.qualifiers, digest, expires).await.map_err(status)?;
+            self.record(b, Kind::Blob, uri, &req.qualifiers, digest, expires).await.map_err(status)?;
         }
         Ok(Response::new(asset::PushBlobResponse {}))
     }
@@ -332,17 +342,18 @@ impl Push for AssetService {
         req: Request<asset::PushDirectoryRequest>,
     ) -> Result<Response<asset::PushDirectoryResponse>, Status> {
         let req = req.into_inner();
+        let b = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         let digest = digest_of(&req.root_directory_digest, "root_directory_digest")?;
-        self.check_push(&req.uris, &digest).await?;
+        self.check_push(b, &req.uris, &digest).await?;
         // The whole tree must be there and valid, not just its root.
-        self.backend.cas.get_tree(&digest).await.map_err(|e| match e {
+        b.cas.get_tree(&digest).await.map_err(|e| match e {
             Error::MissingBlob(d) => Status::failed_precondition(format!("{d} of the tree is not in the CAS")),
             e => status(e),
         })?;
         let expires = system_time(&req.expire_at);
         for uri in &req.uris {
-            self.record(Kind::Directory, uri, &req.qualifiers, digest, expires).await.map_err(status)?;
+            self.record(b, Kind::Directory, uri, &req.qualifiers, digest, expires).await.map_err(status)?;
         }
         Ok(Response::new(asset::PushDirectoryResponse {}))
     }

@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resource::{parse_read, parse_write, Resource};
-use super::{status, Backend, READ_CHUNK, UPLOAD_PROGRESS_BYTES};
+use super::{status, Instances, READ_CHUNK, UPLOAD_PROGRESS_BYTES};
 use crate::error::Error;
 use crate::proto::bytestream::byte_stream_server::ByteStream;
 use crate::proto::bytestream::{
@@ -16,12 +16,12 @@ use crate::proto::bytestream::{
 };
 
 pub(super) struct ByteStreamService {
-    backend: Backend,
+    instances: std::sync::Arc<Instances>,
 }
 
 impl ByteStreamService {
-    pub(super) fn new(backend: Backend) -> Self {
-        ByteStreamService { backend }
+    pub(super) fn new(instances: std::sync::Arc<Instances>) -> Self {
+        ByteStreamService { instances }
     }
 }
 
@@ -72,6 +72,7 @@ impl ByteStream for ByteStreamService {
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let req = req.into_inner();
         let r = uncompressed(parse_read(&req.resource_name).map_err(status)?)?;
+        let backend = self.instances.get(&r.instance)?;
         if req.read_offset < 0 || req.read_limit < 0 {
             return Err(Status::invalid_argument("read_offset and read_limit must not be negative"));
         }
@@ -81,12 +82,8 @@ impl ByteStream for ByteStreamService {
                 req.read_offset, r.digest
             )));
         }
-        let data = self
-            .backend
-            .cas
-            .read_stream(&r.digest, req.read_offset as u64, req.read_limit as u64)
-            .await
-            .map_err(status)?;
+        let data =
+            backend.cas.read_stream(&r.digest, req.read_offset as u64, req.read_limit as u64).await.map_err(status)?;
         // Re-chunk to stay under the message limit whatever the store yields.
         let out = data.flat_map(|chunk| {
             let pieces: Vec<Result<ReadResponse, Status>> = match chunk {
@@ -105,20 +102,24 @@ impl ByteStream for ByteStreamService {
     }
 
     async fn write(&self, req: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
-        let mut incoming =
-            Upload { stream: req.into_inner(), idle: self.backend.upload_idle_timeout, waited: Duration::ZERO };
+        let mut incoming = Upload {
+            stream: req.into_inner(),
+            idle: self.instances.first().upload_idle_timeout,
+            waited: Duration::ZERO,
+        };
         let first = match incoming.next("upload").await {
             Ok(Some(m)) => m,
             Ok(None) => return Err(Status::invalid_argument("upload stream carried no message")),
             Err(e) => return Err(status(e)),
         };
         let r = uncompressed(parse_write(&first.resource_name).map_err(status)?)?;
+        let backend = self.instances.get(&r.instance)?;
         let digest = r.digest;
         let size = digest.size();
         if first.write_offset != 0 {
             return Err(Status::invalid_argument("resumed uploads are not supported: write_offset must start at 0"));
         }
-        if self.backend.cas.find_missing(&[digest]).await.map_err(status)?.is_empty() {
+        if backend.cas.find_missing(&[digest]).await.map_err(status)?.is_empty() {
             // Already stored: answer at once, as the spec allows.
             return Ok(Response::new(WriteResponse { committed_size: size as i64 }));
         }
@@ -171,7 +172,7 @@ impl ByteStream for ByteStreamService {
                 }
             }
         };
-        match self.backend.cas.write_stream(&digest, chunks.boxed()).await {
+        match backend.cas.write_stream(&digest, chunks.boxed()).await {
             Ok(()) => Ok(Response::new(WriteResponse { committed_size: size as i64 })),
             Err(e) => {
                 if e.is_disk_full() {
@@ -190,7 +191,8 @@ impl ByteStream for ByteStreamService {
         req: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let r = parse_write(&req.into_inner().resource_name).map_err(status)?;
-        let present = self.backend.cas.find_missing(&[r.digest]).await.map_err(status)?.is_empty();
+        let backend = self.instances.get(&r.instance)?;
+        let present = backend.cas.find_missing(&[r.digest]).await.map_err(status)?.is_empty();
         Ok(Response::new(QueryWriteStatusResponse {
             committed_size: if present { r.digest.size() as i64 } else { 0 },
             complete: present,

@@ -9,8 +9,7 @@ use crate::proto::reapi::{self, symlink_absolute_path_strategy};
 use crate::proto::semver::SemVer;
 
 pub(super) struct CapabilitiesService {
-    pub(super) exec_enabled: bool,
-    pub(super) ac_update_enabled: bool,
+    pub(super) instances: std::sync::Arc<super::Instances>,
 }
 
 fn version(major: i32, minor: i32) -> Option<SemVer> {
@@ -55,8 +54,11 @@ pub fn server_capabilities(exec_enabled: bool, ac_update_enabled: bool) -> reapi
 impl Capabilities for CapabilitiesService {
     async fn get_capabilities(
         &self,
-        _req: Request<reapi::GetCapabilitiesRequest>,
+        req: Request<reapi::GetCapabilitiesRequest>,
     ) -> Result<Response<reapi::ServerCapabilities>, Status> {
-        Ok(Response::new(server_capabilities(self.exec_enabled, self.ac_update_enabled)))
+        // Each instance advertises what it does itself.
+        let b = self.instances.get(&req.get_ref().instance_name)?;
+        let ac_update_enabled = b.ac_writes == super::AcWrites::All;
+        Ok(Response::new(server_capabilities(b.execution.is_some(), ac_update_enabled)))
     }
 }

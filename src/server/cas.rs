@@ -1,12 +1,13 @@
 //! The ContentAddressableStorage service: FindMissingBlobs, batch reads and writes, GetTree.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
 use super::get_tree::{self, TreeStream};
-use super::{status, Backend, MAX_BATCH_BYTES};
+use super::{status, Instances, MAX_BATCH_BYTES};
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{rpc_ok, Error};
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
@@ -14,12 +15,12 @@ use crate::proto::reapi::{self, batch_read_blobs_response, batch_update_blobs_re
 use crate::proto::rpc;
 
 pub(super) struct CasService {
-    backend: Backend,
+    instances: Arc<Instances>,
 }
 
 impl CasService {
-    pub(super) fn new(backend: Backend) -> Self {
-        CasService { backend }
+    pub(super) fn new(instances: Arc<Instances>) -> Self {
+        CasService { instances }
     }
 }
 
@@ -77,9 +78,10 @@ impl ContentAddressableStorage for CasService {
         req: Request<reapi::FindMissingBlobsRequest>,
     ) -> Result<Response<reapi::FindMissingBlobsResponse>, Status> {
         let req = req.into_inner();
+        let backend = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         let wanted = digests(req.digest_function, &req.blob_digests)?;
-        let missing = self.backend.cas.find_missing(&wanted).await.map_err(status)?;
+        let missing = backend.cas.find_missing(&wanted).await.map_err(status)?;
         Ok(Response::new(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(|d| d.to_proto()).collect(),
         }))
@@ -90,6 +92,7 @@ impl ContentAddressableStorage for CasService {
         req: Request<reapi::BatchUpdateBlobsRequest>,
     ) -> Result<Response<reapi::BatchUpdateBlobsResponse>, Status> {
         let req = req.into_inner();
+        let backend = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         // What is summed is the bytes carried (bounded by the message size), not the digests'
         // claimed sizes; each entry is still checked against its digest when written. Entries
@@ -115,7 +118,7 @@ impl ContentAddressableStorage for CasService {
             let result = if r.compressor != 0 {
                 Err(Error::InvalidArgument(format!("compressor {} is not supported in batches", r.compressor)))
             } else {
-                self.backend.cas.write(&digest, r.data).await
+                backend.cas.write(&digest, r.data).await
             };
             match &result {
                 // The store warned once that it is full.
@@ -139,6 +142,7 @@ impl ContentAddressableStorage for CasService {
         req: Request<reapi::BatchReadBlobsRequest>,
     ) -> Result<Response<reapi::BatchReadBlobsResponse>, Status> {
         let req = req.into_inner();
+        let backend = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         // Duplicates are read and answered once: every response names its digest and the bytes
         // under one digest are the same whoever asks, so a client finds each blob it asked for
@@ -147,7 +151,7 @@ impl ContentAddressableStorage for CasService {
         // before anything is read.
         let wanted = distinct(digests(req.digest_function, &req.digests)?);
         check_batch_total("asks for", checked_total(wanted.iter().map(|d| d.size())))?;
-        let got = self.backend.cas.read_many(&wanted).await.map_err(status)?;
+        let got = backend.cas.read_many(&wanted).await.map_err(status)?;
         let responses = got
             .into_iter()
             .map(|(d, r)| match r {
@@ -172,6 +176,7 @@ impl ContentAddressableStorage for CasService {
 
     async fn get_tree(&self, req: Request<reapi::GetTreeRequest>) -> Result<Response<TreeStream>, Status> {
         let req = req.into_inner();
+        let backend = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
         let root = req
             .root_digest
@@ -186,8 +191,8 @@ impl ContentAddressableStorage for CasService {
             )));
         }
         // An absent root is NOT_FOUND; absent subtrees are left out of the stream.
-        let root_bytes = self.backend.cas.read(&root).await.map_err(status)?;
-        Ok(Response::new(get_tree::stream(self.backend.cas.clone(), root, root_bytes, paging)))
+        let root_bytes = backend.cas.read(&root).await.map_err(status)?;
+        Ok(Response::new(get_tree::stream(backend.cas.clone(), root, root_bytes, paging)))
     }
 
     async fn split_blob(

@@ -8,8 +8,8 @@ use futures::Stream;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::scheduler::{OpState, Operation, Request as Job, Scheduler};
-use super::status;
+use super::scheduler::{OpState, Operation, Request as Job};
+use super::{status, Instances};
 use crate::digest::Digest;
 use crate::proto::longrunning;
 use crate::proto::reapi::execution_server::Execution;
@@ -22,12 +22,12 @@ const RESPONSE_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2
 pub type OperationStream = Pin<Box<dyn Stream<Item = Result<longrunning::Operation, Status>> + Send>>;
 
 pub(super) struct ExecutionService {
-    scheduler: Arc<Scheduler>,
+    instances: Arc<Instances>,
 }
 
 impl ExecutionService {
-    pub(super) fn new(scheduler: Arc<Scheduler>) -> Self {
-        ExecutionService { scheduler }
+    pub(super) fn new(instances: Arc<Instances>) -> Self {
+        ExecutionService { instances }
     }
 }
 
@@ -88,9 +88,13 @@ impl Execution for ExecutionService {
 
     async fn execute(&self, req: Request<reapi::ExecuteRequest>) -> Result<Response<OperationStream>, Status> {
         let req = req.into_inner();
+        let scheduler = self.instances.get(&req.instance_name)?.execution.as_ref().ok_or_else(|| {
+            let shown: String = req.instance_name.chars().take(100).collect();
+            Status::unimplemented(format!("instance {shown:?} serves storage only: it executes nothing"))
+        })?;
         let action = action_digest(&req)?;
         let job = Job { action, skip_cache_lookup: req.skip_cache_lookup };
-        let op = self.scheduler.submit(job).await.map_err(status)?;
+        let op = scheduler.submit(job).await.map_err(status)?;
         tracing::debug!(operation = %op.name, %action, "execute");
         Ok(Response::new(follow(op)))
     }
@@ -100,7 +104,10 @@ impl Execution for ExecutionService {
         req: Request<reapi::WaitExecutionRequest>,
     ) -> Result<Response<OperationStream>, Status> {
         let name = req.into_inner().name;
-        match self.scheduler.find(&name) {
+        // Operation names are unique across instances (a uuid each): the instance whose
+        // scheduler holds the name is the one the operation was started on.
+        let found = self.instances.iter().find_map(|(_, b)| b.execution.as_ref().and_then(|s| s.find(&name)));
+        match found {
             Some(op) => Ok(Response::new(follow(op))),
             None => Err(Status::not_found(format!("no operation named {name:?}"))),
         }

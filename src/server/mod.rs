@@ -1,7 +1,8 @@
 //! The embedded REAPI server: tonic services over any store.
 //!
-//! One namespace serves every instance name: blobs are content-addressed, so instances share
-//! storage (as in Buildbarn's default configuration); the name is still parsed and checked.
+//! By default one namespace serves every instance name: blobs are content-addressed, so
+//! instances share storage (as in Buildbarn's default configuration); the name is still
+//! parsed and checked. [`Instances`] names deployments instead, each with its own stores.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ mod capabilities;
 mod cas;
 pub(crate) mod execution;
 mod get_tree;
+mod instances;
+pub use instances::{check_name as check_instance_name, Instances};
 pub(crate) mod resource;
 pub mod scheduler;
 
@@ -116,22 +119,22 @@ pub struct TlsFiles {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
-fn router(backend: Backend, tls: Option<TlsFiles>) -> Result<tonic::transport::server::Router> {
-    let cas = ContentAddressableStorageServer::new(cas::CasService::new(backend.clone()))
+fn router(instances: Instances, tls: Option<TlsFiles>) -> Result<tonic::transport::server::Router> {
+    let instances = Arc::new(instances);
+    let backend = instances.first().clone();
+    let cas = ContentAddressableStorageServer::new(cas::CasService::new(instances.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let bs = ByteStreamServer::new(bytestream::ByteStreamService::new(backend.clone()))
+    let bs = ByteStreamServer::new(bytestream::ByteStreamService::new(instances.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let ac = ActionCacheServer::new(ac::AcService::new(backend.clone())).max_decoding_message_size(MAX_MESSAGE);
-    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService {
-        exec_enabled: backend.execution.is_some(),
-        ac_update_enabled: backend.ac_writes == AcWrites::All,
-    });
-    let assets = asset::AssetService::new(backend.clone())?;
+    let ac = ActionCacheServer::new(ac::AcService::new(instances.clone())).max_decoding_message_size(MAX_MESSAGE);
+    let caps = CapabilitiesServer::new(capabilities::CapabilitiesService { instances: instances.clone() });
+    let assets = asset::AssetService::new(instances.clone())?;
     let fetch = crate::proto::asset::fetch_server::FetchServer::from_arc(assets.clone());
     let push = crate::proto::asset::push_server::PushServer::from_arc(assets);
-    let exec = backend.execution.clone().map(|s| ExecutionServer::new(execution::ExecutionService::new(s)));
+    let exec =
+        instances.any_execution().then(|| ExecutionServer::new(execution::ExecutionService::new(instances.clone())));
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
         let identity = tonic::transport::Identity::from_pem(t.cert_pem, t.key_pem);
@@ -189,19 +192,20 @@ impl Bound {
         }
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls.
-    pub async fn serve(self, backend: Backend, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    /// Serves one backend (or named [`Instances`]) until `shutdown` resolves, then drains
+    /// in-flight calls.
+    pub async fn serve(self, backend: impl Into<Instances>, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         self.serve_with(backend, None, shutdown).await
     }
 
     /// Like [`Bound::serve`], over TLS when `tls` is given.
     pub async fn serve_with(
         self,
-        backend: Backend,
+        backend: impl Into<Instances>,
         tls: Option<TlsFiles>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let r = router(backend, tls)?;
+        let r = router(backend.into(), tls)?;
         let res = match self {
             Bound::Tcp(l) => {
                 let incoming = TcpListenerStream::new(l).map_ok_nodelay();

@@ -187,7 +187,8 @@ fn fetches_only_what_is_touched() -> TestResult {
         &mnt,
         &url,
         &tmp.path().join("cache"),
-        &["--metrics-listen", &metrics_addr],
+        // Laziness of plain lookups and reads: no whole-tree prefetch (see tree_reads.rs).
+        &["--metrics-listen", &metrics_addr, "--tree-prefetch-bytes", "0", "--scan-ahead", "0"],
     )?;
     assert!(access_lines(&log).is_empty(), "mounting fetched: {:?}", access_lines(&log));
 

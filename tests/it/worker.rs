@@ -555,3 +555,30 @@ async fn a_result_is_reported_at_once_even_while_the_scheduler_holds_the_call() 
     assert!(took < Duration::from_secs(4), "reported {took:?} after it was handed out");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_against_a_named_instance_of_casfs_serve() -> TestResult {
+    require_fuse!();
+    let tmp = tempfile::tempdir()?;
+    let args = ["--no-execution", "--instance", "main", "--instance", "other"];
+    let server = ServeProcess::start_with(&tmp.path().join("storage"), "127.0.0.1:0", &args)?;
+    let mut cfg = RemoteConfig::new(&server.url);
+    cfg.instance_name = "main".into();
+    let client = GrpcStore::new(&cfg)?;
+    let fake = Fake::default();
+    let url = serve_fake(fake.clone()).await?;
+    let (_, a) = action(&client, "tr a-z A-Z < in.txt > out.txt", &["out.txt"]).await?;
+    fake.with(|s| s.queue.push_back(lease("main/one", &a)));
+    let _w = WorkerProc::start(tmp.path(), &url, &server.url, &["--instance-name", "main"])?;
+    wait_until(60, "the completed lease", || fake.with(|s| !s.completed.is_empty())).await?;
+    let l = fake.with(|s| s.completed[0].clone());
+    assert_eq!(code_of(&l), 0, "{:?}", l.status);
+    let res = result_of(&l)?;
+    let out = res.output_files.iter().find(|f| f.path == "out.txt").ok_or("no out.txt")?;
+    let out = Digest::try_from(out.digest.as_ref().ok_or("no digest")?)?;
+    assert_eq!(&client.read(&out).await?[..], b"INPUT\n", "the output went to instance main");
+    let mut other = RemoteConfig::new(&server.url);
+    other.instance_name = "other".into();
+    assert_eq!(GrpcStore::new(&other)?.find_missing(&[out]).await?, vec![out], "and not to other");
+    Ok(())
+}

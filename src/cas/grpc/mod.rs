@@ -462,6 +462,43 @@ impl Cas for GrpcStore {
         super::stream_to_file(digest, self.read_resuming(digest), path).await
     }
 
+    async fn tree_pages(&self, root: &Digest) -> Result<Option<super::TreePages>> {
+        let mut client = self.cas();
+        let instance = self.instance.clone();
+        let root = *root;
+        Ok(Some(Box::pin(async_stream::try_stream! {
+            let mut token = String::new();
+            loop {
+                let req = reapi::GetTreeRequest {
+                    instance_name: instance.clone(),
+                    root_digest: Some(root.to_proto()),
+                    page_size: 0,
+                    page_token: token.clone(),
+                    digest_function: root.function().proto_value(),
+                };
+                let mut stream =
+                    client.get_tree(req).await.map_err(|s| missing_or(&root, Error::remote("GetTree", s)))?.into_inner();
+                let mut next = String::new();
+                while let Some(page) = stream.message().await.map_err(|s| Error::remote("GetTree", s))? {
+                    let mut dirs = Vec::with_capacity(page.directories.len());
+                    for msg in page.directories {
+                        let (d, bytes) = Digest::of_message_with(root.function(), &msg);
+                        // An invalid Directory is left out; no parent can name it anyway.
+                        if let Ok(dir) = Directory::decode(&d, &bytes) {
+                            dirs.push((d, bytes.into(), dir));
+                        }
+                    }
+                    next = page.next_page_token;
+                    yield dirs;
+                }
+                if next.is_empty() {
+                    break;
+                }
+                token = next;
+            }
+        })))
+    }
+
     async fn get_tree(&self, root: &Digest) -> Result<Vec<(Digest, Directory)>> {
         match self.get_tree_rpc(root).await {
             Ok(t) => Ok(t),

@@ -273,6 +273,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let t = self.timed("read");
+        if offset == 0 {
+            self.fs.note_read(ino.0);
+        }
         match self.fs.read_now(ino.0, offset, size) {
             Some(Ok(data)) => reply.data(&data),
             Some(Err(e)) => reply.error(errno(&e)),
@@ -369,10 +372,15 @@ impl Filesystem for FuseAdapter {
             Ok(())
         };
         match self.fs.listing_now(ino.0) {
-            Ok(Some(dir)) => match fill(&self.fs, &dir, &mut reply) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
+            Ok(Some(dir)) => {
+                if offset == 0 {
+                    self.fs.listed(ino.0, &dir);
+                }
+                match fill(&self.fs, &dir, &mut reply) {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            }
             Ok(None) => {
                 let fs = self.fs.clone();
                 self.rt.spawn(async move {
@@ -422,6 +430,9 @@ impl Filesystem for FuseAdapter {
         };
         match self.fs.listing_now(ino.0) {
             Ok(Some(dir)) => {
+                if offset == 0 {
+                    self.fs.listed(ino.0, &dir);
+                }
                 fill(&self.fs, &dir, &mut reply);
                 reply.ok();
             }
