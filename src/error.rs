@@ -29,7 +29,7 @@ pub enum Error {
     NotFound(String),
     /// Bytes did not hash to the digest they were stored or fetched under.
     #[error("digest mismatch: expected {expected}, bytes hash to {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    DigestMismatch { expected: Box<Digest>, actual: Box<Digest> },
     /// A Directory (or Tree) message breaks the canonical-form rules.
     #[error("invalid Directory {digest}: {reason}")]
     InvalidDirectory { digest: String, reason: String },

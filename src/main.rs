@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 
-use cli::{digest_arg, usage, CliError, CmdResult, RemoteArgs};
+use cli::{usage, CliError, CmdResult, RemoteArgs};
 
 /// Content-addressed filesystem, executor and REAPI endpoint for remote builds.
 #[derive(Parser)]
@@ -30,6 +30,9 @@ enum Cmd {
         /// Files to hash.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Digest function: sha256, sha1, md5, sha384, sha512, blake3.
+        #[arg(long, env = "CASFS_DIGEST_FUNCTION", default_value = "sha256")]
+        digest_function: casfs::digest::DigestFunction,
     },
     /// Execute one Action (sandboxed, inputs mounted lazily) and print its ActionResult.
     #[command(after_help = cli::run::EXIT_STATUS_HELP)]
@@ -146,9 +149,9 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
         Cmd::Action(args) => cli::make_action::create(args).await,
         Cmd::Execute(args) => cli::execute::execute(args).await,
         Cmd::Asset(cmd) => cli::asset::run(cmd).await,
-        Cmd::Digest { files } => {
+        Cmd::Digest { files, digest_function } => {
             for f in files {
-                let d = casfs::digest::hash_file(&f)
+                let d = casfs::digest::hash_file_with(digest_function, &f)
                     .map_err(|e| casfs::Error::io(format!("hashing {}", f.display()), e))?;
                 println!("{d}  {}", f.display());
             }
@@ -157,7 +160,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
         Cmd::Upload { dir, remote } => {
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let r = casfs::transfer::upload_dir(&store, &dir, progress).await?;
+            let r = casfs::transfer::upload_dir_with(remote.digest_function, &store, &dir, progress).await?;
             eprintln!(
                 "uploaded {} of {} blobs ({} bytes); {} files, {} dirs, {} symlinks",
                 r.uploaded_blobs, r.blobs, r.uploaded_bytes, r.stats.files, r.stats.dirs, r.stats.symlinks
@@ -166,7 +169,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
             Ok(())
         }
         Cmd::Download { digest, dir, remote } => {
-            let digest = digest_arg(&digest)?;
+            let digest = remote.digest(&digest)?;
             let store = remote.store()?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let s = casfs::transfer::download_dir(&store, &digest, &dir, progress).await?;
@@ -174,7 +177,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
             Ok(())
         }
         Cmd::Ls { digest, path, recursive, action, remote } => {
-            let digest = digest_arg(&digest)?;
+            let digest = remote.digest(&digest)?;
             match (action, path) {
                 (true, path) => cli::action::ls(&remote, &digest, path.as_deref().unwrap_or(""), recursive).await,
                 (false, None) => cli::transfer::ls(&remote.store()?, &digest, recursive).await.map_err(CliError::from),
@@ -182,7 +185,7 @@ async fn run(cmd: Cmd, ready: Option<cli::mount::Ready>) -> CmdResult<u8> {
             }
         }
         Cmd::Cat { digest, path, action, remote } => {
-            let digest = digest_arg(&digest)?;
+            let digest = remote.digest(&digest)?;
             match (action, path) {
                 (true, Some(path)) => cli::action::cat(&remote, &digest, &path).await,
                 (true, None) => Err(usage("--action needs a PATH (stdout, outputs/...)")),

@@ -10,9 +10,9 @@ use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cas::Cas;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, IoContext, Result};
-use crate::tree::{build_local_tree, count_bytes, Directory, TreeStats};
+use crate::tree::{build_local_tree_with, count_bytes, Directory, TreeStats};
 
 /// Files up to this size are read into memory and sent in batches; larger ones stream.
 const SMALL_FILE: u64 = 1 << 20;
@@ -61,11 +61,21 @@ fn check_all<T>(results: Vec<(Digest, Result<T>)>) -> Result<()> {
 /// lacks, and sends only those (small files in batches, large ones streamed). `progress` shows
 /// bars on stderr when it is a terminal.
 pub async fn upload_dir<C: Cas + ?Sized>(cas: &C, dir: &Path, progress: bool) -> Result<UploadReport> {
+    upload_dir_with(DigestFunction::Sha256, cas, dir, progress).await
+}
+
+/// [`upload_dir`] with files and Directory messages hashed by `f`.
+pub async fn upload_dir_with<C: Cas + ?Sized>(
+    f: DigestFunction,
+    cas: &C,
+    dir: &Path,
+    progress: bool,
+) -> Result<UploadReport> {
     let dir = dir.to_path_buf();
     let total = if progress { count_bytes(&dir) } else { 0 };
     let hash_bar = bar(progress, total, "hashing");
     let hb = hash_bar.clone();
-    let tree = tokio::task::spawn_blocking(move || build_local_tree(&dir, &move |n| hb.inc(n)))
+    let tree = tokio::task::spawn_blocking(move || build_local_tree_with(f, &dir, &move |n| hb.inc(n)))
         .await
         .map_err(|e| Error::Internal(format!("hashing task: {e}")))??;
     hash_bar.finish_and_clear();

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use prost::Message;
 
-use crate::digest::{hash_file, Digest};
+use crate::digest::{hash_file_with, Digest, DigestFunction};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
 
@@ -94,10 +94,21 @@ fn reset_digest(d: &mut Option<reapi::Digest>) {
     d.size_bytes = 0;
 }
 
-fn entry_digest(name: &str, d: &Option<reapi::Digest>, label: &str) -> Result<Digest> {
+/// An entry's digest; `function` is the parent's (a tree uses one function throughout), or
+/// None to infer it from the hash length.
+fn entry_digest(
+    name: &str,
+    d: &Option<reapi::Digest>,
+    label: &str,
+    function: Option<DigestFunction>,
+) -> Result<Digest> {
     let d = d.as_ref().filter(|d| !d.hash.is_empty());
     let d = d.ok_or_else(|| invalid(label, format!("entry {name:?} has no digest")))?;
-    Digest::try_from(d).map_err(|e| invalid(label, format!("entry {name:?}: {e}")))
+    let parsed = match function {
+        Some(f) => Digest::from_proto_with(f, d),
+        None => Digest::try_from(d),
+    };
+    parsed.map_err(|e| invalid(label, format!("entry {name:?}: {e}")))
 }
 
 fn check_sorted<'a>(kind: &str, names: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
@@ -135,13 +146,13 @@ impl Directory {
     }
 
     fn push_file(&mut self, f: reapi::FileNode, label: &str) -> Result<()> {
-        let digest = entry_digest(&f.name, &f.digest, label)?;
+        let digest = entry_digest(&f.name, &f.digest, label, None)?;
         self.files.push(FileEntry { name: f.name, digest, executable: f.is_executable });
         Ok(())
     }
 
     fn push_dir(&mut self, d: reapi::DirectoryNode, label: &str) -> Result<()> {
-        let digest = entry_digest(&d.name, &d.digest, label)?;
+        let digest = entry_digest(&d.name, &d.digest, label, None)?;
         self.dirs.push(DirEntry { name: d.name, digest });
         Ok(())
     }
@@ -173,9 +184,11 @@ impl Directory {
     /// Decodes and validates the bytes of a Directory blob stored under `digest`. Entries are
     /// decoded one at a time straight into their validated form, so a Directory of a million
     /// entries never exists twice in memory (a whole decoded message costs ~3x the final one).
+    /// Entries' digests are read with `digest`'s function.
     pub fn decode(digest: &Digest, bytes: &[u8]) -> Result<Self> {
         use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
         let label = digest.to_string();
+        let function = Some(digest.function());
         let wire = |e: prost::DecodeError| invalid(&label, format!("not a Directory message: {e}"));
         let mut buf = bytes;
         let mut dir = Directory::default();
@@ -204,14 +217,14 @@ impl Directory {
                     (file.is_executable, file.node_properties) = (false, None);
                     file.merge(item).map_err(wire)?;
                     let name = std::mem::take(&mut file.name);
-                    let digest = entry_digest(&name, &file.digest, &label)?;
+                    let digest = entry_digest(&name, &file.digest, &label, function)?;
                     dir.files.push(FileEntry { name, digest, executable: file.is_executable });
                 }
                 2 => {
                     reset_digest(&mut sub.digest);
                     sub.merge(item).map_err(wire)?;
                     let name = std::mem::take(&mut sub.name);
-                    let digest = entry_digest(&name, &sub.digest, &label)?;
+                    let digest = entry_digest(&name, &sub.digest, &label, function)?;
                     dir.dirs.push(DirEntry { name, digest });
                 }
                 3 => dir.push_symlink(reapi::SymlinkNode::decode(item).map_err(wire)?, &label)?,
@@ -282,9 +295,14 @@ impl Directory {
         }
     }
 
-    /// Canonical encoding and its digest.
+    /// Canonical encoding and its SHA-256 digest.
     pub fn encode(&self) -> (Digest, Vec<u8>) {
-        Digest::of_message(&self.to_proto())
+        self.encode_with(DigestFunction::Sha256)
+    }
+
+    /// Canonical encoding and its digest under `function`.
+    pub fn encode_with(&self, function: DigestFunction) -> (Digest, Vec<u8>) {
+        Digest::of_message_with(function, &self.to_proto())
     }
 }
 
@@ -377,7 +395,7 @@ fn scan(dir: &Path, paths: &mut Vec<(PathBuf, u64)>, stats: &mut TreeStats) -> R
 }
 
 /// Hashes every file with one thread per core; `progress` is called with bytes hashed.
-fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<Digest>> {
+fn hash_all(f: DigestFunction, paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<Digest>> {
     let next = AtomicUsize::new(0);
     let out: Mutex<Vec<Option<Digest>>> = Mutex::new(vec![None; paths.len()]);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -390,7 +408,7 @@ fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result
                     break;
                 }
                 let (path, _) = &paths[i];
-                match hash_file(path) {
+                match hash_file_with(f, path) {
                     Ok(d) => {
                         progress(d.size());
                         out.lock().unwrap()[i] = Some(d);
@@ -408,7 +426,13 @@ fn hash_all(paths: &[(PathBuf, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result
     Ok(out.into_inner().unwrap().into_iter().map(|d| d.expect("every file hashed")).collect())
 }
 
-fn assemble(scan: &Scan, digests: &[Digest], paths: &[(PathBuf, u64)], tree: &mut LocalTree) -> Digest {
+fn assemble(
+    f: DigestFunction,
+    scan: &Scan,
+    digests: &[Digest],
+    paths: &[(PathBuf, u64)],
+    tree: &mut LocalTree,
+) -> Digest {
     let mut dir = Directory::default();
     for (name, idx, exec) in &scan.files {
         let digest = digests[*idx];
@@ -416,13 +440,13 @@ fn assemble(scan: &Scan, digests: &[Digest], paths: &[(PathBuf, u64)], tree: &mu
         dir.files.push(FileEntry { name: name.clone(), digest, executable: *exec });
     }
     for (name, sub) in &scan.dirs {
-        let digest = assemble(sub, digests, paths, tree);
+        let digest = assemble(f, sub, digests, paths, tree);
         dir.dirs.push(DirEntry { name: name.clone(), digest });
     }
     for (name, target) in &scan.symlinks {
         dir.symlinks.push(SymlinkEntry { name: name.clone(), target: target.clone() });
     }
-    let (digest, bytes) = dir.encode();
+    let (digest, bytes) = dir.encode_with(f);
     tree.directories.entry(digest).or_insert(bytes);
     digest
 }
@@ -430,6 +454,11 @@ fn assemble(scan: &Scan, digests: &[Digest], paths: &[(PathBuf, u64)], tree: &mu
 /// Builds the canonical Directory tree of a local folder. Files are hashed in parallel;
 /// `progress` receives the bytes of each file as it is hashed.
 pub fn build_local_tree(root: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<LocalTree> {
+    build_local_tree_with(DigestFunction::Sha256, root, progress)
+}
+
+/// [`build_local_tree`] with files and Directory messages hashed by `f`.
+pub fn build_local_tree_with(f: DigestFunction, root: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<LocalTree> {
     let meta = std::fs::metadata(root).ctx(|| format!("stat {}", root.display()))?;
     if !meta.is_dir() {
         return Err(Error::InvalidArgument(format!("{} is not a directory", root.display())));
@@ -437,9 +466,9 @@ pub fn build_local_tree(root: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<
     let mut stats = TreeStats::default();
     let mut paths = Vec::new();
     let scanned = scan(root, &mut paths, &mut stats)?;
-    let digests = hash_all(&paths, progress)?;
+    let digests = hash_all(f, &paths, progress)?;
     let mut tree = LocalTree { root: crate::digest::EMPTY, directories: BTreeMap::new(), files: HashMap::new(), stats };
-    tree.root = assemble(&scanned, &digests, &paths, &mut tree);
+    tree.root = assemble(f, &scanned, &digests, &paths, &mut tree);
     Ok(tree)
 }
 

@@ -293,8 +293,9 @@ impl LocalCache {
     /// Takes a blob whose bytes were checked against `digest`. A small one is readable at
     /// once and on disk soon (this blocks only when the disk writer is far behind); a large
     /// one is written to its blob file now (blocking), never held in memory.
+    /// Packs hold SHA-256 blobs only, so small blobs of other functions get files too.
     pub fn insert_verified(&self, digest: Digest, data: Bytes) {
-        if digest.size() <= SMALL_BLOB {
+        if digest.size() <= SMALL_BLOB && packable(&digest) {
             self.hot.insert(digest, data);
         } else if let Err(e) = self.disk.write_file(&digest, &data) {
             if !e.is_disk_full() {
@@ -306,7 +307,7 @@ impl LocalCache {
     /// As [`LocalCache::insert_verified`], but a small blob is held in memory only until it
     /// is on disk: for bytes the caller keeps in another form (a decoded Directory).
     pub fn insert_verified_cold(&self, digest: Digest, data: Bytes) {
-        if digest.size() <= SMALL_BLOB {
+        if digest.size() <= SMALL_BLOB && packable(&digest) {
             self.hot.insert_cold(digest, data);
         } else {
             self.insert_verified(digest, data);
@@ -428,4 +429,9 @@ impl Cas for LocalCache {
         self.insert_verified(*digest, buf.into());
         Ok(())
     }
+}
+
+/// Whether a blob may go to a pack (their records have 32-byte SHA-256 hashes).
+fn packable(d: &Digest) -> bool {
+    d.function() == crate::digest::DigestFunction::Sha256
 }

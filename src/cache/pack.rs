@@ -186,7 +186,7 @@ impl PackStore {
             let mut seen = HashSet::new();
             let fresh: Vec<_> = blobs
                 .iter()
-                .filter(|(d, _)| !d.is_empty_blob() && st.find(d).is_none() && seen.insert(*d))
+                .filter(|(d, _)| !d.is_empty_blob() && is_sha256(d) && st.find(d).is_none() && seen.insert(*d))
                 .cloned()
                 .collect();
             st.requeue_bytes = 0;
@@ -345,6 +345,10 @@ impl Drop for PackStore {
 impl State {
     /// Where a blob is, when held.
     fn find(&self, d: &Digest) -> Option<(Loc, &Pack)> {
+        // Packs hold SHA-256 blobs only (their records have 32-byte hashes).
+        if !is_sha256(d) {
+            return None;
+        }
         let loc = *self.index.get(&key(d.hash_bytes()))?;
         (u64::from(loc.size) == d.size()).then(|| Some((loc, self.packs.get(&loc.pack)?)))?
     }
@@ -530,7 +534,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn key(hash: &[u8; 32]) -> Key {
+fn is_sha256(d: &Digest) -> bool {
+    d.function() == crate::digest::DigestFunction::Sha256
+}
+
+fn key(hash: &[u8]) -> Key {
     std::array::from_fn(|i| hash[i])
 }
 

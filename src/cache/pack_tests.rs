@@ -304,7 +304,7 @@ fn digest_size_empty_blob_and_bad_input() -> TestResult {
     let s = PackStore::open(dir.path(), 0)?;
     let (d, b) = blob(1, 100);
     s.append_verified(&[(d, b)])?;
-    let other = Digest::new(*d.hash_bytes(), 101);
+    let other = Digest::new_with(d.function(), d.hash_bytes(), 101).unwrap();
     assert!(!s.contains(&other) && s.read(&other)?.is_none(), "same hash, other size");
     let empty = Digest::of_bytes(b"");
     assert!(s.contains(&empty));

@@ -27,6 +27,7 @@ pub async fn execute(
         instance_name: store.instance().to_string(),
         skip_cache_lookup,
         action_digest: Some(action.to_proto()),
+        digest_function: action.function().proto_value(),
         ..Default::default()
     };
     let stream = client.execute(req).await.map_err(|s| Error::remote("Execute", s))?.into_inner();

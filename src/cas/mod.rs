@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, DigestFunction, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
 use crate::tree::Directory;
@@ -152,21 +152,23 @@ pub type SharedCas = Arc<dyn Cas>;
 /// Shared action-cache handle.
 pub type SharedActionCache = Arc<dyn ActionCache>;
 
-/// Every blob digest an ActionResult points at (outputs, trees, stdout/stderr).
-pub fn referenced_blobs(r: &reapi::ActionResult) -> Result<Vec<Digest>> {
+/// Every blob digest an ActionResult of an action hashed by `f` points at (outputs, trees,
+/// stdout/stderr).
+pub fn referenced_blobs(f: DigestFunction, r: &reapi::ActionResult) -> Result<Vec<Digest>> {
+    let parse = |d: &reapi::Digest| Digest::from_proto_with(f, d);
     let mut out = Vec::new();
     for f in &r.output_files {
         if let Some(d) = &f.digest {
-            out.push(Digest::try_from(d)?);
+            out.push(parse(d)?);
         }
     }
     for d in &r.output_directories {
         for x in [&d.tree_digest, &d.root_directory_digest].into_iter().flatten() {
-            out.push(Digest::try_from(x)?);
+            out.push(parse(x)?);
         }
     }
     for x in [&r.stdout_digest, &r.stderr_digest].into_iter().flatten() {
-        out.push(Digest::try_from(x)?);
+        out.push(parse(x)?);
     }
     Ok(out)
 }
@@ -177,10 +179,10 @@ const TREE_CHECK_MAX: u64 = 16 << 20;
 /// Every blob an ActionResult references, including the files of each output directory's
 /// Tree (read from `cas`, up to [`TREE_CHECK_MAX`]): a client that keeps only digests (Bazel's
 /// --remote_download_minimal) fetches those files later.
-pub async fn result_blobs(cas: &dyn Cas, result: &reapi::ActionResult) -> Result<Vec<Digest>> {
-    let mut refs = referenced_blobs(result)?;
+pub async fn result_blobs(cas: &dyn Cas, f: DigestFunction, result: &reapi::ActionResult) -> Result<Vec<Digest>> {
+    let mut refs = referenced_blobs(f, result)?;
     for d in &result.output_directories {
-        let Some(tree) = d.tree_digest.as_ref().and_then(|t| Digest::try_from(t).ok()) else { continue };
+        let Some(tree) = d.tree_digest.as_ref().and_then(|t| Digest::from_proto_with(f, t).ok()) else { continue };
         if tree.size() > TREE_CHECK_MAX {
             continue;
         }
@@ -192,9 +194,9 @@ pub async fn result_blobs(cas: &dyn Cas, result: &reapi::ActionResult) -> Result
         let tree = <reapi::Tree as prost::Message>::decode(bytes)
             .map_err(|e| Error::InvalidArgument(format!("undecodable Tree {tree}: {e}")))?;
         for dir in tree.root.iter().chain(tree.children.iter()) {
-            for f in &dir.files {
-                if let Some(fd) = &f.digest {
-                    refs.push(Digest::try_from(fd)?);
+            for file in &dir.files {
+                if let Some(fd) = &file.digest {
+                    refs.push(Digest::from_proto_with(f, fd)?);
                 }
             }
         }
@@ -211,7 +213,7 @@ pub async fn verified_action_result(
     action: &Digest,
 ) -> Result<Option<reapi::ActionResult>> {
     let Some(result) = ac.get_action_result(action).await? else { return Ok(None) };
-    let refs = result_blobs(cas, &result).await?;
+    let refs = result_blobs(cas, action.function(), &result).await?;
     if let Some(m) = cas.find_missing(&refs).await?.first() {
         tracing::info!(action = %action, missing = %m, "action result refers to an evicted blob; treating as a miss");
         return Ok(None);
@@ -221,9 +223,9 @@ pub async fn verified_action_result(
 
 /// Checks that `data` hashes to `digest`.
 pub fn verify(digest: &Digest, data: &[u8]) -> Result<()> {
-    let actual = Digest::of_bytes(data);
+    let actual = Digest::of_bytes_with(digest.function(), data);
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     Ok(())
 }
@@ -319,7 +321,7 @@ pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<By
         .ctx(|| format!("creating a temporary file in {}", dir.display()))?;
     let (file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(file);
-    let mut hasher = Hasher::new();
+    let mut hasher = Hasher::new_with(digest.function());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         hasher.update(&chunk);
@@ -327,7 +329,7 @@ pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<By
     }
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     file.flush().await.ctx(|| format!("writing {}", path.display()))?;
     tmp_path.persist(path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;

@@ -133,7 +133,7 @@ fn write_chunk(f: &mut std::fs::File, c: &Bytes) -> std::io::Result<()> {
 /// An error of the source (a client that broke off or went idle) ends it at once.
 pub async fn write_verified(digest: &Digest, mut data: ByteStream, file: std::fs::File) -> Result<std::fs::File> {
     let progress = Arc::new(Notify::new());
-    let hash = Lane::new(Hasher::new(), progress.clone(), hash_chunk);
+    let hash = Lane::new(Hasher::new_with(digest.function()), progress.clone(), hash_chunk);
     let write = Lane::new(file, progress.clone(), write_chunk);
     let mut total = 0u64;
     let mut ended = false;
@@ -177,7 +177,7 @@ pub async fn write_verified(digest: &Digest, mut data: ByteStream, file: std::fs
     };
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     Ok(file)
 }

@@ -123,7 +123,7 @@ pub(crate) fn hash_file(path: &Path, digest: &Digest) -> Result<Option<(Digest, 
         Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
     };
     let ino = ino_of(&file);
-    let mut hasher = Hasher::new();
+    let mut hasher = Hasher::new_with(digest.function());
     let mut buf = vec![0u8; 4 << 20];
     loop {
         let n = file.read(&mut buf).ctx(|| format!("reading blob {digest}"))?;
@@ -166,7 +166,7 @@ pub(crate) fn ino_of(file: &std::fs::File) -> Option<u64> {
 pub(crate) fn verified_stream(inner: ByteStream, digest: Digest, on_bad: impl FnOnce() + Send + 'static) -> ByteStream {
     let out = async_stream::stream! {
         let mut inner = inner;
-        let mut hasher = Hasher::new();
+        let mut hasher = Hasher::new_with(digest.function());
         let mut on_bad = Some(on_bad);
         while let Some(chunk) = inner.next().await {
             let chunk = match chunk {
@@ -183,7 +183,7 @@ pub(crate) fn verified_stream(inner: ByteStream, digest: Digest, on_bad: impl Fn
                     if let Some(f) = on_bad.take() {
                         f();
                     }
-                    yield Err(Error::DigestMismatch { expected: digest, actual });
+                    yield Err(Error::DigestMismatch { expected: Box::new(digest), actual: Box::new(actual) });
                     return;
                 }
             }

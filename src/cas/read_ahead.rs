@@ -173,7 +173,12 @@ mod tests {
     #[tokio::test]
     async fn a_file_shorter_than_its_digest_ends_with_an_error() {
         let data = vec![1u8; CHUNK + 10];
-        let d = Digest::new(*Digest::of_bytes(&data).hash_bytes(), (CHUNK * 3) as u64);
+        let d = Digest::new_with(
+            crate::digest::DigestFunction::Sha256,
+            Digest::of_bytes(&data).hash_bytes(),
+            (CHUNK * 3) as u64,
+        )
+        .unwrap();
         let items: Vec<Result<Bytes>> = stream(file_of(&data), d, 0, d.size()).collect().await;
         assert_eq!(items.len(), 2, "one chunk, then the error, then the end");
         assert!(items[0].is_ok());

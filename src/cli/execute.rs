@@ -8,7 +8,7 @@ use clap::Args;
 
 use casfs::cas::execution::{execute as remote_execute, stage_name};
 use casfs::cas::{Cas, GrpcStore};
-use casfs::digest::{Digest, Hasher};
+use casfs::digest::{Digest, DigestFunction, Hasher};
 use casfs::error::{Error, IoContext, Result};
 use casfs::proto::reapi;
 
@@ -53,12 +53,12 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
         print!("{}", casfs::render::action_result_json(&result));
     } else {
         let mut out = tokio::io::stdout();
-        copy_output(&store, &result.stdout_raw, &result.stdout_digest, &mut out, "stdout").await?;
+        copy_output(&store, action.function(), &result.stdout_raw, &result.stdout_digest, &mut out, "stdout").await?;
     }
     let mut err = tokio::io::stderr();
-    copy_output(&store, &result.stderr_raw, &result.stderr_digest, &mut err, "stderr").await?;
+    copy_output(&store, action.function(), &result.stderr_raw, &result.stderr_digest, &mut err, "stderr").await?;
     if let Some(dir) = &args.download {
-        download(&store, &result, dir).await?;
+        download(&store, action.function(), &result, dir).await?;
     }
     eprintln!(
         "casfs: exit code {}{}; {} files, {} dirs, {} symlinks",
@@ -84,6 +84,7 @@ pub async fn execute(args: ExecuteArgs) -> CmdResult {
 /// not match their digest are an error after they were written.
 async fn copy_output(
     store: &GrpcStore,
+    function: DigestFunction,
     raw: &[u8],
     digest: &Option<reapi::Digest>,
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
@@ -96,9 +97,9 @@ async fn copy_output(
         return to.flush().await.ctx(|| format!("writing {name}"));
     }
     let Some(d) = digest else { return Ok(()) };
-    let d = Digest::try_from(d)?;
+    let d = Digest::from_proto_with(function, d)?;
     let mut stream = store.read_stream(&d, 0, 0).await?;
-    let mut hasher = Hasher::new();
+    let mut hasher = Hasher::new_with(d.function());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         hasher.update(&chunk);
@@ -107,19 +108,21 @@ async fn copy_output(
     to.flush().await.ctx(|| format!("writing {name}"))?;
     let actual = hasher.finish();
     if actual != d {
-        return Err(Error::DigestMismatch { expected: d, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(d), actual: Box::new(actual) });
     }
     Ok(())
 }
 
 /// Writes the outputs of `r` under `dir`: files with their executable bit, directories from
 /// their root Directory, symlinks as symlinks.
-async fn download(store: &GrpcStore, r: &reapi::ActionResult, dir: &Path) -> Result<()> {
+async fn download(store: &GrpcStore, function: DigestFunction, r: &reapi::ActionResult, dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for f in &r.output_files {
         let path = safe_join(dir, &f.path)?;
-        let d =
-            Digest::try_from(f.digest.as_ref().ok_or_else(|| Error::InvalidArgument("file without digest".into()))?)?;
+        let d = Digest::from_proto_with(
+            function,
+            f.digest.as_ref().ok_or_else(|| Error::InvalidArgument("file without digest".into()))?,
+        )?;
         make_parent(&path)?;
         store.read_to_file(&d, &path).await?;
         let mode = if f.is_executable { 0o755 } else { 0o644 };
@@ -130,7 +133,7 @@ async fn download(store: &GrpcStore, r: &reapi::ActionResult, dir: &Path) -> Res
         let path = safe_join(dir, &d.path)?;
         match &d.root_directory_digest {
             Some(root) => {
-                casfs::transfer::download_dir(store, &Digest::try_from(root)?, &path, false).await?;
+                casfs::transfer::download_dir(store, &Digest::from_proto_with(function, root)?, &path, false).await?;
             }
             None => eprintln!("casfs: output directory {} has no root_directory_digest; not downloaded", d.path),
         }

@@ -12,7 +12,7 @@ use casfs::digest::Digest;
 use casfs::error::{Error, Result};
 use casfs::proto::reapi;
 
-use super::{digest_arg, parse_duration, CmdResult, RemoteArgs};
+use super::{parse_duration, CmdResult, RemoteArgs};
 
 /// Options of `casfs action`.
 #[derive(Args)]
@@ -47,11 +47,25 @@ pub struct ActionArgs {
     /// Never cache this action's result.
     #[arg(long)]
     pub do_not_cache: bool,
+    /// How output directories are reported: tree-only (a Tree; casfs adds the root
+    /// Directory too), directory-only (a root Directory, no Tree) or tree-and-directory.
+    #[arg(long, default_value = "tree-only", value_parser = parse_output_directory_format)]
+    pub output_directory_format: i32,
     /// The command line.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
     #[command(flatten)]
     pub remote: RemoteArgs,
+}
+
+/// Command.OutputDirectoryFormat by name (REAPI numbers 0, 1, 2).
+fn parse_output_directory_format(s: &str) -> std::result::Result<i32, String> {
+    match s {
+        "tree-only" => Ok(0),
+        "directory-only" => Ok(1),
+        "tree-and-directory" => Ok(2),
+        _ => Err(format!("{s:?}: expected tree-only, directory-only or tree-and-directory")),
+    }
 }
 
 fn pair(s: &str, what: &str) -> Result<(String, String)> {
@@ -70,10 +84,11 @@ pub async fn create(args: ActionArgs) -> CmdResult {
 
 /// Uploads the input root, Command and Action that `args` describe; the Action's digest.
 pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> CmdResult<Digest> {
+    let f = args.remote.digest_function;
     let root = match (&args.input, &args.input_root) {
-        (Some(dir), _) => casfs::transfer::upload_dir(store, dir, false).await?.root,
-        (None, Some(d)) => digest_arg(d)?,
-        (None, None) => casfs::tree::Directory::default().encode().0,
+        (Some(dir), _) => casfs::transfer::upload_dir_with(f, store, dir, false).await?.root,
+        (None, Some(d)) => args.remote.digest(d)?,
+        (None, None) => casfs::tree::Directory::default().encode_with(f).0,
     };
     let mut env: Vec<(String, String)> = args.env.iter().map(|e| pair(e, "--env")).collect::<Result<_>>()?;
     env.sort();
@@ -97,12 +112,13 @@ pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> CmdResult<Di
         output_files: sorted(args.output_files.clone()),
         output_directories: sorted(args.output_dirs.clone()),
         output_paths: sorted(args.output_paths.clone()),
+        output_directory_format: args.output_directory_format,
         platform: platform.clone(),
         working_directory: args.workdir.clone(),
         ..Default::default()
     };
     let cb = command.encode_to_vec();
-    let cd = Digest::of_bytes(&cb);
+    let cd = Digest::of_bytes_with(f, &cb);
     store.write(&cd, cb.into()).await?;
     let action = reapi::Action {
         command_digest: Some(cd.to_proto()),
@@ -115,7 +131,7 @@ pub async fn upload_action(args: &ActionArgs, store: &GrpcStore) -> CmdResult<Di
         ..Default::default()
     };
     let ab = action.encode_to_vec();
-    let ad = Digest::of_bytes(&ab);
+    let ad = Digest::of_bytes_with(f, &ab);
     store.write(&ad, ab.into()).await?;
     Ok(ad)
 }

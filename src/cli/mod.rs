@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use casfs::cas::{GrpcStore, RemoteConfig};
-use casfs::digest::Digest;
+use casfs::digest::{Digest, DigestFunction};
 use casfs::error::Result;
 
 pub mod action;
@@ -29,6 +29,10 @@ pub struct RemoteArgs {
     /// Server URL: grpc://HOST:PORT, grpcs://HOST:PORT (TLS) or unix:PATH.
     #[arg(long, env = "CASFS_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     pub remote: String,
+    /// Digest function of the digests given and made: sha256, sha1, md5, sha384, sha512,
+    /// blake3 (with sha256, a digest given by hash is read by its length, as REAPI does).
+    #[arg(long, env = "CASFS_DIGEST_FUNCTION", default_value = "sha256")]
+    pub digest_function: DigestFunction,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -152,6 +156,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 impl RemoteArgs {
+    /// A digest given on the command line, under `--digest-function`.
+    pub fn digest(&self, text: &str) -> CmdResult<Digest> {
+        digest_arg_with(self.digest_function, text)
+    }
+
     /// A gRPC store client for these options.
     pub fn store(&self) -> Result<GrpcStore> {
         GrpcStore::new(&self.conn.config(&self.remote)?)
@@ -193,6 +202,14 @@ pub fn usage(msg: impl Into<String>) -> CliError {
 /// A digest given on the command line (a malformed one is a usage error).
 pub fn digest_arg(text: &str) -> CmdResult<Digest> {
     Digest::parse(text).map_err(|e| usage(format!("invalid digest {text:?}: {e}")))
+}
+
+/// A digest given on the command line under `function` (SHA-256: inferred from the length).
+pub fn digest_arg_with(function: DigestFunction, text: &str) -> CmdResult<Digest> {
+    match function {
+        DigestFunction::Sha256 => digest_arg(text),
+        f => Digest::parse_with(f, text).map_err(|e| usage(format!("invalid {f} digest {text:?}: {e}"))),
+    }
 }
 
 /// What a subcommand returns.

@@ -12,7 +12,7 @@ use casfs::error::{Error, Result};
 use casfs::fs::{FetchConfig, FsConfig, Instances, MountConfig, OpenMode, Remote, RemoteFactory, Root};
 use casfs::metrics::Metrics;
 
-use super::{digest_arg, parse_duration, usage, CmdResult, RemoteArgs};
+use super::{parse_duration, usage, CmdResult, RemoteArgs};
 
 /// Options of `casfs mount`.
 #[derive(Args)]
@@ -213,7 +213,7 @@ async fn mount_and_wait(args: MountArgs, ready: &mut Ready) -> CmdResult {
             (Root::Browse(Instances::on_demand(factory)), PathBuf::from(mp))
         }
         (false, [digest, mp]) => {
-            let d = digest_arg(digest)?;
+            let d = args.remote.digest(digest)?;
             let store = Arc::new(args.remote.store()?);
             (Root::Digest(d, Remote::new(store.clone(), Some(store))), PathBuf::from(mp))
         }

@@ -9,7 +9,7 @@ use casfs::metrics::Metrics;
 
 use super::exec_args::{hostname, ExecArgs};
 use super::signals::Shutdown;
-use super::{digest_arg, CmdResult, RemoteArgs};
+use super::{CmdResult, RemoteArgs};
 
 /// Options of `casfs run`.
 #[derive(Args)]
@@ -48,7 +48,7 @@ pub const EXIT_TIMED_OUT: u8 = 4;
 /// Runs the action, prints `status` and the ActionResult as JSON, and returns the exit
 /// status that tells how it went (`EXIT_STATUS_HELP`).
 pub async fn run(args: RunArgs) -> CmdResult<u8> {
-    let digest = digest_arg(&args.digest)?;
+    let digest = args.remote.digest(&args.digest)?;
     let store = Arc::new(args.remote.store()?);
     let metrics = Metrics::new();
     let cache = args.cache.open(&metrics)?;

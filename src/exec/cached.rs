@@ -74,7 +74,7 @@ impl CachedExecutor {
     /// keeps them a while): the client is about to be told they exist.
     pub async fn record(&self, digest: Digest, action: &reapi::Action, done: &Executed) {
         let cas = self.exec.cas().as_ref();
-        match crate::cas::result_blobs(cas, &done.result).await {
+        match crate::cas::result_blobs(cas, digest.function(), &done.result).await {
             Ok(refs) => {
                 if let Err(e) = cas.find_missing(&refs).await {
                     tracing::debug!(action = %digest, error = %e, "could not vouch for the result's blobs");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::spec::{OutputKind, OutputSpec};
-use crate::digest::{hash_file, Digest};
+use crate::digest::{hash_file_with, Digest, DigestFunction};
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi;
 use crate::tree::{DirEntry, Directory, FileEntry, SymlinkEntry};
@@ -60,6 +60,7 @@ impl Unchanged for HashEverything {
 }
 
 struct Walk<'a> {
+    function: DigestFunction,
     root: &'a Path,
     unchanged: &'a dyn Unchanged,
     out: &'a mut Captured,
@@ -72,7 +73,7 @@ impl Walk<'_> {
             self.out.blobs.entry(d).or_insert_with(|| Source::File(abs.to_path_buf()));
             return Ok(d);
         }
-        let d = hash_file(abs).ctx(|| format!("hashing output {}", rel.display()))?;
+        let d = hash_file_with(self.function, abs).ctx(|| format!("hashing output {}", rel.display()))?;
         self.out.hashed_bytes += d.size();
         self.out.blobs.entry(d).or_insert_with(|| Source::File(abs.to_path_buf()));
         Ok(d)
@@ -99,7 +100,7 @@ impl Walk<'_> {
             } else if ft.is_dir() {
                 let sub = self.dir(&child_rel, children)?;
                 let proto = sub.to_proto();
-                let (digest, bytes) = sub.encode();
+                let (digest, bytes) = sub.encode_with(self.function);
                 self.out.blobs.entry(digest).or_insert_with(|| Source::Bytes(bytes.into()));
                 children.insert(digest, proto);
                 dir.dirs.push(DirEntry { name, digest });
@@ -117,6 +118,9 @@ impl Walk<'_> {
 
 /// Refuses a path whose parents are not plain directories (a symlinked parent could lead
 /// out of the root). Returns the metadata of the path itself, `None` when it is absent.
+/// Command.OutputDirectoryFormat.DIRECTORY_ONLY (REAPI number).
+const DIRECTORY_ONLY: i32 = 1;
+
 fn safe_lstat(root: &Path, rel: &Path) -> Result<Option<std::fs::Metadata>> {
     let mut cur = root.to_path_buf();
     let parts: Vec<_> = rel.components().collect();
@@ -140,7 +144,17 @@ fn safe_lstat(root: &Path, rel: &Path) -> Result<Option<std::fs::Metadata>> {
 
 /// Captures `outputs` below `root`. Missing outputs are left out; an output declared as a
 /// file that is a directory is FAILED_PRECONDITION (rule 16).
-pub fn capture(root: &Path, outputs: &[OutputSpec], unchanged: &dyn Unchanged) -> Result<Captured> {
+/// Files and Directory messages are hashed with `function`. `format` is
+/// Command.output_directory_format: DIRECTORY_ONLY gives output directories only a root
+/// Directory (every Directory message uploaded, no Tree); TREE_ONLY and TREE_AND_DIRECTORY
+/// get both, since the Directory digest costs nothing more and casfs's own views use it.
+pub fn capture_with(
+    function: DigestFunction,
+    format: i32,
+    root: &Path,
+    outputs: &[OutputSpec],
+    unchanged: &dyn Unchanged,
+) -> Result<Captured> {
     let mut out = Captured::default();
     for o in outputs {
         let rel = Path::new(&o.in_root);
@@ -171,17 +185,21 @@ pub fn capture(root: &Path, outputs: &[OutputSpec], unchanged: &dyn Unchanged) -
                 return Err(Error::FailedPrecondition(format!("output file {} is a directory", o.path)));
             }
             let mut children = BTreeMap::new();
-            let mut w = Walk { root, unchanged, out: &mut out };
+            let mut w = Walk { function, root, unchanged, out: &mut out };
             let dir = w.dir(rel, &mut children)?;
             let root_proto = dir.to_proto();
-            let (root_digest, root_bytes) = dir.encode();
+            let (root_digest, root_bytes) = dir.encode_with(function);
+            // Sub-Directories were added as blobs by the walk; the root is added here.
             out.blobs.entry(root_digest).or_insert_with(|| Source::Bytes(root_bytes.into()));
-            let tree = reapi::Tree { root: Some(root_proto), children: children.into_values().collect() };
-            let (tree_digest, tree_bytes) = Digest::of_message(&tree);
-            out.blobs.insert(tree_digest, Source::Bytes(tree_bytes.into()));
+            let tree_digest = (format != DIRECTORY_ONLY).then(|| {
+                let tree = reapi::Tree { root: Some(root_proto), children: children.into_values().collect() };
+                let (tree_digest, tree_bytes) = Digest::of_message_with(function, &tree);
+                out.blobs.insert(tree_digest, Source::Bytes(tree_bytes.into()));
+                tree_digest.to_proto()
+            });
             out.dirs.push(reapi::OutputDirectory {
                 path: o.path.clone(),
-                tree_digest: Some(tree_digest.to_proto()),
+                tree_digest,
                 is_topologically_sorted: false,
                 root_directory_digest: Some(root_digest.to_proto()),
             });
@@ -189,7 +207,7 @@ pub fn capture(root: &Path, outputs: &[OutputSpec], unchanged: &dyn Unchanged) -
             if o.kind == OutputKind::Directory {
                 return Err(Error::FailedPrecondition(format!("output directory {} is a file", o.path)));
             }
-            let mut w = Walk { root, unchanged, out: &mut out };
+            let mut w = Walk { function, root, unchanged, out: &mut out };
             let digest = w.file_digest(&root.join(rel), rel)?;
             out.files.push(reapi::OutputFile {
                 path: o.path.clone(),

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use prost::Message;
 
-use super::capture::{capture, Captured, Source};
+use super::capture::{capture_with, Captured, Source};
 use super::profile::ProfileConfig;
 use super::profiling::{Session, Start};
 use super::sandbox::{self, Exit, Job, SandboxConfig};
@@ -185,7 +185,7 @@ impl Executor {
             .command_digest
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("action has no command_digest".into()))
-            .and_then(|d| Ok(Digest::try_from(d)?))?;
+            .and_then(|d| Ok(Digest::from_proto_with(action_digest.function(), d)?))?;
         let command: reapi::Command = message(&self.cas, command_digest).await?;
         let spec = ActionSpec::new(action_digest, action, command_digest, &command, &self.cfg.limits)?;
         self.metrics.add("casfs_exec_actions_total", 1);
@@ -271,14 +271,21 @@ impl Executor {
             let unchanged = ws.unchanged(spec.input_root);
             let (root, spec) = (root.clone(), spec.clone());
             tokio::task::spawn_blocking(move || -> Result<Captured> {
-                capture(&root, &spec.outputs, unchanged.as_ref())
+                capture_with(
+                    spec.action.function(),
+                    spec.output_directory_format,
+                    &root,
+                    &spec.outputs,
+                    unchanged.as_ref(),
+                )
             })
             .await
             .map_err(|e| Error::Internal(format!("capture task: {e}")))??
         };
         let mut blobs = captured.blobs.clone();
-        let so = crate::digest::hash_file(&stdout).ctx(|| "hashing stdout".into())?;
-        let se = crate::digest::hash_file(&stderr).ctx(|| "hashing stderr".into())?;
+        let f = spec.action.function();
+        let so = crate::digest::hash_file_with(f, &stdout).ctx(|| "hashing stdout".into())?;
+        let se = crate::digest::hash_file_with(f, &stderr).ctx(|| "hashing stderr".into())?;
         blobs.insert(so, Source::File(stdout.clone()));
         blobs.insert(se, Source::File(stderr.clone()));
         self.upload(blobs).await?;

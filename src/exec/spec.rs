@@ -173,7 +173,7 @@ impl ActionSpec {
             .input_root_digest
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("action has no input_root_digest".into()))
-            .and_then(|d| Ok(Digest::try_from(d)?))?;
+            .and_then(|d| Ok(Digest::from_proto_with(action_digest.function(), d)?))?;
         if command.arguments.is_empty() || command.arguments[0].is_empty() {
             return Err(Error::InvalidArgument("command has no arguments".into()));
         }

@@ -8,7 +8,7 @@ use prost::Message;
 
 use super::fetch::{Fetcher, Remote};
 use super::node::{Node, VDir};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
 use crate::proto::reapi;
 use crate::render;
@@ -60,8 +60,9 @@ impl Builder {
     }
 }
 
-fn digest_of(d: &Option<reapi::Digest>) -> Option<Digest> {
-    d.as_ref().and_then(|d| Digest::try_from(d).ok())
+/// A digest of an action's messages, read under the action's function `f`.
+fn digest_of(f: DigestFunction, d: &Option<reapi::Digest>) -> Option<Digest> {
+    d.as_ref().and_then(|d| Digest::from_proto_with(f, d).ok())
 }
 
 /// Decodes and validates a REAPI Tree, registers its Directories with the fetcher (so they
@@ -79,8 +80,13 @@ pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, remote: &Arc<Remote>)
     let mut root_digest = None;
     for (i, d) in std::iter::once(root).chain(msg.children).enumerate() {
         let encoded = d.encode_to_vec();
-        let digest = Digest::of_bytes(&encoded);
-        let dir = Directory::validate(&d, &format!("{tree} entry {i}"))?;
+        let digest = Digest::of_bytes_with(tree.function(), &encoded);
+        let dir = Directory::decode(&digest, &encoded).map_err(|e| match e {
+            Error::InvalidDirectory { reason, .. } => {
+                Error::InvalidDirectory { digest: format!("{tree} entry {i}"), reason }
+            }
+            e => e,
+        })?;
         fetch.insert_dir(digest, encoded.into(), dir).await?;
         root_digest.get_or_insert(digest);
     }
@@ -89,23 +95,24 @@ pub async fn load_tree(fetch: &Arc<Fetcher>, tree: Digest, remote: &Arc<Remote>)
 
 /// Lays an ActionResult's outputs out at their paths. Outputs that cannot be shown (a bad
 /// path, a missing Tree) are left out and logged; the rest stays browsable.
-pub async fn outputs(fetch: &Arc<Fetcher>, r: &reapi::ActionResult, remote: &Arc<Remote>) -> VDir {
+/// Digests are read under `f`, the action's function.
+pub async fn outputs(fetch: &Arc<Fetcher>, f: DigestFunction, r: &reapi::ActionResult, remote: &Arc<Remote>) -> VDir {
     let mut b = Builder::default();
     let mut place = |path: &str, node: Node| {
         if let Err(why) = b.insert(path, node) {
             tracing::warn!(path, why, "leaving an output out of the browse view");
         }
     };
-    for f in &r.output_files {
-        if let Some(digest) = digest_of(&f.digest) {
-            place(&f.path, Node::File { digest, executable: f.is_executable, remote: remote.clone() });
+    for file in &r.output_files {
+        if let Some(digest) = digest_of(f, &file.digest) {
+            place(&file.path, Node::File { digest, executable: file.is_executable, remote: remote.clone() });
         }
     }
     for s in r.output_symlinks.iter().chain(&r.output_file_symlinks).chain(&r.output_directory_symlinks) {
         place(&s.path, Node::Symlink(Arc::from(s.target.as_str())));
     }
     for d in &r.output_directories {
-        let root = match (digest_of(&d.root_directory_digest), digest_of(&d.tree_digest)) {
+        let root = match (digest_of(f, &d.root_directory_digest), digest_of(f, &d.tree_digest)) {
             (Some(root), _) => Ok(root),
             (None, Some(tree)) => load_tree(fetch, tree, remote).await,
             (None, None) => Err(Error::InvalidArgument("output directory without a digest".into())),
@@ -124,7 +131,7 @@ pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionR
     let mut e = BTreeMap::new();
     e.insert("exit_code".to_string(), Node::text(format!("{}\n", r.exit_code)));
     for (name, raw, d) in [("stdout", &r.stdout_raw, &r.stdout_digest), ("stderr", &r.stderr_raw, &r.stderr_digest)] {
-        let node = match digest_of(d) {
+        let node = match digest_of(action.function(), d) {
             Some(digest) if raw.is_empty() => Node::File { digest, executable: false, remote: remote.clone() },
             _ => Node::text(raw.to_vec()),
         };
@@ -134,7 +141,7 @@ pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionR
     if let Ok(bytes) = fetch.message(action, remote).await {
         if let Ok(a) = reapi::Action::decode(bytes.as_slice()) {
             e.insert("action.json".to_string(), Node::text(render::action_json(&a)));
-            if let Some(cd) = digest_of(&a.command_digest) {
+            if let Some(cd) = digest_of(action.function(), &a.command_digest) {
                 match fetch.message(cd, remote).await.map(|b| reapi::Command::decode(b.as_slice())) {
                     Ok(Ok(c)) => {
                         e.insert("command.json".to_string(), Node::text(render::command_json(&c)));
@@ -144,7 +151,7 @@ pub async fn action_dir(fetch: &Arc<Fetcher>, action: Digest, r: &reapi::ActionR
             }
         }
     }
-    e.insert("outputs".to_string(), Node::Virtual(Arc::new(outputs(fetch, r, remote).await)));
+    e.insert("outputs".to_string(), Node::Virtual(Arc::new(outputs(fetch, action.function(), r, remote).await)));
     VDir::new(e)
 }
 

@@ -1,5 +1,6 @@
-//! The browse-by-digest namespace: `<instance>/blobs/sha256/{directory,file,executable,tree,
-//! command}/<hash>-<size>` and `<instance>/actions/sha256/<hash>-<size>/`, as [`Folder`]s.
+//! The browse-by-digest namespace: `<instance>/blobs/<function>/{directory,file,executable,
+//! tree,command}/<hash>-<size>` and `<instance>/actions/<function>/<hash>-<size>/`, as
+//! [`Folder`]s (function: sha256, sha1, md5, sha384, sha512, blake3).
 //!
 //! Digest folders are not listable (they show a README); a well-formed name resolves lazily;
 //! a malformed or absent one is ENOENT; content that is not what its folder promises is EIO.
@@ -58,6 +59,7 @@ casfs browse mount: content-addressed storage and the action cache, by digest.
   <instance>/actions/sha256/<hash>-<size>/           the cached result of an action:
       exit_code, stdout, stderr, action_result.json, action.json, command.json, outputs/
 
+Each digest function has its folder beside sha256: sha1, md5, sha384, sha512, blake3.
 <instance> is the REAPI instance name, with '/' separating nested names; the default
 (empty) instance is '_'. Digest folders cannot be listed: name a digest to open it.
 Reading checks every blob against its digest.
@@ -118,14 +120,14 @@ enum Place {
     Instance(Arc<str>),
     /// `<instance>/blobs`.
     Blobs(Arc<Remote>),
-    /// `<instance>/blobs/sha256`.
-    BlobFunction(Arc<Remote>),
-    /// `<instance>/blobs/sha256/<category>`.
-    Category(Arc<Remote>, Category),
+    /// `<instance>/blobs/<function>` (sha256, blake3, ...).
+    BlobFunction(Arc<Remote>, DigestFunction),
+    /// `<instance>/blobs/<function>/<category>`.
+    Category(Arc<Remote>, DigestFunction, Category),
     /// `<instance>/actions`.
     Actions(Arc<Remote>),
-    /// `<instance>/actions/sha256`.
-    ActionFunction(Arc<Remote>),
+    /// `<instance>/actions/<function>`.
+    ActionFunction(Arc<Remote>, DigestFunction),
 }
 
 struct BrowseFolder {
@@ -142,10 +144,10 @@ fn folder(ctx: &Arc<Ctx>, place: Place) -> Node {
     Node::Folder(Arc::new(BrowseFolder { ctx: ctx.clone(), place }))
 }
 
-fn parse_digest_name(name: &str) -> Result<Digest> {
+fn parse_digest_name(f: DigestFunction, name: &str) -> Result<Digest> {
     let (hash, size) = name.rsplit_once('-').ok_or_else(|| Error::NotFound(format!("{name:?} is not HASH-SIZE")))?;
     let size: i64 = size.parse().map_err(|_| Error::NotFound(format!("{name:?}: bad size")))?;
-    Digest::from_parts(hash, size).map_err(|e| Error::NotFound(format!("{name:?}: {e}")))
+    Digest::from_parts_with(f, hash, size).map_err(|e| Error::NotFound(format!("{name:?}: {e}")))
 }
 
 /// A missing blob is "no such name" here; anything else keeps its meaning.
@@ -202,13 +204,19 @@ impl Folder for BrowseFolder {
             Place::Root => vec![Self::readme(), (DEFAULT_INSTANCE.into(), self.instance(""))],
             // Listing an instance connects to it.
             Place::Instance(_) => return None,
-            Place::Blobs(r) => vec![("sha256".into(), folder(ctx, Place::BlobFunction(r.clone())))],
-            Place::BlobFunction(r) => CATEGORIES
+            Place::Blobs(r) => DigestFunction::ALL
                 .iter()
-                .map(|(name, c)| (name.to_string(), folder(ctx, Place::Category(r.clone(), *c))))
+                .map(|f| (f.name().into(), folder(ctx, Place::BlobFunction(r.clone(), *f))))
                 .collect(),
-            Place::Actions(r) => vec![("sha256".into(), folder(ctx, Place::ActionFunction(r.clone())))],
-            Place::Category(..) | Place::ActionFunction(_) => vec![Self::readme()],
+            Place::BlobFunction(r, f) => CATEGORIES
+                .iter()
+                .map(|(name, c)| (name.to_string(), folder(ctx, Place::Category(r.clone(), *f, *c))))
+                .collect(),
+            Place::Actions(r) => DigestFunction::ALL
+                .iter()
+                .map(|f| (f.name().into(), folder(ctx, Place::ActionFunction(r.clone(), *f))))
+                .collect(),
+            Place::Category(..) | Place::ActionFunction(..) => vec![Self::readme()],
         };
         Some(entries.into_iter().collect())
     }
@@ -253,16 +261,16 @@ impl Folder for BrowseFolder {
                 DigestFunction::from_name(name).ok_or_else(absent)?;
                 fixed().ok_or_else(absent)
             }
-            Place::BlobFunction(_) => fixed().ok_or_else(absent),
-            Place::Category(remote, c) => match name {
+            Place::BlobFunction(..) => fixed().ok_or_else(absent),
+            Place::Category(remote, f, c) => match name {
                 "README" => Ok(Node::text(README)),
-                _ => self.category_entry(remote, *c, parse_digest_name(name)?).await,
+                _ => self.category_entry(remote, *c, parse_digest_name(*f, name)?).await,
             },
-            Place::ActionFunction(remote) => {
+            Place::ActionFunction(remote, f) => {
                 if name == "README" {
                     return Ok(Node::text(README));
                 }
-                let d = parse_digest_name(name)?;
+                let d = parse_digest_name(*f, name)?;
                 let fetch = &self.ctx.fetch;
                 let r = fetch.action_result(d, remote).await?.ok_or_else(absent)?;
                 Ok(Node::Virtual(Arc::new(action_view::action_dir(fetch, d, &r, remote).await)))

@@ -6,7 +6,7 @@ use crate::error::Error;
 
 use super::{status, Instances};
 use crate::cas::{referenced_blobs, verified_action_result};
-use crate::digest::{Digest, DigestFunction};
+use crate::digest::Digest;
 use crate::error::Result;
 use crate::proto::reapi::action_cache_server::ActionCache;
 use crate::proto::reapi::{self, ActionResult};
@@ -45,9 +45,8 @@ impl AcService {
 }
 
 fn action_digest(d: &Option<reapi::Digest>, function: i32) -> Result<Digest, Status> {
-    DigestFunction::from_proto(function).map_err(|e| status(e.into()))?;
     let d = d.as_ref().ok_or_else(|| Status::invalid_argument("action_digest is required"))?;
-    Digest::try_from(d).map_err(|e| status(e.into()))
+    Digest::from_request(function, d).map_err(|e| status(e.into()))
 }
 
 #[tonic::async_trait]
@@ -82,7 +81,7 @@ impl ActionCache for AcService {
         let req = req.into_inner();
         let action = action_digest(&req.action_digest, req.digest_function)?;
         let result = req.action_result.ok_or_else(|| Status::invalid_argument("action_result is required"))?;
-        referenced_blobs(&result).map_err(status)?;
+        referenced_blobs(action.function(), &result).map_err(status)?;
         backend.ac.update_action_result(&action, &result).await.map_err(status)?;
         Ok(Response::new(result))
     }

@@ -213,9 +213,11 @@ fn sri_of(qualifiers: &[Qualifier]) -> Result<Option<Sri>> {
     qualifiers.iter().find(|q| q.name == "checksum.sri").map(|q| q.value.parse()).transpose()
 }
 
+/// Remote Asset records and fetches SHA-256 blobs only (what it hashes downloads with).
 fn check_function(f: i32) -> Result<(), Status> {
     match DigestFunction::from_proto(f) {
-        Ok(_) => Ok(()),
+        Ok(DigestFunction::Sha256) => Ok(()),
+        Ok(other) => Err(Status::invalid_argument(format!("Remote Asset supports sha256 only, not {other}"))),
         Err(e) => Err(status(e.into())),
     }
 }

@@ -32,13 +32,19 @@ fn err_status(e: &Error) -> Option<rpc::Status> {
     Some(e.to_rpc_status())
 }
 
+/// Refuses a `digest_function` this server does not implement.
 fn check_function(value: i32) -> Result<(), Status> {
     DigestFunction::from_proto(value).map(|_| ()).map_err(|e| status(e.into()))
 }
 
+/// Reads one request digest under the request's function (0: inferred from its length).
+fn digest(function: i32, d: &reapi::Digest) -> Result<Digest, Status> {
+    Digest::from_request(function, d).map_err(|e| status(e.into()))
+}
+
 /// Parses request digests; the first malformed one fails the whole request.
-fn digests(list: &[reapi::Digest]) -> Result<Vec<Digest>, Status> {
-    list.iter().map(|d| Digest::try_from(d).map_err(|e| status(e.into()))).collect()
+fn digests(function: i32, list: &[reapi::Digest]) -> Result<Vec<Digest>, Status> {
+    list.iter().map(|d| digest(function, d)).collect()
 }
 
 /// The distinct digests of `list`, first occurrence first.
@@ -74,7 +80,7 @@ impl ContentAddressableStorage for CasService {
         let req = req.into_inner();
         let backend = self.instances.get(&req.instance_name)?;
         check_function(req.digest_function)?;
-        let wanted = digests(&req.blob_digests)?;
+        let wanted = digests(req.digest_function, &req.blob_digests)?;
         let missing = backend.cas.find_missing(&wanted).await.map_err(status)?;
         Ok(Response::new(reapi::FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(|d| d.to_proto()).collect(),
@@ -95,7 +101,7 @@ impl ContentAddressableStorage for CasService {
         check_batch_total("carries", checked_total(req.requests.iter().map(|r| r.data.len() as u64)))?;
         let mut responses = Vec::with_capacity(req.requests.len());
         for r in req.requests {
-            let digest = match r.digest.as_ref().map(Digest::try_from) {
+            let digest = match r.digest.as_ref().map(|d| Digest::from_request(req.digest_function, d)) {
                 Some(Ok(d)) => d,
                 other => {
                     let why = match other {
@@ -143,7 +149,7 @@ impl ContentAddressableStorage for CasService {
         // (the spec counts this call as one Read per blob; a blob asked twice is one blob).
         // The limit is checked on the distinct blobs' claimed sizes, with checked arithmetic,
         // before anything is read.
-        let wanted = distinct(digests(&req.digests)?);
+        let wanted = distinct(digests(req.digest_function, &req.digests)?);
         check_batch_total("asks for", checked_total(wanted.iter().map(|d| d.size())))?;
         let got = backend.cas.read_many(&wanted).await.map_err(status)?;
         let responses = got
@@ -176,7 +182,7 @@ impl ContentAddressableStorage for CasService {
             .root_digest
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("root_digest is required"))
-            .and_then(|d| Digest::try_from(d).map_err(|e| status(e.into())))?;
+            .and_then(|d| digest(req.digest_function, d))?;
         let paging = get_tree::Paging::new(req.page_size, &req.page_token)?;
         if root.size() > get_tree::MAX_DIRECTORY_BYTES {
             return Err(Status::invalid_argument(format!(

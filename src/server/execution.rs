@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::scheduler::{OpState, Operation, Request as Job};
 use super::{status, Instances};
-use crate::digest::{Digest, DigestFunction};
+use crate::digest::Digest;
 use crate::proto::longrunning;
 use crate::proto::reapi::execution_server::Execution;
 use crate::proto::reapi::{self, execution_stage::Value as Stage};
@@ -36,7 +36,7 @@ pub fn operation(op: &Operation, state: &OpState) -> longrunning::Operation {
     let meta = reapi::ExecuteOperationMetadata {
         stage: state.stage as i32,
         action_digest: Some(op.action.to_proto()),
-        digest_function: DigestFunction::Sha256.proto_value(),
+        digest_function: op.action.function().proto_value(),
         ..Default::default()
     };
     let result = state.response.as_ref().map(|r| {
@@ -77,12 +77,8 @@ fn follow(op: Arc<Operation>) -> OperationStream {
 }
 
 fn action_digest(req: &reapi::ExecuteRequest) -> Result<Digest, Status> {
-    let f = DigestFunction::from_proto(req.digest_function).map_err(|e| status(e.into()))?;
-    if f != DigestFunction::Sha256 {
-        return Err(Status::invalid_argument(format!("digest function {f:?} is not supported for execution")));
-    }
     let d = req.action_digest.as_ref().ok_or_else(|| Status::invalid_argument("action_digest is required"))?;
-    Digest::try_from(d).map_err(|e| status(e.into()))
+    Digest::from_request(req.digest_function, d).map_err(|e| status(e.into()))
 }
 
 #[tonic::async_trait]

@@ -71,7 +71,7 @@ pub(super) fn stream(cas: SharedCas, root: Digest, root_bytes: bytes::Bytes, pag
                     continue;
                 };
                 for c in &msg.directories {
-                    if let Some(Ok(cd)) = c.digest.as_ref().map(Digest::try_from) {
+                    if let Some(Ok(cd)) = c.digest.as_ref().map(|c| Digest::from_proto_with(d.function(), c)) {
                         if cd.size() <= MAX_DIRECTORY_BYTES && seen.insert(cd) {
                             next.push(cd);
                         }

@@ -26,15 +26,20 @@ fn parse_blob_part(name: &str, parts: &[&str], instance: String, allow_trailing:
         Some(&"compressed-blobs") if parts.len() > 1 => (Some(parts[1].to_string()), &parts[2..]),
         _ => return Err(bad(name, "expected blobs/ or compressed-blobs/")),
     };
-    let rest = match rest.first() {
-        Some(df) if DigestFunction::from_name(df).is_some() => &rest[1..],
-        _ => rest,
+    // A function segment names the function; without one, the hash length decides.
+    let (function, rest) = match rest.first().and_then(|df| DigestFunction::from_name(df)) {
+        Some(f) => (Some(f), &rest[1..]),
+        None => (None, rest),
     };
     if rest.len() < 2 || (!allow_trailing && rest.len() > 2) {
         return Err(bad(name, "expected …/HASH/SIZE"));
     }
     let size: i64 = rest[1].parse().map_err(|_| bad(name, "size is not a number"))?;
-    let digest = Digest::from_parts(rest[0], size).map_err(|e| bad(name, &e.to_string()))?;
+    let digest = match function {
+        Some(f) => Digest::from_parts_with(f, rest[0], size),
+        None => Digest::from_parts(rest[0], size),
+    }
+    .map_err(|e| bad(name, &e.to_string()))?;
     Ok(Resource { instance, digest, compressor })
 }
 
@@ -82,6 +87,16 @@ mod tests {
         assert!(r.digest.is_empty_blob());
         let r = parse_read(&format!("a/b/blobs/sha256/{H}/0")).unwrap();
         assert_eq!(r.instance, "a/b");
+        let r = parse_read(&format!("blobs/blake3/{H}/0")).unwrap();
+        assert_eq!(r.digest.function(), DigestFunction::Blake3);
+        assert!(!r.digest.is_empty_blob(), "a SHA-256 hash named as BLAKE3 is another blob");
+        let sha1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709";
+        assert_eq!(parse_read(&format!("blobs/{sha1}/0")).unwrap().digest.function(), DigestFunction::Sha1);
+        let r = parse_write(&format!("i/uploads/u/blobs/sha1/{sha1}/0")).unwrap();
+        assert!(r.digest.is_empty_blob() && r.digest.function() == DigestFunction::Sha1);
+        assert!(parse_read(&format!("blobs/sha1/{H}/0")).is_err(), "length must fit the named function");
+        let r = parse_read(&format!("compressed-blobs/zstd/blake3/{H}/0")).unwrap();
+        assert_eq!((r.compressor.as_deref(), r.digest.function()), (Some("zstd"), DigestFunction::Blake3));
         let r = parse_read(&format!("x/compressed-blobs/zstd/{H}/0")).unwrap();
         assert_eq!(r.compressor.as_deref(), Some("zstd"));
         for bad in [

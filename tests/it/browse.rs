@@ -237,7 +237,8 @@ async fn hostile_names_are_enoent_or_eio_and_harmless() -> TestResult {
     }
     let err = std::fs::metadata(mnt.join("_/actions/sha256").join(fd.to_path_form())).expect_err("no action");
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-    let err = std::fs::metadata(mnt.join("_/blobs/sha512")).expect_err("sha512");
+    // sha512 and the other supported functions have folders; an unsupported one has none.
+    let err = std::fs::metadata(mnt.join("_/blobs/vso")).expect_err("vso");
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
     // The daemon is unaffected and logged the bad Directory.
     assert_eq!(std::fs::read(mnt.join("_/blobs/sha256/file").join(fd.to_path_form()))?.len() as u64, fd.size());

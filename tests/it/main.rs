@@ -5,6 +5,8 @@ mod common;
 mod browse;
 mod cli_status;
 mod conformance;
+mod digest_cli;
+mod digest_functions;
 mod exec;
 mod exec_limits;
 mod exec_views;

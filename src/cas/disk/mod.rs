@@ -27,9 +27,11 @@ use lru::{Lru, StoreMetrics};
 
 mod action_cache;
 mod lru;
+mod names;
 mod promises;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
+use names::{digest_of_name, name_of};
 
 /// Streams at least this large are hashed and written on two threads at once.
 const PIPELINE_MIN: u64 = 4 << 20;
@@ -86,7 +88,7 @@ impl DiskStore {
                 let Ok(meta) = e.metadata() else { continue };
                 let name = e.file_name();
                 let Some(name) = name.to_str() else { continue };
-                let Ok(d) = Digest::from_parts(name, meta.len() as i64) else {
+                let Ok(d) = digest_of_name(name, meta.len()) else {
                     continue;
                 };
                 found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), d));
@@ -162,7 +164,7 @@ impl DiskStore {
     /// Where a blob lives (whether or not it is present).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hash_hex();
-        self.root.join("cas").join(&hex[..2]).join(hex)
+        self.root.join("cas").join(&hex[..2]).join(name_of(digest, hex.clone()))
     }
 
     /// Total bytes of blobs held.
@@ -284,7 +286,7 @@ impl DiskStore {
         }
         let mut input = std::fs::File::open(src).ctx(|| format!("opening {}", src.display()))?;
         let (mut out, tmp) = self.temp()?;
-        let mut hasher = Hasher::new();
+        let mut hasher = Hasher::new_with(digest.function());
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = input.read(&mut buf).ctx(|| format!("reading {}", src.display()))?;
@@ -395,7 +397,7 @@ impl DiskStore {
 
     fn ac_path(&self, action: &Digest) -> PathBuf {
         let hex = action.hash_hex();
-        self.root.join("ac").join(&hex[..2]).join(action.to_path_form())
+        self.root.join("ac").join(&hex[..2]).join(name_of(action, action.to_path_form()))
     }
 }
 
@@ -412,7 +414,7 @@ pub type EvictHook = Box<dyn Fn(&Digest) + Send + Sync>;
 fn check(digest: &Digest, hasher: Hasher) -> Result<()> {
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::DigestMismatch { expected: *digest, actual });
+        return Err(Error::DigestMismatch { expected: Box::new(*digest), actual: Box::new(actual) });
     }
     Ok(())
 }
@@ -569,7 +571,7 @@ impl DiskStore {
         }
         let (file, tmp) = self.temp()?;
         let mut file = tokio::fs::File::from_std(file);
-        let mut hasher = Hasher::new();
+        let mut hasher = Hasher::new_with(digest.function());
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
             hasher.update(&chunk);

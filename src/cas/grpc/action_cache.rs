@@ -2,7 +2,7 @@
 
 use super::GrpcStore;
 use crate::cas::ActionCache;
-use crate::digest::{Digest, DigestFunction};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::reapi::{self, action_cache_client::ActionCacheClient};
 
@@ -15,7 +15,7 @@ impl ActionCache for GrpcStore {
             inline_stdout: false,
             inline_stderr: false,
             inline_output_files: vec![],
-            digest_function: DigestFunction::Sha256.proto_value(),
+            digest_function: action.function().proto_value(),
         };
         match self
             .retry
@@ -36,7 +36,7 @@ impl ActionCache for GrpcStore {
             action_digest: Some(action.to_proto()),
             action_result: Some(result.clone()),
             results_cache_policy: None,
-            digest_function: DigestFunction::Sha256.proto_value(),
+            digest_function: action.function().proto_value(),
         };
         let client = ActionCacheClient::new(self.conn.clone());
         self.retry

@@ -83,12 +83,13 @@ impl GrpcStore {
 
     /// ByteStream resource name for reading a blob.
     pub fn read_resource(&self, d: &Digest) -> String {
-        format!("{}blobs/{}/{}", self.prefix(), d.hash_hex(), d.size())
+        format!("{}blobs/{}{}/{}", self.prefix(), function_segment(d), d.hash_hex(), d.size())
     }
 
     /// ByteStream resource name for uploading a blob (fresh uuid each time).
     pub fn write_resource(&self, d: &Digest) -> String {
-        format!("{}uploads/{}/blobs/{}/{}", self.prefix(), uuid::Uuid::new_v4(), d.hash_hex(), d.size())
+        let (uuid, f) = (uuid::Uuid::new_v4(), function_segment(d));
+        format!("{}uploads/{uuid}/blobs/{f}{}/{}", self.prefix(), d.hash_hex(), d.size())
     }
 
     /// The server's capabilities.
@@ -138,7 +139,8 @@ impl GrpcStore {
                 large.push(*d);
                 continue;
             }
-            if cur_size + cost > budget {
+            // One function per batch: the request names it once for all its digests.
+            if cur_size + cost > budget || cur.last().is_some_and(|l: &Digest| l.function() != d.function()) {
                 batches.push(std::mem::take(&mut cur));
                 cur_size = 0;
             }
@@ -152,11 +154,12 @@ impl GrpcStore {
     }
 
     async fn batch_read(&self, batch: Vec<Digest>) -> Result<Vec<(Digest, Result<Bytes>)>> {
+        let f = function_of(batch.iter());
         let req = reapi::BatchReadBlobsRequest {
             instance_name: self.instance.clone(),
             digests: batch.iter().map(|d| d.to_proto()).collect(),
             acceptable_compressors: vec![],
-            digest_function: DigestFunction::Sha256.proto_value(),
+            digest_function: f.proto_value(),
         };
         let resp = self
             .retry
@@ -164,7 +167,7 @@ impl GrpcStore {
             .await?;
         let mut got: HashMap<Digest, Result<Bytes>> = HashMap::new();
         for r in resp.responses {
-            let Some(Ok(d)) = r.digest.as_ref().map(Digest::try_from) else {
+            let Some(Ok(d)) = r.digest.as_ref().map(|d| Digest::from_proto_with(f, d)) else {
                 continue;
             };
             let code = r.status.as_ref().map(|s| s.code).unwrap_or(0);
@@ -197,6 +200,7 @@ impl GrpcStore {
     }
 
     async fn batch_write(&self, batch: Vec<(Digest, Bytes)>) -> Result<Vec<(Digest, Result<()>)>> {
+        let f = function_of(batch.iter().map(|(d, _)| d));
         let req = reapi::BatchUpdateBlobsRequest {
             instance_name: self.instance.clone(),
             requests: batch
@@ -207,7 +211,7 @@ impl GrpcStore {
                     compressor: 0,
                 })
                 .collect(),
-            digest_function: DigestFunction::Sha256.proto_value(),
+            digest_function: f.proto_value(),
         };
         let resp = self
             .retry
@@ -215,7 +219,7 @@ impl GrpcStore {
             .await?;
         let mut failed: HashMap<Digest, Error> = HashMap::new();
         for r in resp.responses {
-            let Some(Ok(d)) = r.digest.as_ref().map(Digest::try_from) else {
+            let Some(Ok(d)) = r.digest.as_ref().map(|d| Digest::from_proto_with(f, d)) else {
                 continue;
             };
             if let Some(s) = r.status.filter(|s| s.code != 0) {
@@ -310,6 +314,21 @@ where
     Ok(done.into_iter().flatten().collect())
 }
 
+/// The function of a batch's digests (batches hold one function; empty: SHA-256).
+fn function_of<'a>(mut digests: impl Iterator<Item = &'a Digest>) -> DigestFunction {
+    digests.next().map(|d| d.function()).unwrap_or_default()
+}
+
+/// The `FUNCTION/` segment of a resource name. REAPI leaves it out for the functions that
+/// predate the field (their hash length tells them apart; servers such as buildbox-casd
+/// 1.4.25 refuse it there), so only a function sharing a length with another gets one.
+fn function_segment(d: &Digest) -> String {
+    match d.function() {
+        f if DigestFunction::from_hex_len(f.hex_len()) == Some(f) => String::new(),
+        f => format!("{f}/"),
+    }
+}
+
 fn status_for(digest: &Digest, st: tonic::Status) -> Error {
     if st.code() == tonic::Code::NotFound {
         Error::MissingBlob(*digest)
@@ -331,18 +350,19 @@ impl Cas for GrpcStore {
         let mut seen = HashSet::new();
         let wanted: Vec<Digest> = digests.iter().filter(|d| !d.is_empty_blob() && seen.insert(**d)).copied().collect();
         let mut missing = HashSet::new();
-        for chunk in wanted.chunks(FIND_MISSING_CHUNK) {
+        for chunk in wanted.chunk_by(|a, b| a.function() == b.function()).flat_map(|c| c.chunks(FIND_MISSING_CHUNK)) {
+            let f = function_of(chunk.iter());
             let req = reapi::FindMissingBlobsRequest {
                 instance_name: self.instance.clone(),
                 blob_digests: chunk.iter().map(|d| d.to_proto()).collect(),
-                digest_function: DigestFunction::Sha256.proto_value(),
+                digest_function: f.proto_value(),
             };
             let resp = self
                 .retry
                 .unary("FindMissingBlobs", &self.cas(), &req, |mut c, r| async move { c.find_missing_blobs(r).await })
                 .await?;
             for d in &resp.missing_blob_digests {
-                missing.insert(Digest::try_from(d)?);
+                missing.insert(Digest::from_proto_with(f, d)?);
             }
         }
         Ok(wanted.into_iter().filter(|d| missing.contains(d)).collect())
@@ -454,7 +474,7 @@ impl Cas for GrpcStore {
                     root_digest: Some(root.to_proto()),
                     page_size: 0,
                     page_token: token.clone(),
-                    digest_function: DigestFunction::Sha256.proto_value(),
+                    digest_function: root.function().proto_value(),
                 };
                 let mut stream =
                     client.get_tree(req).await.map_err(|s| missing_or(&root, Error::remote("GetTree", s)))?.into_inner();
@@ -462,9 +482,9 @@ impl Cas for GrpcStore {
                 while let Some(page) = stream.message().await.map_err(|s| Error::remote("GetTree", s))? {
                     let mut dirs = Vec::with_capacity(page.directories.len());
                     for msg in page.directories {
-                        let (d, bytes) = Digest::of_message(&msg);
+                        let (d, bytes) = Digest::of_message_with(root.function(), &msg);
                         // An invalid Directory is left out; no parent can name it anyway.
-                        if let Ok(dir) = Directory::validate(&msg, &d.to_string()) {
+                        if let Ok(dir) = Directory::decode(&d, &bytes) {
                             dirs.push((d, bytes.into(), dir));
                         }
                     }
@@ -504,15 +524,15 @@ impl GrpcStore {
                 root_digest: Some(root.to_proto()),
                 page_size: 0,
                 page_token: token.clone(),
-                digest_function: DigestFunction::Sha256.proto_value(),
+                digest_function: root.function().proto_value(),
             };
             let mut stream =
                 self.cas().get_tree(req).await.map_err(|s| missing_or(root, Error::remote("GetTree", s)))?.into_inner();
             let mut next = String::new();
             while let Some(page) = stream.message().await.map_err(|s| Error::remote("GetTree", s))? {
                 for msg in page.directories {
-                    let (d, _) = Digest::of_message(&msg);
-                    dirs.insert(d, Directory::validate(&msg, &d.to_string())?);
+                    let (d, bytes) = Digest::of_message_with(root.function(), &msg);
+                    dirs.insert(d, Directory::decode(&d, &bytes)?);
                 }
                 next = page.next_page_token;
             }
