@@ -24,8 +24,8 @@ apt_install() {
 install_prerequisites() {
     # diffutils for diff -r, python3-venv for the BuildGrid peer, fuse3 for fusermount3,
     # ca-certificates for TLS roots, gcc for -sys crates (and the sandbox tests' hostile
-    # program), bubblewrap for the --sandbox=bwrap tests.
-    apt_install diffutils python3 python3-venv fuse3 ca-certificates gcc libc6-dev pkg-config bc bubblewrap
+    # program), bubblewrap for the --sandbox=bwrap tests, b3sum for the BLAKE3 golden test.
+    apt_install diffutils python3 python3-venv fuse3 ca-certificates gcc libc6-dev pkg-config bc bubblewrap b3sum
     if command -v rustup >/dev/null 2>&1; then
         rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt >&2
         rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy >&2
