@@ -195,13 +195,16 @@ impl Prefetch {
                 };
                 for (d, r) in results {
                     let Ok(bytes) = r else { continue };
-                    // Verified by `read_many` and again by `insert_dir`; a bad Directory is
-                    // left for the normal path to report.
-                    let Ok(dir) = crate::tree::Directory::decode(&d, &bytes) else { continue };
-                    if b.contains(&d) && self.fetch.insert_dir(d, bytes, dir).await.is_ok() {
-                        self.progress.blobs.fetch_add(1, Ordering::Relaxed);
-                        self.progress.bytes.fetch_add(d.size(), Ordering::Relaxed);
+                    // `read_many` verified the bytes, and a trusted parent named the digest
+                    // (only asked-for blobs are kept); a bad Directory is left for the normal
+                    // path to report.
+                    if !b.contains(&d) {
+                        continue;
                     }
+                    let Ok(dir) = crate::tree::Directory::decode(&d, &bytes) else { continue };
+                    self.fetch.insert_prefetched_dir(d, bytes, dir);
+                    self.progress.blobs.fetch_add(1, Ordering::Relaxed);
+                    self.progress.bytes.fetch_add(d.size(), Ordering::Relaxed);
                 }
             })
             .await;
