@@ -162,18 +162,33 @@ pub enum DigestError {
     /// The size is below zero.
     #[error("size {0} is negative")]
     NegativeSize(i64),
+    /// The size is beyond what any store holds (64 PiB).
+    #[error("size {0} is over the largest blob size (2^56 - 1 bytes)")]
+    TooLarge(u64),
     /// The request asked for a digest function we do not implement.
     #[error("digest function {0} is not supported (sha256, sha1, md5, sha384, sha512, blake3 are)")]
     UnsupportedFunction(i32),
 }
 
 /// A blob's identity: its hash, the function that made it, and its size in bytes. Always
-/// valid once built. `Copy`: the hash lives in a fixed buffer sized for the longest function.
+/// valid once built. `Copy`: the hash lives in a fixed buffer sized for the longest function,
+/// and the function shares a word with the size, so a digest is 72 bytes, not 80 (a mount
+/// holds two per listed file: its Directory entry and its inode).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     hash: [u8; MAX_HASH_LEN],
-    function: DigestFunction,
-    size: u64,
+    /// The size in the low [`SIZE_BITS`] bits, the function's index in [`DigestFunction::ALL`]
+    /// above them.
+    packed: u64,
+}
+
+/// Bits of [`Digest::packed`] that hold the size: blobs up to 64 PiB.
+const SIZE_BITS: u32 = 56;
+/// The largest size a digest can carry; a larger one on the wire is refused.
+pub const MAX_SIZE: u64 = (1 << SIZE_BITS) - 1;
+
+const fn pack(function: DigestFunction, size: u64) -> u64 {
+    ((function as u64) << SIZE_BITS) | (size & MAX_SIZE)
 }
 
 /// The SHA-256 digest of the empty blob, which every store holds implicitly.
@@ -193,7 +208,7 @@ impl Digest {
             full[i] = hash[i];
             i += 1;
         }
-        Digest { hash: full, function: DigestFunction::Sha256, size }
+        Digest { hash: full, packed: pack(DigestFunction::Sha256, size) }
     }
 
     /// Builds a SHA-256 digest from raw hash bytes and a size.
@@ -206,9 +221,12 @@ impl Digest {
         if hash.len() != function.hash_len() {
             return Err(DigestError::WrongLength { got: hash.len() * 2, want: function.hex_len(), function });
         }
+        if size > MAX_SIZE {
+            return Err(DigestError::TooLarge(size));
+        }
         let mut full = [0u8; MAX_HASH_LEN];
         full[..hash.len()].copy_from_slice(hash);
-        Ok(Digest { hash: full, function, size })
+        Ok(Digest { hash: full, packed: pack(function, size) })
     }
 
     /// Hashes a whole buffer with SHA-256.
@@ -247,6 +265,9 @@ impl Digest {
         if size < 0 {
             return Err(DigestError::NegativeSize(size));
         }
+        if size as u64 > MAX_SIZE {
+            return Err(DigestError::TooLarge(size as u64));
+        }
         let want = function.hex_len();
         if !hash_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DigestError::BadHex(truncate(hash_hex)));
@@ -260,7 +281,7 @@ impl Digest {
         let mut hash = [0u8; MAX_HASH_LEN];
         hex::decode_to_slice(hash_hex, &mut hash[..function.hash_len()])
             .map_err(|_| DigestError::BadHex(truncate(hash_hex)))?;
-        Ok(Digest { hash, function, size: size as u64 })
+        Ok(Digest { hash, packed: pack(function, size as u64) })
     }
 
     /// Parses `hash/size` (Bazel's form) or `hash-size` (path form), function from length.
@@ -291,12 +312,12 @@ impl Digest {
 
     /// The function that made this digest.
     pub fn function(&self) -> DigestFunction {
-        self.function
+        DigestFunction::ALL[(self.packed >> SIZE_BITS) as usize]
     }
 
     /// The raw hash bytes (as many as the function produces).
     pub fn hash_bytes(&self) -> &[u8] {
-        &self.hash[..self.function.hash_len()]
+        &self.hash[..self.function().hash_len()]
     }
 
     /// The hash as lower-case hex.
@@ -306,22 +327,22 @@ impl Digest {
 
     /// Size of the blob in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.packed & MAX_SIZE
     }
 
     /// True for the digest of the empty blob, under any function.
     pub fn is_empty_blob(&self) -> bool {
-        self.size == 0 && (*self == EMPTY || *self == self.function.empty())
+        self.size() == 0 && (*self == EMPTY || *self == self.function().empty())
     }
 
     /// The path form `hash-size`, safe as a file name.
     pub fn to_path_form(&self) -> String {
-        format!("{}-{}", self.hash_hex(), self.size)
+        format!("{}-{}", self.hash_hex(), self.size())
     }
 
     /// The REAPI wire message.
     pub fn to_proto(&self) -> reapi::Digest {
-        reapi::Digest { hash: self.hash_hex(), size_bytes: self.size as i64 }
+        reapi::Digest { hash: self.hash_hex(), size_bytes: self.size() as i64 }
     }
 }
 
@@ -342,7 +363,7 @@ fn truncate(s: &str) -> String {
 impl fmt::Display for Digest {
     /// The Bazel form `hash/size`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.hash_hex(), self.size)
+        write!(f, "{}/{}", self.hash_hex(), self.size())
     }
 }
 
@@ -465,7 +486,7 @@ impl Hasher {
             State::Sha512(h) => hash[..n].copy_from_slice(&h.finalize()),
             State::Blake3(h) => hash[..n].copy_from_slice(h.finalize().as_bytes()),
         }
-        Digest { hash, function, size: self.len }
+        Digest { hash, packed: pack(function, self.len) }
     }
 }
 

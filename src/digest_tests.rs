@@ -105,3 +105,17 @@ fn equal_hashes_of_two_functions_are_different_digests() {
     let e = Digest::parse_with(DigestFunction::Sha1, &format!("{HELLO}/6")).unwrap_err();
     assert!(e.to_string().contains("sha1 needs 40"), "{e}");
 }
+
+#[test]
+fn a_digest_packs_function_and_size_into_one_word() {
+    assert_eq!(std::mem::size_of::<Digest>(), 72, "a mount holds two digests per listed file");
+    for (i, f) in DigestFunction::ALL.into_iter().enumerate() {
+        assert_eq!(f as usize, i, "ALL is in declaration order: the packed index depends on it");
+        let d = Digest::new_with(f, &vec![0xab; f.hash_len()], MAX_SIZE).unwrap();
+        assert_eq!((d.function(), d.size()), (f, MAX_SIZE));
+    }
+    let big = format!("{HELLO}/{}", MAX_SIZE + 1);
+    let e = Digest::parse(&big).unwrap_err();
+    assert!(e.to_string().contains("largest blob size"), "{e}");
+    assert!(Digest::new_with(DigestFunction::Sha256, &[0; 32], u64::MAX).is_err());
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use compact_str::CompactString;
 use prost::Message;
 
 use crate::digest::{hash_file_with, Digest, DigestFunction};
@@ -15,8 +16,8 @@ use crate::proto::reapi;
 /// A file entry of a validated Directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileEntry {
-    /// Entry name (one path component).
-    pub name: String,
+    /// Entry name (one path component; held inline up to 24 bytes, as most names are).
+    pub name: CompactString,
     /// Digest of the file's contents.
     pub digest: Digest,
     /// Whether the file is executable.
@@ -27,7 +28,7 @@ pub struct FileEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
     /// Entry name (one path component).
-    pub name: String,
+    pub name: CompactString,
     /// Digest of the child's `Directory` message.
     pub digest: Digest,
 }
@@ -147,13 +148,13 @@ impl Directory {
 
     fn push_file(&mut self, f: reapi::FileNode, label: &str) -> Result<()> {
         let digest = entry_digest(&f.name, &f.digest, label, None)?;
-        self.files.push(FileEntry { name: f.name, digest, executable: f.is_executable });
+        self.files.push(FileEntry { name: f.name.into(), digest, executable: f.is_executable });
         Ok(())
     }
 
     fn push_dir(&mut self, d: reapi::DirectoryNode, label: &str) -> Result<()> {
         let digest = entry_digest(&d.name, &d.digest, label, None)?;
-        self.dirs.push(DirEntry { name: d.name, digest });
+        self.dirs.push(DirEntry { name: d.name.into(), digest });
         Ok(())
     }
 
@@ -216,16 +217,15 @@ impl Directory {
                     reset_digest(&mut file.digest);
                     (file.is_executable, file.node_properties) = (false, None);
                     file.merge(item).map_err(wire)?;
-                    let name = std::mem::take(&mut file.name);
-                    let digest = entry_digest(&name, &file.digest, &label, function)?;
+                    let digest = entry_digest(&file.name, &file.digest, &label, function)?;
+                    let name = CompactString::new(&file.name);
                     dir.files.push(FileEntry { name, digest, executable: file.is_executable });
                 }
                 2 => {
                     reset_digest(&mut sub.digest);
                     sub.merge(item).map_err(wire)?;
-                    let name = std::mem::take(&mut sub.name);
-                    let digest = entry_digest(&name, &sub.digest, &label, function)?;
-                    dir.dirs.push(DirEntry { name, digest });
+                    let digest = entry_digest(&sub.name, &sub.digest, &label, function)?;
+                    dir.dirs.push(DirEntry { name: CompactString::new(&sub.name), digest });
                 }
                 3 => dir.push_symlink(reapi::SymlinkNode::decode(item).map_err(wire)?, &label)?,
                 _ => drop(reapi::NodeProperties::decode(item).map_err(wire)?),
@@ -275,7 +275,7 @@ impl Directory {
                 .files
                 .iter()
                 .map(|f| reapi::FileNode {
-                    name: f.name.clone(),
+                    name: f.name.to_string(),
                     digest: Some(f.digest.into()),
                     is_executable: f.executable,
                     node_properties: None,
@@ -284,7 +284,7 @@ impl Directory {
             directories: self
                 .dirs
                 .iter()
-                .map(|d| reapi::DirectoryNode { name: d.name.clone(), digest: Some(d.digest.into()) })
+                .map(|d| reapi::DirectoryNode { name: d.name.to_string(), digest: Some(d.digest.into()) })
                 .collect(),
             symlinks: self
                 .symlinks
@@ -437,11 +437,11 @@ fn assemble(
     for (name, idx, exec) in &scan.files {
         let digest = digests[*idx];
         tree.files.entry(digest).or_insert_with(|| paths[*idx].0.clone());
-        dir.files.push(FileEntry { name: name.clone(), digest, executable: *exec });
+        dir.files.push(FileEntry { name: CompactString::new(name), digest, executable: *exec });
     }
     for (name, sub) in &scan.dirs {
         let digest = assemble(f, sub, digests, paths, tree);
-        dir.dirs.push(DirEntry { name: name.clone(), digest });
+        dir.dirs.push(DirEntry { name: CompactString::new(name), digest });
     }
     for (name, target) in &scan.symlinks {
         dir.symlinks.push(SymlinkEntry { name: name.clone(), target: target.clone() });

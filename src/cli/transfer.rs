@@ -23,7 +23,7 @@ pub async fn ls(store: &GrpcStore, root: &Digest, recursive: bool) -> Result<()>
         }
         for s in &dir.symlinks {
             lines.push((
-                s.name.clone(),
+                s.name.as_str().into(),
                 format!("lrwxrwxrwx {:>12} {:>66} {prefix}{} -> {}", "-", "-", s.name, s.target),
             ));
         }

@@ -103,10 +103,14 @@ impl Walk<'_> {
                 let (digest, bytes) = sub.encode_with(self.function);
                 self.out.blobs.entry(digest).or_insert_with(|| Source::Bytes(bytes.into()));
                 children.insert(digest, proto);
-                dir.dirs.push(DirEntry { name, digest });
+                dir.dirs.push(DirEntry { name: name.into(), digest });
             } else if ft.is_file() {
                 let digest = self.file_digest(&child_abs, &child_rel)?;
-                dir.files.push(FileEntry { name, digest, executable: meta.permissions().mode() & 0o111 != 0 });
+                dir.files.push(FileEntry {
+                    name: name.into(),
+                    digest,
+                    executable: meta.permissions().mode() & 0o111 != 0,
+                });
             }
         }
         dir.files.sort_by(|a, b| a.name.cmp(&b.name));

@@ -226,10 +226,10 @@ impl Unchanged for OverlayUnchanged {
         let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         let (last, dirs) = parts.split_last()?;
         for p in dirs {
-            let d = dir.dirs.iter().find(|e| &e.name == p)?.digest;
+            let d = dir.dirs.iter().find(|e| e.name == p)?.digest;
             dir = self.fetcher.cached_dir(&d)?;
         }
-        dir.files.iter().find(|f| &f.name == last).map(|f| f.digest)
+        dir.files.iter().find(|f| f.name == last).map(|f| f.digest)
     }
 }
 

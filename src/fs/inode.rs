@@ -55,7 +55,8 @@ impl<'a> KeyRef<'a> {
 
 /// One inode. Kept small: a walk of a million files holds a million of these. Its key is
 /// not stored (it follows from the node, its parent and its name), and a file keeps no name
-/// of its own (it has one per path; [`Inodes::path`] leaves that to the caller).
+/// of its own (it has one per path; [`Inodes::path`] leaves that to the caller). The names
+/// of directories and symlinks live in [`Table::names`], so files pay nothing for them.
 struct Slot {
     /// `None` while the slot is free.
     node: Option<Node>,
@@ -65,33 +66,16 @@ struct Slot {
     /// The directory holding it: for a directory the only one (it is keyed by it); for a
     /// file, where the kernel last looked it up (for log messages and sibling batching).
     parent: u64,
-    /// The name of a directory or symlink in `parent`; `None` for files.
-    name: Option<Arc<str>>,
     /// Times the slot was used before.
     gen: u32,
-}
-
-impl Slot {
-    fn key(&self) -> Option<KeyRef<'_>> {
-        match self.node.as_ref()? {
-            Node::File { digest, executable, .. } => Some(KeyRef::File(*digest, *executable)),
-            _ => Some(KeyRef::Named(self.parent, self.name.as_deref().unwrap_or(""))),
-        }
-    }
-
-    fn has_key(&self, key: KeyRef<'_>) -> bool {
-        match (self.key(), key) {
-            (Some(KeyRef::File(a, x)), KeyRef::File(b, y)) => a == b && x == y,
-            (Some(KeyRef::Named(p, n)), KeyRef::Named(q, m)) => p == q && n == m,
-            _ => false,
-        }
-    }
 }
 
 /// The table: slots in a vector, found by number in O(1); keys found through a 32-bit hash
 /// (8 bytes an inode), with the few keys whose hash is taken in `collided`.
 struct Table {
     slots: Vec<Slot>,
+    /// The name in its parent of each live directory or symlink slot.
+    names: HashMap<u32, Arc<str>>,
     free: Vec<u32>,
     by_hash: HashMap<u32, u32>,
     collided: HashMap<Key, u32>,
@@ -120,9 +104,26 @@ impl Table {
         (u64::from(self.slots[idx as usize].gen) << SLOT_BITS) | u64::from(idx)
     }
 
+    /// The key of a live slot.
+    fn key(&self, idx: u32) -> Option<KeyRef<'_>> {
+        let s = &self.slots[idx as usize];
+        match s.node.as_ref()? {
+            Node::File { digest, executable, .. } => Some(KeyRef::File(*digest, *executable)),
+            _ => Some(KeyRef::Named(s.parent, self.names.get(&idx).map_or("", |n| n))),
+        }
+    }
+
+    fn has_key(&self, idx: u32, key: KeyRef<'_>) -> bool {
+        match (self.key(idx), key) {
+            (Some(KeyRef::File(a, x)), KeyRef::File(b, y)) => a == b && x == y,
+            (Some(KeyRef::Named(p, n)), KeyRef::Named(q, m)) => p == q && n == m,
+            _ => false,
+        }
+    }
+
     fn find(&self, key: KeyRef<'_>) -> Option<u32> {
         if let Some(&i) = self.by_hash.get(&self.hash(key)) {
-            if self.slots[i as usize].has_key(key) {
+            if self.has_key(i, key) {
                 return Some(i);
             }
         }
@@ -141,14 +142,17 @@ impl Table {
             Some(i) => {
                 let s = &mut self.slots[i as usize];
                 s.gen += 1;
-                (s.node, s.nlookup, s.parent, s.name) = (Some(node), 1, parent, name);
+                (s.node, s.nlookup, s.parent) = (Some(node), 1, parent);
                 i
             }
             None => {
-                self.slots.push(Slot { node: Some(node), nlookup: 1, parent, name, gen: 0 });
+                self.slots.push(Slot { node: Some(node), nlookup: 1, parent, gen: 0 });
                 (self.slots.len() - 1) as u32
             }
         };
+        if let Some(name) = name {
+            self.names.insert(idx, name);
+        }
         let h = self.hash(key);
         match self.by_hash.entry(h) {
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -164,7 +168,10 @@ impl Table {
 
     fn remove(&mut self, ino: u64) {
         let idx = (ino & ((1 << SLOT_BITS) - 1)) as u32;
-        let Some(key) = self.slot(ino).and_then(Slot::key) else { return };
+        if self.slot(ino).is_none() {
+            return;
+        }
+        let Some(key) = self.key(idx) else { return };
         let h = self.hash(key);
         if self.by_hash.get(&h) == Some(&idx) {
             self.by_hash.remove(&h);
@@ -172,9 +179,9 @@ impl Table {
             let owned = key.owned();
             self.collided.remove(&owned);
         }
-        let s = &mut self.slots[idx as usize];
-        (s.node, s.name) = (None, None);
-        if s.gen < MAX_GEN {
+        self.names.remove(&idx);
+        self.slots[idx as usize].node = None;
+        if self.slots[idx as usize].gen < MAX_GEN {
             self.free.push(idx);
         }
         self.live -= 1;
@@ -193,10 +200,11 @@ impl Inodes {
     }
 
     fn with_mask(root: Node, mask: u32) -> Self {
-        let unused = Slot { node: None, nlookup: 0, parent: 0, name: None, gen: MAX_GEN };
-        let root = Slot { node: Some(root), nlookup: 1, parent: ROOT, name: None, gen: 0 };
+        let unused = Slot { node: None, nlookup: 0, parent: 0, gen: MAX_GEN };
+        let root = Slot { node: Some(root), nlookup: 1, parent: ROOT, gen: 0 };
         let table = Table {
             slots: vec![unused, root],
+            names: HashMap::new(),
             free: Vec::new(),
             by_hash: HashMap::new(),
             collided: HashMap::new(),
@@ -270,7 +278,8 @@ impl Inodes {
             }
             match t.slot(cur) {
                 Some(n) => {
-                    parts.push(n.name.as_deref().unwrap_or("?").to_string());
+                    let idx = (cur & ((1 << SLOT_BITS) - 1)) as u32;
+                    parts.push(t.names.get(&idx).map_or("?", |n| n).to_string());
                     cur = n.parent;
                 }
                 None => {

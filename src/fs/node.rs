@@ -187,10 +187,10 @@ impl Listing {
                 let (nf, nd) = (dir.files.len(), dir.dirs.len());
                 if j < nf {
                     let f = &dir.files[j];
-                    Some((f.name.clone(), file_node(f.digest, f.executable, remote)))
+                    Some((f.name.to_string(), file_node(f.digest, f.executable, remote)))
                 } else if j < nf + nd {
                     let d = &dir.dirs[j - nf];
-                    Some((d.name.clone(), Node::Dir { digest: d.digest, remote: remote.clone() }))
+                    Some((d.name.to_string(), Node::Dir { digest: d.digest, remote: remote.clone() }))
                 } else {
                     let s = dir.symlinks.get(j - nf - nd)?;
                     Some((s.name.clone(), Node::Symlink(Arc::from(s.target.as_str()))))

@@ -124,7 +124,7 @@ impl Prefetch {
                 for sub in &dir.dirs {
                     let child = match w {
                         None => None,
-                        Some(w) => match w.children.get(&sub.name) {
+                        Some(w) => match w.children.get(sub.name.as_str()) {
                             Some(c) => Some(c),
                             None => continue,
                         },
@@ -134,7 +134,7 @@ impl Prefetch {
                     }
                 }
                 for f in &dir.files {
-                    if w.is_some_and(|w| !w.children.get(&f.name).is_some_and(|c| c.file)) {
+                    if w.is_some_and(|w| !w.children.get(f.name.as_str()).is_some_and(|c| c.file)) {
                         continue;
                     }
                     let d = f.digest;

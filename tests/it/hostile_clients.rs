@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tonic::transport::Channel;
 
 use casfs::cas::{Cas, GrpcStore, RemoteConfig};
-use casfs::digest::Digest;
+use casfs::digest::{Digest, MAX_SIZE};
 use casfs::proto::bytestream::{byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest};
 use casfs::proto::reapi::{self, content_addressable_storage_client::ContentAddressableStorageClient};
 
@@ -49,16 +49,18 @@ async fn batch_read_whose_sizes_wrap_past_2_64_is_refused_before_reading() -> Te
     let blob = Bytes::from(pseudo_random(7, 1 << 20));
     let d = Digest::of_bytes(&blob);
     store.write(&d, blob).await?;
-    // 1000 copies of a real 1 MiB blob (1000 MiB to read) plus two made-up digests whose
-    // sizes bring the sum to exactly 2^64: a wrapping sum sees 0 bytes, under the limit.
+    // 1000 copies of a real 1 MiB blob (1000 MiB to read) plus made-up digests, each within
+    // the largest size a digest carries (2^56 - 1), whose sizes bring the sum to exactly
+    // 2^64: a wrapping sum sees 0 bytes, under the limit.
     let real = 1000u64 << 20;
-    let rest = u64::MAX - real + 1;
-    let (a, b) = (rest / 2, rest - rest / 2);
-    assert!(a <= i64::MAX as u64 && b <= i64::MAX as u64);
-    let fake = Digest::of_bytes(b"never stored").hash_hex();
+    let mut rest = u64::MAX - real + 1;
+    let fake = |i: u64| Digest::of_bytes(format!("never stored {i}").as_bytes()).hash_hex();
     let mut digests = vec![d.to_proto(); 1000];
-    digests.push(proto(&fake, a as i64));
-    digests.push(proto(&fake.replace('a', "b"), b as i64));
+    while rest > 0 {
+        let size = rest.min(MAX_SIZE);
+        digests.push(proto(&fake(rest), size as i64));
+        rest -= size;
+    }
     let req = reapi::BatchReadBlobsRequest { digests, ..Default::default() };
     assert!(prost::Message::encoded_len(&req) < 100_000, "the attack is a small request");
     let ch = channel(&server.url).await?;
@@ -70,13 +72,17 @@ async fn batch_read_whose_sizes_wrap_past_2_64_is_refused_before_reading() -> Te
     assert!(st.message().contains("advertised limit"), "{}", st.message());
     assert!(peak < 256, "the server's peak RSS reached {peak} MiB: it read what it should have refused");
     // Sizes whose sum does not fit 64 bits at all are named as such.
-    let req = reapi::BatchReadBlobsRequest {
-        digests: vec![proto(&fake, i64::MAX), proto(&d.hash_hex(), i64::MAX), d.to_proto()],
-        ..Default::default()
-    };
+    let mut digests: Vec<_> = (0..300).map(|i| proto(&fake(i), MAX_SIZE as i64)).collect();
+    digests.push(d.to_proto());
+    let req = reapi::BatchReadBlobsRequest { digests, ..Default::default() };
     let st = cas_client(&ch).batch_read_blobs(req).await.err().ok_or("a sum past 2^64 was answered")?;
     assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
     assert!(st.message().contains("2^64"), "{}", st.message());
+    // A single size past what any digest carries is refused by name.
+    let req = reapi::BatchReadBlobsRequest { digests: vec![proto(&fake(0), i64::MAX)], ..Default::default() };
+    let st = cas_client(&ch).batch_read_blobs(req).await.err().ok_or("a size of 2^63 - 1 was answered")?;
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("largest blob size"), "{}", st.message());
     // Still serving.
     assert_eq!(store.read(&d).await?.len(), 1 << 20);
     Ok(())
