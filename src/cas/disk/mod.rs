@@ -70,10 +70,6 @@ impl DiskStore {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
         }
-        for shard in 0..=255u8 {
-            let p = root.join("cas").join(format!("{shard:02x}"));
-            std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
-        }
         let tmp = root.join("tmp");
         for e in std::fs::read_dir(&tmp).ctx(|| format!("reading {}", tmp.display()))?.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -231,7 +227,8 @@ impl DiskStore {
     /// Moves a verified temporary file into place and records it.
     fn commit(&self, digest: &Digest, tmp: tempfile::TempPath) -> Result<()> {
         let dest = self.blob_path(digest);
-        // Shards are made at open; make one again only if something removed it since.
+        // A shard folder is made by the first blob that needs it: a fresh cache (one per cold
+        // action) would spend tens of milliseconds making 256 empty folders before mounting.
         let tmp = match tmp.persist(&dest) {
             Ok(()) => None,
             Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => Some(e.path),
