@@ -284,11 +284,28 @@ async fn sixty_four_actions_on_four_slots_all_complete() -> TestResult {
         actions.push((i, r.action(&act).await?));
     }
     let r = Arc::new(r);
+    // Mounts under the storage while they run: results are reported before their mounts
+    // go (in the background), and that must stay bounded however fast results come.
+    let storage = r.tmp.path().join("storage").to_string_lossy().into_owned();
+    let (done, mut stop) = tokio::sync::watch::channel(false);
+    let sampler = tokio::spawn(async move {
+        let mut most = 0;
+        while !*stop.borrow() {
+            let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+            most = most.max(mounts.lines().filter(|l| l.contains(&storage)).count());
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(20), stop.changed()).await;
+        }
+        most
+    });
     let runs = actions.into_iter().map(|(i, a)| {
         let r = r.clone();
         async move { (i, r.execute_all(a, false).await) }
     });
     let results = futures::future::join_all(runs).await;
+    let _ = done.send(true);
+    let most_mounts = sampler.await?;
+    // Two mounts an action (input root and writable layer): 4 running, 16 being cleaned up.
+    assert!(most_mounts <= 2 * (4 + 16), "{most_mounts} mounts at once under the storage");
     let mut spans = Vec::new();
     for (i, ops) in results {
         let resp = last_response(&ops?)?;
@@ -303,7 +320,11 @@ async fn sixty_four_actions_on_four_slots_all_complete() -> TestResult {
     let most = spans.iter().map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count()).max().unwrap_or(0);
     assert!(most <= 4, "{most} actions overlapped with --max-concurrent-actions 4");
     let rss = rss_peak_kib(r.server.child.id())?;
-    eprintln!("64 actions in {:?}; peak server RSS {} MiB; max overlap {most}", started.elapsed()?, rss / 1024);
+    eprintln!(
+        "64 actions in {:?}; peak server RSS {} MiB; max overlap {most}; most mounts {most_mounts}",
+        started.elapsed()?,
+        rss / 1024
+    );
     assert!(rss < 256 * 1024, "server peak RSS {rss} KiB");
     // Nothing left behind: no mounts under the storage, no scratch folders, once the
     // cleanups that follow the last results (unmounts, in the background) are done.
