@@ -312,6 +312,8 @@ async fn sixty_four_actions_on_four_slots_all_complete() -> TestResult {
         assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "action {i}");
         let result = resp.result.ok_or("no result")?;
         assert_eq!(result.output_files.len(), 1);
+        let stderr = r.read(&result.stderr_digest).await.unwrap_or_default();
+        assert_eq!(result.exit_code, 0, "action {i}: stderr {stderr}");
         assert_eq!(r.read(&result.output_files[0].digest).await?, format!("{i}\ninput data\n"));
         let m = result.execution_metadata.ok_or("no metadata")?;
         spans.push((seconds(&m.worker_start_timestamp), seconds(&m.worker_completed_timestamp)));
