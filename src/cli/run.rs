@@ -66,8 +66,6 @@ pub async fn run(args: RunArgs) -> CmdResult<u8> {
             return Err(casfs::error::Error::Unavailable("interrupted; the action was stopped and cleaned up".into()).into());
         }
     };
-    // The result is final; unmounting and removing its scratch folder finish before we exit.
-    exec.drain().await;
     if outcome.status.code != 0 {
         eprintln!("casfs: status {}: {}", outcome.status.code, outcome.status.message);
     }

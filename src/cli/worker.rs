@@ -134,9 +134,7 @@ pub async fn run(args: WorkerArgs) -> CmdResult {
         args.concurrency,
         args.exec.materialize.resolve()
     );
-    Bot::new(wcfg, bots, exec.clone(), cas).run(shutdown).await?;
-    // The last results are reported; their mounts and scratch folders go before we exit.
-    exec.drain().await;
+    Bot::new(wcfg, bots, exec, cas).run(shutdown).await?;
     eprintln!("casfs: worker {bot_id} stopped");
     Ok(())
 }

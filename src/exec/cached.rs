@@ -49,11 +49,6 @@ impl CachedExecutor {
         &self.exec
     }
 
-    /// Waits for the background cleanups of finished actions ([`Executor::drain`]).
-    pub async fn drain(&self) {
-        self.exec.drain().await
-    }
-
     /// The executor's metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         self.exec.metrics()

@@ -91,12 +91,6 @@ impl Session {
         }
     }
 
-    /// Stops the prefetch now (the command is done: nothing more is worth fetching).
-    pub(crate) fn stop(self) -> Self {
-        self.task.abort();
-        self
-    }
-
     /// Stops the prefetch, counts what it brought in and what of that went unused, and
     /// (when `store`) writes this run's lookups as the profile unless they are what it said.
     pub(crate) async fn finish(self, store: bool) {

@@ -75,16 +75,10 @@ pub struct Executor {
     lock: std::sync::Mutex<Option<std::fs::File>>,
     profiles: ProfileConfig,
     profile_ac: std::sync::OnceLock<SharedActionCache>,
-    /// Slots for the cleanups of finished actions, which run after their results are
-    /// reported (see [`Executor::execute`]).
-    closing: Arc<tokio::sync::Semaphore>,
 }
 
 /// Largest Action or Command the executor reads.
 const MAX_MESSAGE_BYTES: u64 = 16 << 20;
-/// Cleanups of finished actions running at once; one more waits for a slot, so unmounted
-/// scratch never piles up however fast actions finish.
-const MAX_CLOSING: u32 = 16;
 
 fn now() -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(SystemTime::now()))
@@ -101,15 +95,6 @@ impl Executor {
             lock: Default::default(),
             profiles: ProfileConfig::default(),
             profile_ac: Default::default(),
-            closing: Arc::new(tokio::sync::Semaphore::new(MAX_CLOSING as usize)),
-        }
-    }
-
-    /// Waits until the cleanups of every finished action are done: mounts gone, scratch
-    /// folders removed, access profiles stored. Call before exiting.
-    pub async fn drain(&self) {
-        if let Ok(all) = self.closing.acquire_many(MAX_CLOSING).await {
-            drop(all);
         }
     }
 
@@ -189,11 +174,6 @@ impl Executor {
     /// Executes `action` (whose digest is `action_digest`), queued since `queued`. Errors
     /// before the command starts (missing or invalid Command or inputs) are returned as
     /// `Err`; everything after is in the result.
-    ///
-    /// The result is returned once outputs are uploaded; unmounting the input root and the
-    /// writable layer (each unmount waits out a kernel RCU grace period, 10-40 ms), removing
-    /// the scratch folder and storing the access profile follow in the background, at most
-    /// [`MAX_CLOSING`] at once. [`Executor::drain`] waits for them.
     pub async fn execute(&self, action_digest: Digest, action: &reapi::Action, queued: SystemTime) -> Result<Executed> {
         let mut meta = reapi::ExecutedActionMetadata {
             worker: self.cfg.worker_name.clone(),
@@ -238,20 +218,10 @@ impl Executor {
             _ => None,
         };
         let out = self.run_prepared(&ws, spec, action_digest, meta).await;
-        let session = session.map(Session::stop);
-        let stored = out.is_ok();
-        match self.closing.clone().acquire_owned().await {
-            Ok(slot) => {
-                tokio::spawn(async move {
-                    if let Some(s) = session {
-                        s.finish(stored).await;
-                    }
-                    ws.close().await;
-                    drop(slot);
-                });
-            }
-            Err(_) => ws.close().await,
+        if let Some(s) = session {
+            s.finish(out.is_ok()).await;
         }
+        ws.close().await;
         out
     }
 

@@ -121,9 +121,7 @@ fn cached_executor(client: &Arc<GrpcStore>, cache: Arc<casfs::cache::LocalCache>
     CachedExecutor::new(Arc::new(Executor::new(client.clone(), cache, cfg, Metrics::new())), client.clone())
 }
 
-/// Nothing of finished actions is left once their background cleanups are drained.
-pub(crate) async fn no_leftovers(r: &Rig) -> TestResult {
-    r.exec.drain().await;
+pub(crate) fn no_leftovers(r: &Rig) -> TestResult {
     let left: Vec<_> = std::fs::read_dir(&r.work)?.collect();
     assert!(left.is_empty(), "scratch folders left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/mounts")?;
@@ -197,7 +195,7 @@ async fn gcc_compile_matches_a_local_build_and_hits_the_cache() -> TestResult {
     ] {
         assert!(t.is_some(), "a timestamp is missing");
     }
-    no_leftovers(&r).await
+    no_leftovers(&r)
 }
 
 pub(crate) async fn stdout_of(r: &Rig, o: &casfs::exec::Outcome) -> TestResult<String> {
@@ -273,7 +271,7 @@ async fn timeouts_escapes_and_network_are_contained() -> TestResult {
     .await?;
     let o = r.exec.execute(d, false).await?;
     assert_eq!(stdout_of(&r, &o).await?, "connected\n");
-    no_leftovers(&r).await
+    no_leftovers(&r)
 }
 
 /// A lazy executor working in `work`.
@@ -326,8 +324,8 @@ async fn lazy_and_eager_give_identical_results() -> TestResult {
         assert_eq!(comparable(ol.result.clone()), comparable(oe.result), "lazy and eager disagree");
         assert!(!ol.result.output_directories.is_empty() || ol.result.exit_code == 3);
     }
-    no_leftovers(&lazy).await?;
-    no_leftovers(&eager).await
+    no_leftovers(&lazy)?;
+    no_leftovers(&eager)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +417,6 @@ async fn fetch_failures_mid_run_are_infrastructure_failures() -> TestResult {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     let _server = ServeProcess::start_on(&storage, &listen)?;
     assert!(client.get_action_result(&d).await?.is_none());
-    exec.drain().await;
     let left: Vec<_> = std::fs::read_dir(tmp.path().join("work"))?.collect();
     assert!(left.is_empty(), "scratch left: {left:?}");
     Ok(())
@@ -449,7 +446,7 @@ async fn run_as_another_user_can_write_outputs_but_not_inputs() -> TestResult {
         assert_eq!(&r.client.read(&uid).await?[..], b"65534\n", "{mode:?}");
         assert!(files.contains_key("out/deep/copy.txt"), "{mode:?}");
         assert_eq!(stdout_of(&r, &o).await?, "input-protected\n", "{mode:?}: inputs stay read-only");
-        no_leftovers(&r).await?;
+        no_leftovers(&r)?;
     }
     Ok(())
 }

@@ -71,7 +71,7 @@ async fn a_fork_bomb_reaches_the_pids_limit_holds_it_and_leaves_nothing() -> Tes
     assert_eq!(stdout_of(&r, &o).await?, expected_forker_output(LIMIT), "children, error, retry, alive");
     let left = marked_processes(&mark);
     assert!(left.is_empty(), "processes of the action survived it: {left:?}");
-    no_leftovers(&r).await
+    no_leftovers(&r)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
