@@ -177,7 +177,8 @@ impl CasFs {
 
     /// A file is being read: when that continues a scan (files of a directory, or
     /// directories of a parent, in order), the next directories' small files are fetched
-    /// ahead of the reader.
+    /// ahead of the reader, and pushed into the page cache (see
+    /// [`CasFs::store_pages_with`]).
     pub fn note_read(&self, ino: u64) {
         if !self.tree.scans() {
             return;
@@ -204,6 +205,9 @@ impl CasFs {
     /// kernel knows their inodes: the reader then finds them cached instead of asking the
     /// daemon for each file. Only verified bytes from the local cache are pushed.
     pub fn store_pages_with(self: &Arc<Self>, store: PageStore) {
+        if !self.tree.scans() {
+            return;
+        }
         let (tx, rx) = mpsc::sync_channel::<u64>(16);
         if self.push.set(tx).is_err() {
             return;
