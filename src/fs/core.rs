@@ -1,8 +1,9 @@
 //! The protocol-neutral filesystem: lookups, attributes, listings, reads and xattrs over a
 //! Directory tree or the browse namespace, with no FUSE types (`fuse.rs` translates).
 
+use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, OnceLock, Weak};
 use std::time::SystemTime;
 
 use super::fetch::Fetcher;
@@ -46,13 +47,24 @@ impl Default for FsConfig {
     }
 }
 
+/// Puts a file inode's verified bytes into the kernel's page cache (a FUSE store
+/// notification), so that reading them costs no round trip to the daemon.
+pub type PageStore = Box<dyn Fn(u64, &[u8]) -> std::io::Result<()> + Send + Sync>;
+
+/// Most files one push puts into the page cache ahead of a scan's reader.
+const PUSH_AHEAD_FILES: usize = 8192;
+/// Largest file pushed (a page cache fill of small files only).
+const PUSH_MAX_BYTES: u64 = 64 << 10;
+
 /// The filesystem over one root node: a CAS Directory or a namespace's root folder.
 pub struct CasFs {
     inodes: Inodes,
     fetch: Arc<Fetcher>,
     cfg: FsConfig,
     tree: Arc<TreePrefetch>,
-    recorder: std::sync::OnceLock<Arc<super::record::Recorder>>,
+    recorder: OnceLock<Arc<super::record::Recorder>>,
+    /// Directories a scan reached, for the page pusher (see [`CasFs::store_pages_with`]).
+    push: OnceLock<mpsc::SyncSender<u64>>,
 }
 
 impl CasFs {
@@ -60,7 +72,14 @@ impl CasFs {
     /// folder (such as [`super::browse::root`]), read through `fetch`.
     pub fn new(root: Node, fetch: Arc<Fetcher>, cfg: FsConfig) -> Arc<Self> {
         let tree = Arc::new(TreePrefetch::new(fetch.clone()));
-        Arc::new(CasFs { inodes: Inodes::new(root), fetch, cfg, tree, recorder: Default::default() })
+        Arc::new(CasFs {
+            inodes: Inodes::new(root),
+            fetch,
+            cfg,
+            tree,
+            recorder: Default::default(),
+            push: Default::default(),
+        })
     }
 
     /// The attribute choices.
@@ -158,7 +177,8 @@ impl CasFs {
 
     /// A file is being read: when that continues a scan (files of a directory, or
     /// directories of a parent, in order), the next directories' small files are fetched
-    /// ahead of the reader.
+    /// ahead of the reader, and pushed into the page cache (see
+    /// [`CasFs::store_pages_with`]).
     pub fn note_read(&self, ino: u64) {
         if !self.tree.scans() {
             return;
@@ -173,6 +193,98 @@ impl CasFs {
         {
             self.tree.scan_ahead(pdir, digest, remote);
         }
+        if let Some(tx) = self.push.get() {
+            // Full: the pusher is busy with an earlier directory of the same scan.
+            let _ = tx.try_send(dir);
+        }
+    }
+
+    /// From now on a scan (see [`CasFs::note_read`]) also puts the small files of the
+    /// directory it reached and of the directories after it into the kernel's page cache
+    /// with `store`, from a thread of its own, as far as their bytes are in memory and the
+    /// kernel knows their inodes: the reader then finds them cached instead of asking the
+    /// daemon for each file. Only verified bytes from the local cache are pushed.
+    pub fn store_pages_with(self: &Arc<Self>, store: PageStore) {
+        if !self.tree.scans() {
+            return;
+        }
+        let (tx, rx) = mpsc::sync_channel::<u64>(16);
+        if self.push.set(tx).is_err() {
+            return;
+        }
+        let fs: Weak<CasFs> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("casfs-pages".into()).spawn(move || {
+            let mut done = HashSet::new();
+            // Ends when the filesystem (and with it the sender) is dropped.
+            while let Ok(dir) = rx.recv() {
+                let Some(fs) = fs.upgrade() else { return };
+                fs.push_ahead(dir, &store, &mut done);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no page pusher thread; scans read file by file");
+        }
+    }
+
+    /// Pushes directory inode `dir` and its later siblings, in listing order, up to the
+    /// first one not ready (see [`CasFs::push_dir`]); `done` holds directories pushed whole.
+    fn push_ahead(&self, dir: u64, store: &PageStore, done: &mut HashSet<u64>) {
+        let parent = self.inodes.parent(dir);
+        let (Ok(Some(Listing::Tree { dir: pdir, remote })), Some(Node::Dir { digest, .. })) =
+            (self.listing_now(parent), self.inodes.get(dir))
+        else {
+            return;
+        };
+        let Some(start) = pdir.dirs.iter().position(|c| c.digest == digest) else { return };
+        let mut files = 0;
+        for c in &pdir.dirs[start..] {
+            if files >= PUSH_AHEAD_FILES {
+                break;
+            }
+            let node = Node::Dir { digest: c.digest, remote: remote.clone() };
+            let Some(ino) = self.inodes.peek(parent, &c.name, &node) else { break };
+            if done.contains(&ino) {
+                continue;
+            }
+            match self.push_dir(ino, store) {
+                Some(n) => {
+                    done.insert(ino);
+                    files += n;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Pushes the small files of directory inode `dir` into the page cache; `None` when one
+    /// is not ready (its bytes not in the local cache yet, or its inode not known to the
+    /// kernel: listed by readdirplus or looked up), to be tried again later.
+    fn push_dir(&self, dir: u64, store: &PageStore) -> Option<usize> {
+        let Ok(Some(Listing::Tree { dir: d, remote })) = self.listing_now(dir) else { return None };
+        let m = self.fetch.metrics();
+        let mut pushed = 0;
+        for f in &d.files {
+            if f.digest.size() > PUSH_MAX_BYTES || f.digest.is_empty_blob() {
+                continue;
+            }
+            let node = Node::File { digest: f.digest, executable: f.executable, remote: remote.clone() };
+            // Verified bytes only: the local cache holds nothing else.
+            let ready = self.inodes.peek(dir, &f.name, &node).zip(self.fetch.bytes_now(&f.digest));
+            let refused = match &ready {
+                Some((ino, bytes)) => store(*ino, bytes).inspect_err(|e| {
+                    tracing::debug!(ino, error = %e, "the kernel refused a page cache fill");
+                    m.add("casfs_pages_refused_total", 1);
+                }),
+                None => Ok(()),
+            };
+            if ready.is_none() || refused.is_err() {
+                m.add("casfs_pages_pushed_total", pushed as u64);
+                return None;
+            }
+            pushed += 1;
+        }
+        m.add("casfs_pages_pushed_total", pushed as u64);
+        Some(pushed)
     }
 
     fn enter(&self, parent: u64, name: &str, node: Node) -> Attr {

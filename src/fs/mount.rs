@@ -300,6 +300,8 @@ pub fn mount(root: Root, cache: Arc<LocalCache>, cfg: MountConfig, metrics: Arc<
     fc.clone_fd = cfg.threads > 1;
     let session = fuser::spawn_mount(adapter, &cfg.mountpoint, &fc)
         .map_err(|e| Error::io(format!("mounting at {}", cfg.mountpoint.display()), e))?;
+    let notifier = session.notifier();
+    fs.store_pages_with(Box::new(move |ino, data| notifier.store(fuser::INodeNo(ino), 0, data)));
     let device = mounted_device(&cfg.mountpoint).unwrap_or_default();
     let guard = MountGuard { session: Some(session), mountpoint: cfg.mountpoint.clone(), device, fs };
     raise_readahead(&cfg.mountpoint);

@@ -183,6 +183,32 @@ fn a_scan_prefetches_the_next_directories_small_files_in_batches() -> TestResult
     Ok(())
 }
 
+/// The expected content of `dNNN/fNNN` in [`flat`].
+fn flat_content(name: &str) -> TestResult<Vec<u8>> {
+    let (d, f) = name.split_once('/').ok_or("name")?;
+    Ok(format!("d{} f{}\n", &d[1..].parse::<u32>()?, &f[1..].parse::<u32>()?).into_bytes())
+}
+
+#[test]
+fn a_scan_after_a_listing_reads_the_files_from_the_page_cache() -> TestResult {
+    require_fuse!();
+    let m = Mounted::new(flat(40), &[])?;
+    // As `find | xargs cat`: every directory listed (readdirplus), then the files in order.
+    let (mut dirs, mut files) = (0, Vec::new());
+    walk(m.mnt(), &mut dirs, &mut files)?;
+    assert_eq!((dirs, files.len()), (40, 2000));
+    for p in &files {
+        let name = p.strip_prefix(m.mnt())?.to_str().ok_or("name")?;
+        assert_eq!(std::fs::read(p)?, flat_content(name)?, "{name}");
+    }
+    let pushed = m.metric("casfs_pages_pushed_total")?;
+    let reads = m.metric("casfs_fuse_ops_total{op=\"read\"}")?;
+    eprintln!("scan of 2,000 listed files: {pushed} pushed into the page cache, {reads} reads reached the daemon");
+    assert!(pushed >= 1000, "{pushed} files pushed");
+    assert!(reads <= 1000, "{reads} of 2,000 files were read through the daemon");
+    Ok(())
+}
+
 /// A store that answers every read of one digest with other bytes of the same length.
 struct Lying {
     inner: casfs::cas::MemoryStore,
@@ -234,28 +260,44 @@ async fn a_server_lying_about_a_prefetched_blob_fails_that_file_only() -> TestRe
     assert_eq!(code, 0, "{err}");
     // From now on the server sends wrong bytes for one file well ahead of the reader.
     *store.lie.lock().unwrap() = Some(Digest::of_bytes(b"d12 f7\n"));
-    let metrics = format!("127.0.0.1:{}", free_port()?);
-    let m = MountProcess::start(
-        out.trim(),
-        &tmp.path().join("mnt"),
-        &server.url,
-        &tmp.path().join("cache"),
-        &["--metrics-listen", &metrics],
-    )?;
-    let mnt = m.mountpoint.clone();
-    let mut failed = Vec::new();
-    for (name, r) in tokio::task::spawn_blocking(move || scan(&mnt, 20)).await? {
-        match r {
-            Ok(bytes) => assert!(bytes.starts_with(b"d") && !bytes.contains(&b'\0'), "{name}: {bytes:?}"),
-            Err(e) => {
-                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
-                failed.push(name);
+    // Files found by lookups, then files listed first (whose bytes are pushed into the
+    // page cache ahead of the reader: never the refused ones).
+    for listed in [false, true] {
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let m = MountProcess::start(
+            out.trim(),
+            &tmp.path().join(format!("mnt-{listed}")),
+            &server.url,
+            &tmp.path().join(format!("cache-{listed}")),
+            &["--metrics-listen", &metrics],
+        )?;
+        let mnt = m.mountpoint.clone();
+        let mut failed = Vec::new();
+        let reads = tokio::task::spawn_blocking(move || -> TestResult<_> {
+            if listed {
+                let (mut dirs, mut files) = (0, Vec::new());
+                walk(&mnt, &mut dirs, &mut files)?;
+                assert_eq!(files.len(), 1000);
+            }
+            Ok(scan(&mnt, 20))
+        })
+        .await??;
+        for (name, r) in reads {
+            match r {
+                Ok(bytes) => assert_eq!(bytes, flat_content(&name)?, "{name}"),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+                    failed.push(name);
+                }
             }
         }
+        assert_eq!(failed, vec!["d012/f007".to_string()], "listed first: {listed}");
+        let text = http_get(&metrics, "/metrics")?;
+        assert!(metric(&text, "casfs_scan_prefetch_blobs_total")? >= 50, "no prefetch happened:\n{text}");
+        if listed {
+            assert!(metric(&text, "casfs_pages_pushed_total")? >= 50, "nothing pushed:\n{text}");
+        }
+        assert!(signal(m.pid, 0), "daemon died");
     }
-    assert_eq!(failed, vec!["d012/f007".to_string()]);
-    let text = http_get(&metrics, "/metrics")?;
-    assert!(metric(&text, "casfs_scan_prefetch_blobs_total")? >= 50, "no prefetch happened:\n{text}");
-    assert!(signal(m.pid, 0), "daemon died");
     Ok(())
 }
