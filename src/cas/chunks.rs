@@ -38,7 +38,7 @@ impl ChunkParams {
     pub fn from_proto(p: &reapi::FastCdc2020Params) -> Option<Self> {
         let avg = p.avg_chunk_size_bytes;
         ((1 << 10)..=(1 << 20)).contains(&avg).then_some(())?;
-        (avg % 8 == 0).then_some(ChunkParams { avg: avg as u32, seed: p.seed })
+        avg.is_multiple_of(8).then_some(ChunkParams { avg: avg as u32, seed: p.seed })
     }
 
     /// The parameters as advertised in Capabilities.

@@ -65,6 +65,10 @@ impl Splitter {
         if !backend.cas.find_missing(&[blob]).await.map_err(status)?.is_empty() {
             return Err(Status::not_found(format!("blob {blob} is not in the CAS")));
         }
+        // A store that splits blobs itself (another server behind this one) is asked first.
+        if let Some(list) = backend.cas.split(&blob).await.map_err(status)? {
+            return Ok(answer(&list));
+        }
         let key = (req.instance_name.clone(), blob);
         if let Some(list) = self.known.get(&key) {
             // The chunks' lifetimes are extended by the same check.
@@ -73,10 +77,7 @@ impl Splitter {
             }
             self.known.invalidate(&key);
         }
-        let list = match backend.cas.split(&blob).await.map_err(status)? {
-            Some(list) => list,
-            None => chunks::split_stored(&backend.cas, &blob, PARAMS).await.map_err(status)?,
-        };
+        let list = chunks::split_stored(&backend.cas, &blob, PARAMS).await.map_err(status)?;
         tracing::debug!(blob = %blob, chunks = list.len(), "split");
         self.known.insert(key, Arc::new(list.clone()));
         Ok(answer(&list))

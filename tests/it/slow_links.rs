@@ -176,7 +176,13 @@ fn a_large_file_reads_over_a_link_slower_than_the_fetch_timeout() -> TestResult 
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s", "--no-chunking"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "1s", "--no-chunking"],
+    )?;
     let started = Instant::now();
     let got = digest_of(&mnt.join("big.bin"));
     let took = started.elapsed();
@@ -200,7 +206,13 @@ fn a_server_killed_mid_stream_is_resumed_from_its_offset() -> TestResult {
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "2s", "--no-chunking"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "2s", "--no-chunking"],
+    )?;
     let path = mnt.join("big.bin");
     let reader = std::thread::spawn(move || digest_of(&path));
     // The mount's bounded resumes end every read (bytes or EIO), so this loop ends too.
@@ -234,7 +246,13 @@ fn a_server_stalled_mid_stream_gives_eio_in_bounded_time_then_recovers() -> Test
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s", "--no-chunking"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "1s", "--no-chunking"],
+    )?;
     let path = mnt.join("big.bin");
     let cat = std::process::Command::new("timeout")
         .arg("60")

@@ -78,10 +78,8 @@ impl GrpcStore {
             digest_function: f.proto_value(),
             chunking_function: chunking_function::Value::FastCdc2020 as i32,
         };
-        let resp = self
-            .retry
-            .unary("SplitBlob", &self.cas(), &req, |mut c, r| async move { c.split_blob(r).await })
-            .await?;
+        let resp =
+            self.retry.unary("SplitBlob", &self.cas(), &req, |mut c, r| async move { c.split_blob(r).await }).await?;
         let list = resp.chunk_digests.iter().map(|d| Digest::from_proto_with(f, d)).collect::<Result<Vec<_>, _>>()?;
         Ok(Some(list))
     }
@@ -94,9 +92,7 @@ impl GrpcStore {
             digest_function: digest.function().proto_value(),
             chunking_function: chunking_function::Value::FastCdc2020 as i32,
         };
-        self.retry
-            .unary("SpliceBlob", &self.cas(), &req, |mut c, r| async move { c.splice_blob(r).await })
-            .await?;
+        self.retry.unary("SpliceBlob", &self.cas(), &req, |mut c, r| async move { c.splice_blob(r).await }).await?;
         Ok(())
     }
 
@@ -198,10 +194,8 @@ fn chunk_stream(store: GrpcStore, list: Vec<Digest>) -> ByteStream {
                 for (d, r) in store.read_many(&distinct).await? {
                     got.insert(d, r?);
                 }
-                let bytes = group
-                    .into_iter()
-                    .map(|d| got.get(&d).cloned().ok_or(Error::MissingBlob(d)))
-                    .collect::<Vec<_>>();
+                let bytes =
+                    group.into_iter().map(|d| got.get(&d).cloned().ok_or(Error::MissingBlob(d))).collect::<Vec<_>>();
                 Ok::<_, Error>(futures::stream::iter(bytes))
             }
         })
