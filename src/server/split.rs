@@ -78,7 +78,7 @@ impl Splitter {
             self.known.invalidate(&key);
         }
         let list = chunks::split_stored(&backend.cas, &blob, PARAMS).await.map_err(status)?;
-        tracing::debug!(blob = %blob, chunks = list.len(), "split");
+        tracing::info!(blob = %blob, chunks = list.len(), "split");
         self.known.insert(key, Arc::new(list.clone()));
         Ok(answer(&list))
     }
@@ -118,7 +118,7 @@ impl Splitter {
             }
             e => status(e),
         })?;
-        tracing::debug!(blob = %blob, chunks = list.len(), "spliced");
+        tracing::info!(blob = %blob, chunks = list.len(), "spliced");
         self.known.insert((req.instance_name, blob), Arc::new(list));
         Ok(done)
     }
