@@ -184,6 +184,18 @@ fn a_changed_mib_is_all_a_reupload_sends_and_all_a_mount_fetches() -> TestResult
     let m1 = MountProcess::start(&root1, &tmp.path().join("mnt1"), &proxy.url(), &cache, &[])?;
     assert_eq!(casfs::digest::hash_file(&m1.mountpoint.join("big.bin"))?, d1);
     drop(m1);
+    // A cached chunk the new version shares goes bad on disk: it is fetched again, never served.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let list =
+        rt.block_on(async { GrpcStore::new(&RemoteConfig::new(&server.url))?.split(&d2).await })?.ok_or("no split")?;
+    let shared = list
+        .iter()
+        .map(|c| cache.join("cas").join(&c.hash_hex()[..2]).join(c.hash_hex()))
+        .find(|p| p.exists())
+        .ok_or("no chunk of the new version in the cache")?;
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let len = std::fs::metadata(&shared)?.len() as usize;
+    std::fs::write(&shared, vec![b'X'; len])?;
     let before = proxy.down_bytes();
     let m2 = MountProcess::start(&root2, &tmp.path().join("mnt2"), &proxy.url(), &cache, &[])?;
     let got = casfs::digest::hash_file(&m2.mountpoint.join("big.bin"));

@@ -45,15 +45,37 @@ impl Fetcher {
             tracing::warn!(digest = %digest, error = %e, "unusable chunk list; fetching the blob whole");
             return Ok(false);
         }
+        self.metrics.add("casfs_chunked_fetches_total", 1);
+        // The first attempt trusts the cached chunks' files (the whole is verified as it
+        // enters the cache, which is what readers rely on). If it fails, the second checks
+        // each cached chunk first (a corrupt one is dropped and fetched again); what still
+        // does not make the blob is the server's lie.
+        match self.assemble(digest, &list, remote, false).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::info!(digest = %digest, error = %e, "assembling from chunks failed; checking the cached chunks");
+                self.assemble(digest, &list, remote, true).await.map(|()| true)
+            }
+        }
+    }
+
+    /// Fetches the chunks of `list` not in the cache (`check`: nor failing a check of their
+    /// bytes), then streams them all into the cache as `digest`, verified whole.
+    async fn assemble(&self, digest: Digest, list: &[Digest], remote: &SharedCas, check: bool) -> Result<()> {
         let mut missing = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for c in &list {
-            if seen.insert(*c) && !c.is_empty_blob() && !self.cache.ready(c) && !self.cache.check(c).await? {
+        for c in list {
+            if !seen.insert(*c) || c.is_empty_blob() {
+                continue;
+            }
+            let here = if check { self.cache.ready(c) || self.cache.check(c).await? } else { self.cache.contains(c) };
+            if !here {
                 missing.push(*c);
             }
         }
-        self.metrics.add("casfs_chunked_fetches_total", 1);
-        self.metrics.add("casfs_chunks_reused_total", (seen.len() - missing.len()) as u64);
+        if !check {
+            self.metrics.add("casfs_chunks_reused_total", (seen.len() - missing.len()) as u64);
+        }
         let mut group = Vec::new();
         let mut bytes = 0;
         for c in missing {
@@ -68,10 +90,17 @@ impl Fetcher {
             self.fetch_chunks(digest, group, remote).await?;
         }
         let (cache, remote) = (self.cache.clone(), remote.clone());
-        let joined = futures::stream::iter(list)
+        let joined = futures::stream::iter(list.to_vec())
             .then(move |c| {
                 let (cache, remote) = (cache.clone(), remote.clone());
                 async move {
+                    // The first attempt reads a cached chunk's file as it is: the whole is
+                    // verified anyway, and a mismatch sends us to the checked attempt.
+                    if !check && cache.bytes_now(&c).is_none() {
+                        if let Ok(Some(f)) = cache.file_now(&c) {
+                            return Ok(crate::cas::file_range_stream(f, c, 0, 0));
+                        }
+                    }
                     match cache.read_stream(&c, 0, 0).await {
                         Ok(s) => Ok(s),
                         // Gone from the cache meanwhile: fetched again (verified).
@@ -83,9 +112,10 @@ impl Fetcher {
             .try_flatten()
             .boxed();
         self.cache.insert_stream(&digest, joined).await.inspect_err(|e| {
-            tracing::error!(digest = %digest, error = %e, "chunks from the server do not make the blob");
-        })?;
-        Ok(true)
+            if check {
+                tracing::error!(digest = %digest, error = %e, "chunks from the server do not make the blob");
+            }
+        })
     }
 
     /// Fetches chunks into the cache (each verified by `read_many`), within the in-flight
