@@ -66,4 +66,8 @@ impl Cas for AccessLog {
         }
         self.inner.read_many(digests).await
     }
+
+    async fn split(&self, digest: &Digest) -> Result<Option<Vec<Digest>>> {
+        self.inner.split(digest).await
+    }
 }

@@ -27,6 +27,8 @@ pub struct RemoteConfig {
     pub retries: u32,
     /// Deadline for one attempt of a unary call, and for each message of a stream.
     pub rpc_timeout: Duration,
+    /// Transfer large blobs by their chunks when the server offers SplitBlob/SpliceBlob.
+    pub chunking: bool,
 }
 
 impl RemoteConfig {
@@ -40,6 +42,7 @@ impl RemoteConfig {
             tls_client_identity: None,
             retries: 5,
             rpc_timeout: Duration::from_secs(60),
+            chunking: true,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::tree::Directory;
 pub mod access_log;
 pub mod asset;
 pub(crate) mod channel;
+pub mod chunks;
 pub(crate) mod disk;
 pub mod execution;
 pub(crate) mod grpc;
@@ -134,6 +135,14 @@ pub trait Cas: Send + Sync + 'static {
     /// the store has no such call (walk with [`Cas::read_many`]). Dropping the stream ends
     /// the call, so a caller bounds what it receives.
     async fn tree_pages(&self, _root: &Digest) -> Result<Option<TreePages>> {
+        Ok(None)
+    }
+
+    /// The chunks a stored blob splits into as the store itself keeps or computes them
+    /// (REAPI SplitBlob), in order, each stored. `None`: the store does not split blobs
+    /// (a server then chunks the blob itself with [`chunks::split_stored`]). A chunk list
+    /// proves nothing: whoever assembles the chunks verifies the whole against `digest`.
+    async fn split(&self, _digest: &Digest) -> Result<Option<Vec<Digest>>> {
         Ok(None)
     }
 }

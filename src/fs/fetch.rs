@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::tree::Directory;
 
+mod chunked;
+
 /// Most bytes one sibling batch brings in.
 const SIBLING_BATCH_BYTES: u64 = 3 << 20;
 /// Granularity of the in-flight bound.
@@ -460,6 +462,10 @@ impl Fetcher {
     /// [`crate::cas::resume`]).
     async fn fetch_large(&self, digest: Digest, remote: &SharedCas) -> Result<()> {
         let started = Instant::now();
+        if self.fetch_chunked(digest, remote).await? {
+            self.metrics.add("casfs_fetch_blobs_total", 1);
+            return Ok(());
+        }
         let cas = remote.clone();
         let open: crate::cas::resume::Open<'static> = Box::new(move |offset| {
             let cas = cas.clone();

@@ -32,9 +32,9 @@ pub fn server_capabilities(exec_enabled: bool, ac_update_enabled: bool) -> reapi
             supported_compressors: vec![],
             supported_batch_update_compressors: vec![],
             max_cas_blob_size_bytes: 0,
-            split_blob_support: false,
-            splice_blob_support: false,
-            fast_cdc_2020_params: None,
+            split_blob_support: true,
+            splice_blob_support: true,
+            fast_cdc_2020_params: Some(super::split::PARAMS.to_proto()),
             rep_max_cdc_params: None,
         }),
         execution_capabilities: Some(reapi::ExecutionCapabilities {

@@ -16,11 +16,12 @@ use crate::proto::rpc;
 
 pub(super) struct CasService {
     instances: Arc<Instances>,
+    splitter: super::split::Splitter,
 }
 
 impl CasService {
     pub(super) fn new(instances: Arc<Instances>) -> Self {
-        CasService { instances }
+        CasService { instances, splitter: super::split::Splitter::new() }
     }
 }
 
@@ -197,15 +198,15 @@ impl ContentAddressableStorage for CasService {
 
     async fn split_blob(
         &self,
-        _: Request<reapi::SplitBlobRequest>,
+        req: Request<reapi::SplitBlobRequest>,
     ) -> Result<Response<reapi::SplitBlobResponse>, Status> {
-        Err(Status::unimplemented("SplitBlob is not supported (split_blob_support is false)"))
+        self.splitter.split(&self.instances, req.into_inner()).await.map(Response::new)
     }
 
     async fn splice_blob(
         &self,
-        _: Request<reapi::SpliceBlobRequest>,
+        req: Request<reapi::SpliceBlobRequest>,
     ) -> Result<Response<reapi::SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented("SpliceBlob is not supported (splice_blob_support is false)"))
+        self.splitter.splice(&self.instances, req.into_inner()).await.map(Response::new)
     }
 }

@@ -35,6 +35,7 @@ mod instances;
 pub use instances::{check_name as check_instance_name, Instances};
 pub(crate) mod resource;
 pub mod scheduler;
+mod split;
 
 /// Largest total of blob bytes one batch request may carry; advertised in Capabilities and
 /// enforced. Below the 4 MiB gRPC message limit so a full batch still fits one message.

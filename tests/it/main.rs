@@ -3,6 +3,7 @@
 #[macro_use]
 mod common;
 mod browse;
+mod chunking;
 mod cli_status;
 mod conformance;
 mod digest_cli;

@@ -1,7 +1,8 @@
 //! Slow and broken links between a mount and its server: a large file reads over a link far
 //! slower than `--fetch-timeout` allows for the whole transfer, a server killed and
 //! restarted mid-stream is resumed from where it stopped, and a server that stalls mid-stream
-//! gives EIO within a bounded time. The link is a rate-limiting TCP proxy in the test.
+//! gives EIO within a bounded time. The link is a rate-limiting TCP proxy in the test. These
+//! are about whole-blob streams, so chunked reads (tests/it/chunking.rs) are turned off.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// Bytes forwarded from the server to clients so far.
     pub down: Arc<AtomicU64>,
+    /// Bytes forwarded from clients to the server so far.
+    pub up: Arc<AtomicU64>,
     /// While set, nothing is forwarded in either direction (connections stay open).
     pub stalled: Arc<AtomicBool>,
     _rt: tokio::runtime::Runtime,
@@ -36,12 +39,14 @@ impl Proxy {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         let down = Arc::new(AtomicU64::new(0));
+        let up = Arc::new(AtomicU64::new(0));
         let stalled = Arc::new(AtomicBool::new(false));
         let link = Arc::new(Link {
             rate,
             delay,
             next: Mutex::new(Instant::now()),
             down: down.clone(),
+            up: up.clone(),
             stalled: stalled.clone(),
         });
         rt.spawn(async move {
@@ -61,7 +66,7 @@ impl Proxy {
                 });
             }
         });
-        Ok(Proxy { addr, down, stalled, _rt: rt })
+        Ok(Proxy { addr, down, up, stalled, _rt: rt })
     }
 
     /// The proxy's URL for clients.
@@ -81,6 +86,7 @@ struct Link {
     /// When the bucket can send its next byte.
     next: Mutex<Instant>,
     down: Arc<AtomicU64>,
+    up: Arc<AtomicU64>,
     stalled: Arc<AtomicBool>,
 }
 
@@ -116,9 +122,8 @@ impl Link {
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
             }
-            if down {
-                self.down.fetch_add(n as u64, Ordering::Relaxed);
-            }
+            let counter = if down { &self.down } else { &self.up };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
@@ -171,7 +176,13 @@ fn a_large_file_reads_over_a_link_slower_than_the_fetch_timeout() -> TestResult 
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "1s", "--no-chunking"],
+    )?;
     let started = Instant::now();
     let got = digest_of(&mnt.join("big.bin"));
     let took = started.elapsed();
@@ -195,7 +206,13 @@ fn a_server_killed_mid_stream_is_resumed_from_its_offset() -> TestResult {
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "2s"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "2s", "--no-chunking"],
+    )?;
     let path = mnt.join("big.bin");
     let reader = std::thread::spawn(move || digest_of(&path));
     // The mount's bounded resumes end every read (bytes or EIO), so this loop ends too.
@@ -229,7 +246,13 @@ fn a_server_stalled_mid_stream_gives_eio_in_bounded_time_then_recovers() -> Test
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s"])?;
+    let m = MountProcess::start(
+        &root,
+        &mnt,
+        &proxy.url(),
+        &tmp.path().join("cache"),
+        &["--fetch-timeout", "1s", "--no-chunking"],
+    )?;
     let path = mnt.join("big.bin");
     let cat = std::process::Command::new("timeout")
         .arg("60")
@@ -274,7 +297,7 @@ fn casfs_download_resumes_after_a_server_restart() -> TestResult {
     let child = std::process::Command::new(casfs_bin())
         .args(["download", &root])
         .arg(&dest)
-        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s"])
+        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s", "--no-chunking"])
         .env("CASFS_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

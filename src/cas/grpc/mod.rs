@@ -15,6 +15,7 @@ use super::{verify, ByteStream, Cas};
 use upload::write_requests;
 
 mod action_cache;
+mod chunked;
 mod upload;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -36,12 +37,15 @@ const FIND_MISSING_CHUNK: usize = 8192;
 /// Batch requests in flight at once.
 const PARALLEL_BATCHES: usize = 4;
 
-/// A `Cas` + `ActionCache` backed by a remote REAPI server.
+/// A `Cas` + `ActionCache` backed by a remote REAPI server (clones share the connection).
+#[derive(Clone)]
 pub struct GrpcStore {
     conn: Conn,
     instance: String,
     retry: Retry,
     max_batch: OnceCell<u64>,
+    /// What the server offers for chunked blobs; preset to nothing without `cfg.chunking`.
+    chunking: OnceCell<chunked::Chunking>,
 }
 
 impl GrpcStore {
@@ -52,6 +56,7 @@ impl GrpcStore {
             instance: cfg.instance_name.clone(),
             retry: Retry { retries: cfg.retries, timeout: cfg.rpc_timeout },
             max_batch: OnceCell::new(),
+            chunking: if cfg.chunking { OnceCell::new() } else { OnceCell::new_with(Some(Default::default())) },
         })
     }
 
@@ -446,6 +451,9 @@ impl Cas for GrpcStore {
     }
 
     async fn write_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        if let Some(done) = self.upload_chunked(digest, path).await {
+            return done;
+        }
         let path = path.to_path_buf();
         self.retry
             .run(&format!("ByteStream.Write {digest} from {}", path.display()), || {
@@ -459,7 +467,20 @@ impl Cas for GrpcStore {
     }
 
     async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<()> {
+        if let Some(chunks) = self.read_chunked(digest).await {
+            // Bytes that do not match are the server's lie, not a reason to ask again.
+            match super::stream_to_file(digest, chunks, path).await {
+                Err(e) if !matches!(e, Error::DigestMismatch { .. }) => {
+                    tracing::warn!(digest = %digest, error = %e, "chunked read failed; reading the blob whole")
+                }
+                done => return done,
+            }
+        }
         super::stream_to_file(digest, self.read_resuming(digest), path).await
+    }
+
+    async fn split(&self, digest: &Digest) -> Result<Option<Vec<Digest>>> {
+        self.split_rpc(digest).await
     }
 
     async fn tree_pages(&self, root: &Digest) -> Result<Option<super::TreePages>> {
