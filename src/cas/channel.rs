@@ -42,7 +42,7 @@ impl RemoteConfig {
             tls_client_identity: None,
             retries: 5,
             rpc_timeout: Duration::from_secs(60),
-            chunking: true,
+            chunking: false,
         }
     }
 }

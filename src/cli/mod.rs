@@ -63,10 +63,10 @@ pub struct ConnArgs {
     /// for its next bytes (a stalled or broken download resumes where it stopped).
     #[arg(long, env = "CASFS_RPC_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub rpc_timeout: Duration,
-    /// Never transfer large blobs by their chunks (SplitBlob/SpliceBlob), even when the
-    /// server offers it: upload and read them whole.
-    #[arg(long, env = "CASFS_NO_CHUNKING")]
-    pub no_chunking: bool,
+    /// Transfer large blobs by their chunks (SplitBlob/SpliceBlob) when the server offers
+    /// it: fewer bytes for a new version of a large file, more work for a first one.
+    #[arg(long, env = "CASFS_CHUNKING")]
+    pub chunking: bool,
 }
 
 /// The local blob cache shared by mounts, `casfs run` and `casfs worker`.
@@ -180,7 +180,7 @@ impl ConnArgs {
         cfg.tls_client_identity = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
-        cfg.chunking = !self.no_chunking;
+        cfg.chunking = self.chunking;
         for h in &self.remote_headers {
             cfg.headers.push(casfs::cas::parse_header(h)?);
         }

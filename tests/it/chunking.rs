@@ -57,7 +57,7 @@ async fn split_then_splice_round_trips_and_capabilities_say_so() -> TestResult {
     let params = cache.fast_cdc_2020_params.ok_or("no FastCDC parameters")?;
     assert_eq!((params.avg_chunk_size_bytes, params.seed), (512 << 10, 0));
 
-    let store = GrpcStore::new(&RemoteConfig::new(&server.url))?;
+    let store = GrpcStore::new(&chunking_client(&server.url))?;
     let data = Bytes::from(pseudo_random(21, 9 << 20));
     let blob = Digest::of_bytes(&data);
     store.write(&blob, data.clone()).await?;
@@ -135,6 +135,13 @@ async fn splice_refuses_missing_chunks_wrong_digests_and_lying_sizes() -> TestRe
     Ok(())
 }
 
+/// A client config with chunked transfers on (they are opt-in).
+fn chunking_client(url: &str) -> RemoteConfig {
+    let mut cfg = RemoteConfig::new(url);
+    cfg.chunking = true;
+    cfg
+}
+
 /// Writes `data` as `dir/big.bin` and uploads `dir` through `url`; returns the root digest.
 fn upload(dir: &Path, data: &[u8], url: &str, extra: &[&str]) -> TestResult<String> {
     std::fs::create_dir_all(dir)?;
@@ -153,17 +160,17 @@ fn a_changed_mib_is_all_a_reupload_sends_and_all_a_mount_fetches() -> TestResult
     let proxy = Proxy::start(server.url.strip_prefix("grpc://").ok_or("url")?.parse()?, 1 << 40, Default::default())?;
     let size = big_mib() << 20;
     let mut data = pseudo_random(5, size);
-    let root1 = upload(&tmp.path().join("v1"), &data, &proxy.url(), &[])?;
+    let root1 = upload(&tmp.path().join("v1"), &data, &proxy.url(), &["--chunking"])?;
     let first = proxy.up.load(std::sync::atomic::Ordering::Relaxed);
     let d1 = Digest::of_bytes(&data);
     data[size / 2..size / 2 + (1 << 20)].copy_from_slice(&pseudo_random(6, 1 << 20));
     let d2 = Digest::of_bytes(&data);
-    let root2 = upload(&tmp.path().join("v2"), &data, &proxy.url(), &[])?;
+    let root2 = upload(&tmp.path().join("v2"), &data, &proxy.url(), &["--chunking"])?;
     let sent = proxy.up.load(std::sync::atomic::Ordering::Relaxed) - first;
     // The same change uploaded whole, for comparison.
     data[size / 4..size / 4 + (1 << 20)].copy_from_slice(&pseudo_random(7, 1 << 20));
     let before = proxy.up.load(std::sync::atomic::Ordering::Relaxed);
-    upload(&tmp.path().join("v3"), &data, &proxy.url(), &["--no-chunking"])?;
+    upload(&tmp.path().join("v3"), &data, &proxy.url(), &[])?;
     let whole = proxy.up.load(std::sync::atomic::Ordering::Relaxed) - before;
     drop(data);
     eprintln!(
@@ -175,19 +182,20 @@ fn a_changed_mib_is_all_a_reupload_sends_and_all_a_mount_fetches() -> TestResult
 
     // casfs download by chunks gets the right bytes.
     let dest = tmp.path().join("dest");
-    let (code, _, err) = casfs(&["download", &root2, dest.to_str().ok_or("path")?, "--remote", &proxy.url()])?;
+    let (code, _, err) =
+        casfs(&["download", &root2, dest.to_str().ok_or("path")?, "--remote", &proxy.url(), "--chunking"])?;
     assert_eq!(code, 0, "{err}");
     assert_eq!(casfs::digest::hash_file(&dest.join("big.bin"))?, d2);
 
     require_fuse!();
     let cache = tmp.path().join("cache");
-    let m1 = MountProcess::start(&root1, &tmp.path().join("mnt1"), &proxy.url(), &cache, &[])?;
+    let m1 = MountProcess::start(&root1, &tmp.path().join("mnt1"), &proxy.url(), &cache, &["--chunking"])?;
     assert_eq!(casfs::digest::hash_file(&m1.mountpoint.join("big.bin"))?, d1);
     drop(m1);
     // A cached chunk the new version shares goes bad on disk: it is fetched again, never served.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let list =
-        rt.block_on(async { GrpcStore::new(&RemoteConfig::new(&server.url))?.split(&d2).await })?.ok_or("no split")?;
+        rt.block_on(async { GrpcStore::new(&chunking_client(&server.url))?.split(&d2).await })?.ok_or("no split")?;
     let shared = list
         .iter()
         .map(|c| cache.join("cas").join(&c.hash_hex()[..2]).join(c.hash_hex()))
@@ -197,7 +205,7 @@ fn a_changed_mib_is_all_a_reupload_sends_and_all_a_mount_fetches() -> TestResult
     let len = std::fs::metadata(&shared)?.len() as usize;
     std::fs::write(&shared, vec![b'X'; len])?;
     let before = proxy.down_bytes();
-    let m2 = MountProcess::start(&root2, &tmp.path().join("mnt2"), &proxy.url(), &cache, &[])?;
+    let m2 = MountProcess::start(&root2, &tmp.path().join("mnt2"), &proxy.url(), &cache, &["--chunking"])?;
     let got = casfs::digest::hash_file(&m2.mountpoint.join("big.bin"));
     let fetched = proxy.down_bytes() - before;
     assert_eq!(got.map_err(|e| format!("{e}\n{}", m2.log_text()))?, d2, "wrong bytes");
@@ -249,10 +257,10 @@ async fn a_lying_chunk_list_is_an_error_never_wrong_bytes() -> TestResult {
     let liar = Arc::new(LyingSplits { inner: mem.clone(), target, decoy: decoy_d });
     let server = serve_in_process(Backend::new(liar, mem.clone())).await?;
     let (url, dir) = (server.url.clone(), tmp.path().to_path_buf());
-    let root = tokio::task::spawn_blocking(move || upload(&dir.join("src"), &real, &url, &[])).await??;
+    let root = tokio::task::spawn_blocking(move || upload(&dir.join("src"), &real, &url, &["--chunking"])).await??;
 
     let dest = tmp.path().join("dest");
-    let args = ["download", &root, dest.to_str().ok_or("path")?, "--remote", &server.url];
+    let args = ["download", &root, dest.to_str().ok_or("path")?, "--remote", &server.url, "--chunking"];
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let (code, _, err) =
         tokio::task::spawn_blocking(move || casfs(&args.iter().map(String::as_str).collect::<Vec<_>>())).await??;
@@ -264,7 +272,7 @@ async fn a_lying_chunk_list_is_an_error_never_wrong_bytes() -> TestResult {
     require_fuse!();
     let (url, dir) = (server.url.clone(), tmp.path().to_path_buf());
     let (code, stderr, log) = tokio::task::spawn_blocking(move || -> TestResult<(i32, String, String)> {
-        let m = MountProcess::start(&root, &dir.join("mnt"), &url, &dir.join("cache"), &[])?;
+        let m = MountProcess::start(&root, &dir.join("mnt"), &url, &dir.join("cache"), &["--chunking"])?;
         let out =
             std::process::Command::new("timeout").arg("60").arg("cat").arg(m.mountpoint.join("big.bin")).output()?;
         Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), m.log_text()))

@@ -242,7 +242,7 @@ fn corrupt_blobs_give_eio_and_never_reach_the_cache() -> TestResult {
     let mnt = tmp.path().join("mnt");
     // Whole-blob reads: read by its chunks (intact in the server's store), the large file
     // would be assembled and verified correct despite its corrupt whole copy.
-    let m = MountProcess::start(out.trim(), &mnt, &server.url, &cache, &["--no-chunking"])?;
+    let m = MountProcess::start(out.trim(), &mnt, &server.url, &cache, &[])?;
     for (name, d) in [("small", ds), ("large", dl)] {
         let (code, stderr) = cat_with_limit(&mnt.join(name), 60)?;
         assert_ne!(code, 0, "{name} read despite corruption");

@@ -176,13 +176,7 @@ fn a_large_file_reads_over_a_link_slower_than_the_fetch_timeout() -> TestResult 
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(
-        &root,
-        &mnt,
-        &proxy.url(),
-        &tmp.path().join("cache"),
-        &["--fetch-timeout", "1s", "--no-chunking"],
-    )?;
+    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s"])?;
     let started = Instant::now();
     let got = digest_of(&mnt.join("big.bin"));
     let took = started.elapsed();
@@ -206,13 +200,7 @@ fn a_server_killed_mid_stream_is_resumed_from_its_offset() -> TestResult {
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(
-        &root,
-        &mnt,
-        &proxy.url(),
-        &tmp.path().join("cache"),
-        &["--fetch-timeout", "2s", "--no-chunking"],
-    )?;
+    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "2s"])?;
     let path = mnt.join("big.bin");
     let reader = std::thread::spawn(move || digest_of(&path));
     // The mount's bounded resumes end every read (bytes or EIO), so this loop ends too.
@@ -246,13 +234,7 @@ fn a_server_stalled_mid_stream_gives_eio_in_bounded_time_then_recovers() -> Test
     let (root, digest) = upload_big(tmp.path(), &server.url, size)?;
     let proxy = Proxy::start(upstream(&server.url)?, RATE, Duration::ZERO)?;
     let mnt = tmp.path().join("mnt");
-    let m = MountProcess::start(
-        &root,
-        &mnt,
-        &proxy.url(),
-        &tmp.path().join("cache"),
-        &["--fetch-timeout", "1s", "--no-chunking"],
-    )?;
+    let m = MountProcess::start(&root, &mnt, &proxy.url(), &tmp.path().join("cache"), &["--fetch-timeout", "1s"])?;
     let path = mnt.join("big.bin");
     let cat = std::process::Command::new("timeout")
         .arg("60")
@@ -297,7 +279,7 @@ fn casfs_download_resumes_after_a_server_restart() -> TestResult {
     let child = std::process::Command::new(casfs_bin())
         .args(["download", &root])
         .arg(&dest)
-        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s", "--no-chunking"])
+        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s"])
         .env("CASFS_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
