@@ -27,7 +27,13 @@ pub struct RemoteConfig {
     pub retries: u32,
     /// Deadline for one attempt of a unary call, and for each message of a stream.
     pub rpc_timeout: Duration,
+    /// Blobs of at least this many bytes travel zstd-compressed when the server offers zstd
+    /// (`None`: never).
+    pub compress_threshold: Option<u64>,
 }
+
+/// The default of [`RemoteConfig::compress_threshold`]: below a few KiB, zstd gains little.
+pub const DEFAULT_COMPRESS_THRESHOLD: u64 = 4 << 10;
 
 impl RemoteConfig {
     /// A config for `url` with defaults for everything else.
@@ -40,6 +46,7 @@ impl RemoteConfig {
             tls_client_identity: None,
             retries: 5,
             rpc_timeout: Duration::from_secs(60),
+            compress_threshold: Some(DEFAULT_COMPRESS_THRESHOLD),
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::tree::Directory;
 pub mod access_log;
 pub mod asset;
 pub(crate) mod channel;
+pub mod compress;
 pub(crate) mod disk;
 pub mod execution;
 pub(crate) mod grpc;

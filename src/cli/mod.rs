@@ -63,6 +63,22 @@ pub struct ConnArgs {
     /// for its next bytes (a stalled or broken download resumes where it stopped).
     #[arg(long, env = "CASFS_RPC_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub rpc_timeout: Duration,
+    /// Blobs of at least this size (4K, 1M, …) travel zstd-compressed when the server offers
+    /// zstd; `off` (or 0) never compresses.
+    #[arg(long, env = "CASFS_COMPRESS_THRESHOLD", default_value = "4K", value_parser = parse_threshold)]
+    pub compress_threshold: Threshold,
+}
+
+/// A `--compress-threshold`: `None` when compression is off.
+#[derive(Clone, Copy, Debug)]
+pub struct Threshold(pub Option<u64>);
+
+/// Parses `off`, `0` or a size.
+pub fn parse_threshold(s: &str) -> std::result::Result<Threshold, String> {
+    match s.trim() {
+        "off" | "none" | "no" => Ok(Threshold(None)),
+        s => parse_size(s).map(|n| Threshold((n > 0).then_some(n))),
+    }
 }
 
 /// The local blob cache shared by mounts, `casfs run` and `casfs worker`.
@@ -176,6 +192,7 @@ impl ConnArgs {
         cfg.tls_client_identity = self.tls_client_cert.clone().zip(self.tls_client_key.clone());
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
+        cfg.compress_threshold = self.compress_threshold.0;
         for h in &self.remote_headers {
             cfg.headers.push(casfs::cas::parse_header(h)?);
         }

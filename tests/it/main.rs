@@ -4,6 +4,7 @@
 mod common;
 mod browse;
 mod cli_status;
+mod compression;
 mod conformance;
 mod digest_cli;
 mod digest_functions;
