@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 use zstd::zstd_safe::DParameter;
 
 use crate::error::{Error, Result};
@@ -17,10 +17,10 @@ use crate::error::{Error, Result};
 /// The compression level used for blobs (fast: the aim is fewer bytes on the wire without
 /// slowing a fast link down).
 pub const LEVEL: i32 = 1;
-/// Decompressed bytes produced per step.
-pub const OUT_STEP: usize = 128 << 10;
-/// Compressed bytes gathered before they are passed on.
-const COMPRESSED_CHUNK: usize = 256 << 10;
+/// Chunks of a stream compressed at once.
+const PARALLEL_FRAMES: usize = 2;
+/// Decompressed bytes produced per step, at most.
+pub const OUT_STEP: usize = 1 << 20;
 /// Smallest window a frame may always use (zstd's streaming default at low levels is 2^21 or less).
 const MIN_WINDOW_LOG: u32 = 23;
 /// Largest window a frame may use (zstd's own default limit).
@@ -52,7 +52,9 @@ impl Decompressor {
         let mut dec = Decoder::new().map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
         let log = (64 - cap.saturating_sub(1).leading_zeros()).clamp(MIN_WINDOW_LOG, MAX_WINDOW_LOG);
         dec.set_parameter(DParameter::WindowLogMax(log)).map_err(|e| Error::Internal(format!("zstd decoder: {e}")))?;
-        Ok(Decompressor { dec, cap, produced: 0, in_frame: false, buf: vec![0; OUT_STEP], what })
+        // A step never needs more room than the whole blob and one byte to see it overrun.
+        let step = (cap.saturating_add(1)).clamp(1 << 10, OUT_STEP as u64) as usize;
+        Ok(Decompressor { dec, cap, produced: 0, in_frame: false, buf: vec![0; step], what })
     }
 
     /// Decodes from `input[*pos..]` until some output comes (returned, at most [`OUT_STEP`]
@@ -126,43 +128,48 @@ pub fn decompress_stream<'a>(
     .boxed()
 }
 
-/// `data` compressed in one go.
-pub fn compress_all(data: &[u8]) -> Result<Vec<u8>> {
-    zstd::bulk::compress(data, LEVEL).map_err(|e| Error::Internal(format!("zstd: {e}")))
+thread_local! {
+    /// One compression context per thread: making one costs more than compressing a small blob.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses `input` into one zstd frame as it arrives, in chunks of about
-/// [`COMPRESSED_CHUNK`] bytes; an error of the input ends the stream with that error.
-pub fn compress_stream<'a>(mut input: BoxStream<'a, Result<Bytes>>) -> BoxStream<'a, Result<Bytes>> {
-    async_stream::try_stream! {
-        let internal = |e: std::io::Error| Error::Internal(format!("zstd: {e}"));
-        let mut enc = Encoder::new(LEVEL).map_err(internal)?;
-        let mut out: Vec<u8> = Vec::with_capacity(COMPRESSED_CHUNK);
-        while let Some(chunk) = input.next().await {
+/// `data` compressed in one go: one frame that states its content size.
+pub fn compress_all(data: &[u8]) -> Result<Vec<u8>> {
+    let internal = |e: std::io::Error| Error::Internal(format!("zstd: {e}"));
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match &mut *c {
+            Some(c) => c,
+            None => c.insert(zstd::bulk::Compressor::new(LEVEL).map_err(internal)?),
+        };
+        c.compress(data).map_err(internal)
+    })
+}
+
+/// Compresses `input` as it arrives, each chunk of it a frame of its own: one frame per chunk
+/// keeps zstd on its fast path (it never looks back into an earlier buffer) and lets
+/// [`PARALLEL_FRAMES`] chunks be compressed at once, on blocking threads. An error of the
+/// input ends the stream with that error.
+pub fn compress_stream<'a>(input: BoxStream<'a, Result<Bytes>>) -> BoxStream<'a, Result<Bytes>> {
+    let frames = input
+        .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())))
+        .map(|chunk| async move {
             let chunk = chunk?;
-            let mut inb = InBuffer::around(&chunk);
-            while inb.pos() < chunk.len() {
-                let len = out.len();
-                let mut outb = OutBuffer::around_pos(&mut out, len);
-                enc.run(&mut inb, &mut outb).map_err(internal)?;
-                if out.len() == out.capacity() {
-                    yield Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(COMPRESSED_CHUNK)));
-                }
-            }
+            tokio::task::spawn_blocking(move || compress_all(&chunk))
+                .await
+                .map_err(|e| Error::Internal(format!("zstd: {e}")))?
+                .map(Bytes::from)
+        })
+        .buffered(PARALLEL_FRAMES);
+    // An empty input is still one (empty) frame.
+    let mut frames = frames.peekable();
+    async_stream::try_stream! {
+        if std::pin::Pin::new(&mut frames).peek().await.is_none() {
+            yield Bytes::from(compress_all(&[])?);
         }
-        loop {
-            let len = out.len();
-            let mut outb = OutBuffer::around_pos(&mut out, len);
-            let left = enc.finish(&mut outb, true).map_err(internal)?;
-            if left == 0 {
-                break;
-            }
-            if out.len() == out.capacity() {
-                yield Bytes::from(std::mem::replace(&mut out, Vec::with_capacity(COMPRESSED_CHUNK)));
-            }
-        }
-        if !out.is_empty() {
-            yield Bytes::from(out);
+        while let Some(z) = frames.next().await {
+            yield z?;
         }
     }
     .boxed()
