@@ -378,3 +378,54 @@ async fn compressed_reads_follow_the_spec_and_plain_clients_are_unchanged() -> T
     assert_eq!((cache.supported_compressors, cache.supported_batch_update_compressors), (vec![ZSTD], vec![ZSTD]));
     Ok(())
 }
+
+#[test]
+fn a_compressed_download_resumes_at_its_uncompressed_offset_after_a_server_restart() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let storage = tmp.path().join("storage");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut server = ServeProcess::start_on(&storage, &listen)?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    let size = 48usize << 20;
+    let big = text(21, size);
+    std::fs::write(src.join("big.txt"), &big)?;
+    // What the whole file costs on the wire compressed as the server does it (a frame a MiB).
+    let mut wire_len = 0u64;
+    for c in big.chunks(1 << 20) {
+        wire_len += casfs::cas::compress::compress_all(c)?.len() as u64;
+    }
+    let (code, out, err) = casfs(&["upload", src.to_str().ok_or("path")?, "--remote", &server.url])?;
+    assert_eq!(code, 0, "{err}");
+    let root = out.trim().to_string();
+    let upstream = server.url.strip_prefix("grpc://").ok_or("server url")?.parse()?;
+    // 5 MB/s from server to client: the download takes seconds, so it is cut mid-stream.
+    let proxy = crate::slow_links::Proxy::start(upstream, 5_000_000, std::time::Duration::ZERO)?;
+    let dest = tmp.path().join("dest");
+    let mut child = std::process::Command::new(casfs_bin())
+        .args(["download", &root])
+        .arg(&dest)
+        .args(["--remote", &proxy.url(), "--rpc-timeout", "2s", "--compress-threshold", "4K"])
+        .env("CASFS_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The download's bounded resumes end it (bytes or an error), so this loop ends too.
+    while proxy.down_bytes() < wire_len / 2 {
+        assert!(child.try_wait()?.is_none(), "the download ended before the server was killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.kill();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _server = ServeProcess::start_on(&storage, &listen)?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(std::fs::read(dest.join("big.txt"))? == big, "wrong bytes after the restart");
+    assert!(stderr.contains("resuming a download"), "the download was not cut: {stderr}");
+    // Compressed both before and after the cut, and not read again from byte 0 (that would
+    // take half as much again).
+    let total = proxy.down_bytes();
+    assert!(total < wire_len * 5 / 4, "{total} bytes came through for {wire_len} compressed bytes\n{stderr}");
+    Ok(())
+}
