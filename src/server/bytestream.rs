@@ -96,7 +96,7 @@ impl ByteStream for ByteStreamService {
         let mut data =
             backend.cas.read_stream(&r.digest, req.read_offset as u64, req.read_limit as u64).await.map_err(status)?;
         if compressed {
-            // read_offset counts uncompressed bytes: the rest of the blob, in a frame of its own.
+            // read_offset counts uncompressed bytes: the rest of the blob, compressed afresh.
             data = crate::cas::compress::compress_stream(data);
         }
         let wire = wire_counter(backend, "read", compressed);
