@@ -29,6 +29,9 @@ pub struct RemoteConfig {
     pub rpc_timeout: Duration,
     /// Transfer large blobs by their chunks when the server offers SplitBlob/SpliceBlob.
     pub chunking: bool,
+    /// Blobs of at least this many bytes travel zstd-compressed when the server offers zstd
+    /// (`None`: never).
+    pub compress_threshold: Option<u64>,
 }
 
 impl RemoteConfig {
@@ -43,6 +46,7 @@ impl RemoteConfig {
             retries: 5,
             rpc_timeout: Duration::from_secs(60),
             chunking: false,
+            compress_threshold: None,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod access_log;
 pub mod asset;
 pub(crate) mod channel;
 pub mod chunks;
+pub mod compress;
 pub(crate) mod disk;
 pub mod execution;
 pub(crate) mod grpc;

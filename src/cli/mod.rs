@@ -67,6 +67,22 @@ pub struct ConnArgs {
     /// it: fewer bytes for a new version of a large file, more work for a first one.
     #[arg(long, env = "CASFS_CHUNKING")]
     pub chunking: bool,
+    /// Blobs of at least this size (4K, 1M, …) travel zstd-compressed when the server offers
+    /// zstd; `off` (the default, or 0) never compresses.
+    #[arg(long, env = "CASFS_COMPRESS_THRESHOLD", default_value = "off", value_parser = parse_threshold)]
+    pub compress_threshold: Threshold,
+}
+
+/// A `--compress-threshold`: `None` when compression is off.
+#[derive(Clone, Copy, Debug)]
+pub struct Threshold(pub Option<u64>);
+
+/// Parses `off`, `0` or a size.
+pub fn parse_threshold(s: &str) -> std::result::Result<Threshold, String> {
+    match s.trim() {
+        "off" | "none" | "no" => Ok(Threshold(None)),
+        s => parse_size(s).map(|n| Threshold((n > 0).then_some(n))),
+    }
 }
 
 /// The local blob cache shared by mounts, `casfs run` and `casfs worker`.
@@ -181,6 +197,7 @@ impl ConnArgs {
         cfg.retries = self.retries;
         cfg.rpc_timeout = self.rpc_timeout;
         cfg.chunking = self.chunking;
+        cfg.compress_threshold = self.compress_threshold.0;
         for h in &self.remote_headers {
             cfg.headers.push(casfs::cas::parse_header(h)?);
         }

@@ -103,8 +103,16 @@ fn work_dir(args: &ServeArgs, default: PathBuf, instance: Option<&str>) -> PathB
     }
 }
 
-/// Opens the stores and executors `args` ask for.
+/// Opens the stores and executors `args` ask for; each backend counts into its own registry.
 pub fn backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
+    let mut served = open_backends(args, metrics)?;
+    for (_, backend, m) in &mut served.backends {
+        backend.metrics = m.clone();
+    }
+    Ok(served)
+}
+
+fn open_backends(args: &ServeArgs, metrics: &Arc<Metrics>) -> CmdResult<Served> {
     if let Some(url) = &args.cas {
         if args.instances.is_empty() {
             let up = Upstream {

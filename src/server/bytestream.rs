@@ -1,6 +1,7 @@
 //! The ByteStream service: streamed blob reads and verified, resumable-free uploads.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,13 +26,19 @@ impl ByteStreamService {
     }
 }
 
-fn uncompressed(r: Resource) -> Result<Resource, Status> {
-    match &r.compressor {
-        None => Ok(r),
-        Some(c) => {
-            Err(Status::invalid_argument(format!("compressor {c:?} is not supported (the server advertises none)")))
-        }
+/// Whether `r` names zstd-compressed data (`compressed-blobs/zstd/…`); other compressors are refused.
+fn zstd(r: &Resource) -> Result<bool, Status> {
+    match r.compressor.as_deref() {
+        None => Ok(false),
+        Some("zstd") => Ok(true),
+        Some(c) => Err(Status::invalid_argument(format!("compressor {c:?} is not supported (the server offers zstd)"))),
     }
+}
+
+/// The counter of bytes carried by ByteStream messages in `direction`, by compressor.
+fn wire_counter(b: &super::Backend, direction: &str, zstd: bool) -> std::sync::Arc<AtomicU64> {
+    let c = if zstd { "zstd" } else { "identity" };
+    b.metrics.counter(&format!("casfs_bytestream_wire_bytes_total{{direction=\"{direction}\",compressor=\"{c}\"}}"))
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
@@ -71,10 +78,14 @@ impl ByteStream for ByteStreamService {
 
     async fn read(&self, req: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let req = req.into_inner();
-        let r = uncompressed(parse_read(&req.resource_name).map_err(status)?)?;
+        let r = parse_read(&req.resource_name).map_err(status)?;
+        let compressed = zstd(&r)?;
         let backend = self.instances.get(&r.instance)?;
         if req.read_offset < 0 || req.read_limit < 0 {
             return Err(Status::invalid_argument("read_offset and read_limit must not be negative"));
+        }
+        if compressed && req.read_limit != 0 {
+            return Err(Status::invalid_argument("read_limit must be 0 when reading compressed-blobs"));
         }
         if req.read_offset as u64 > r.digest.size() {
             return Err(Status::out_of_range(format!(
@@ -82,12 +93,18 @@ impl ByteStream for ByteStreamService {
                 req.read_offset, r.digest
             )));
         }
-        let data =
+        let mut data =
             backend.cas.read_stream(&r.digest, req.read_offset as u64, req.read_limit as u64).await.map_err(status)?;
+        if compressed {
+            // read_offset counts uncompressed bytes: the rest of the blob, compressed afresh.
+            data = crate::cas::compress::compress_stream(data);
+        }
+        let wire = wire_counter(backend, "read", compressed);
         // Re-chunk to stay under the message limit whatever the store yields.
-        let out = data.flat_map(|chunk| {
+        let out = data.flat_map(move |chunk| {
             let pieces: Vec<Result<ReadResponse, Status>> = match chunk {
                 Ok(mut b) => {
+                    wire.fetch_add(b.len() as u64, Ordering::Relaxed);
                     let mut v = Vec::new();
                     while !b.is_empty() {
                         v.push(Ok(ReadResponse { data: b.split_to(b.len().min(READ_CHUNK)) }));
@@ -112,7 +129,8 @@ impl ByteStream for ByteStreamService {
             Ok(None) => return Err(Status::invalid_argument("upload stream carried no message")),
             Err(e) => return Err(status(e)),
         };
-        let r = uncompressed(parse_write(&first.resource_name).map_err(status)?)?;
+        let r = parse_write(&first.resource_name).map_err(status)?;
+        let compressed = zstd(&r)?;
         let backend = self.instances.get(&r.instance)?;
         let digest = r.digest;
         let size = digest.size();
@@ -120,11 +138,17 @@ impl ByteStream for ByteStreamService {
             return Err(Status::invalid_argument("resumed uploads are not supported: write_offset must start at 0"));
         }
         if backend.cas.find_missing(&[digest]).await.map_err(status)?.is_empty() {
-            // Already stored: answer at once, as the spec allows.
-            return Ok(Response::new(WriteResponse { committed_size: size as i64 }));
+            // Already stored: answer at once, as the spec allows (-1 for a compressed upload).
+            return Ok(Response::new(WriteResponse { committed_size: if compressed { -1 } else { size as i64 } }));
         }
         let name = first.resource_name.clone();
         let what = format!("upload of {digest}");
+        // Offsets count the bytes sent: compressed ones for compressed-blobs, whose total is
+        // bounded by what an honest compressor needs for `size` bytes.
+        let limit = if compressed { crate::cas::compress::max_compressed(size) } else { size };
+        let wire = wire_counter(backend, "write", compressed);
+        let received = std::sync::Arc::new(AtomicU64::new(0));
+        let counted = received.clone();
         let chunks = async_stream::stream! {
             // Sizes are u64 here: `offset <= size < 2^63` and one message is at most a few
             // MiB, so `offset + len` cannot overflow.
@@ -156,8 +180,10 @@ impl ByteStream for ByteStreamService {
                 }
                 let len = m.data.len() as u64;
                 offset += len;
-                if offset > size {
-                    yield Err(Error::InvalidArgument(format!("more than {size} bytes sent for {digest}")));
+                wire.fetch_add(len, Ordering::Relaxed);
+                counted.store(offset, Ordering::Relaxed);
+                if offset > limit {
+                    yield Err(Error::InvalidArgument(format!("more than {limit} bytes sent for {digest}")));
                     return;
                 }
                 progress += len;
@@ -172,7 +198,16 @@ impl ByteStream for ByteStreamService {
                 }
             }
         };
-        match backend.cas.write_stream(&digest, chunks.boxed()).await {
+        let data = if compressed {
+            crate::cas::compress::decompress_stream(chunks.boxed(), size, format!("upload of {digest}"))
+        } else {
+            chunks.boxed()
+        };
+        match backend.cas.write_stream(&digest, data).await {
+            // What was committed is counted as it was sent: compressed bytes for compressed-blobs.
+            Ok(()) if compressed => {
+                Ok(Response::new(WriteResponse { committed_size: received.load(Ordering::Relaxed) as i64 }))
+            }
             Ok(()) => Ok(Response::new(WriteResponse { committed_size: size as i64 })),
             Err(e) => {
                 if e.is_disk_full() {

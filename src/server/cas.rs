@@ -116,10 +116,9 @@ impl ContentAddressableStorage for CasService {
                     continue;
                 }
             };
-            let result = if r.compressor != 0 {
-                Err(Error::InvalidArgument(format!("compressor {} is not supported in batches", r.compressor)))
-            } else {
-                backend.cas.write(&digest, r.data).await
+            let result = match super::compressed::inflate(backend, &digest, r.compressor, r.data) {
+                Ok(data) => backend.cas.write(&digest, data).await,
+                Err(e) => Err(e),
             };
             match &result {
                 // The store warned once that it is full.
@@ -170,6 +169,7 @@ impl ContentAddressableStorage for CasService {
                 },
             })
             .collect();
+        let responses = super::compressed::deflate(backend, &req.acceptable_compressors, responses).await;
         Ok(Response::new(reapi::BatchReadBlobsResponse { responses }))
     }
 

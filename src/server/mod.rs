@@ -29,6 +29,7 @@ pub(crate) mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod compressed;
 pub(crate) mod execution;
 mod get_tree;
 mod instances;
@@ -70,6 +71,8 @@ pub struct Backend {
     pub ac_writes: AcWrites,
     /// What the Remote Asset Fetch service may download itself (nothing by default).
     pub asset_fetch: AssetFetch,
+    /// Where the services count what they carry (bytes on the wire, by compressor).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Backend {
@@ -83,6 +86,7 @@ impl Backend {
             upload_idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT,
             ac_writes: AcWrites::All,
             asset_fetch: AssetFetch::default(),
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }

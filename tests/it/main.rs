@@ -5,6 +5,7 @@ mod common;
 mod browse;
 mod chunking;
 mod cli_status;
+mod compression;
 mod conformance;
 mod digest_cli;
 mod digest_functions;

@@ -16,6 +16,7 @@ use upload::write_requests;
 
 mod action_cache;
 mod chunked;
+mod compressed;
 mod upload;
 use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, Result};
@@ -46,6 +47,8 @@ pub struct GrpcStore {
     max_batch: OnceCell<u64>,
     /// What the server offers for chunked blobs; preset to nothing without `cfg.chunking`.
     chunking: OnceCell<chunked::Chunking>,
+    compress_threshold: Option<u64>,
+    zstd: OnceCell<compressed::Offer>,
 }
 
 impl GrpcStore {
@@ -57,6 +60,8 @@ impl GrpcStore {
             retry: Retry { retries: cfg.retries, timeout: cfg.rpc_timeout },
             max_batch: OnceCell::new(),
             chunking: if cfg.chunking { OnceCell::new() } else { OnceCell::new_with(Some(Default::default())) },
+            compress_threshold: cfg.compress_threshold,
+            zstd: OnceCell::new(),
         })
     }
 
@@ -163,7 +168,7 @@ impl GrpcStore {
         let req = reapi::BatchReadBlobsRequest {
             instance_name: self.instance.clone(),
             digests: batch.iter().map(|d| d.to_proto()).collect(),
-            acceptable_compressors: vec![],
+            acceptable_compressors: self.acceptable(&batch).await,
             digest_function: f.proto_value(),
         };
         let resp = self
@@ -177,10 +182,7 @@ impl GrpcStore {
             };
             let code = r.status.as_ref().map(|s| s.code).unwrap_or(0);
             let res = if code == tonic::Code::Ok as i32 {
-                // Each blob gets its own buffer: a slice would keep the whole multi-MiB
-                // response alive for as long as any one of its blobs is cached.
-                let data = Bytes::copy_from_slice(&r.data);
-                verify(&d, &data).map(|_| data)
+                compressed::batch_data(&d, r.compressor, &r.data).and_then(|data| verify(&d, &data).map(|_| data))
             } else if code == tonic::Code::NotFound as i32 {
                 Err(Error::MissingBlob(d))
             } else {
@@ -206,14 +208,16 @@ impl GrpcStore {
 
     async fn batch_write(&self, batch: Vec<(Digest, Bytes)>) -> Result<Vec<(Digest, Result<()>)>> {
         let f = function_of(batch.iter().map(|(d, _)| d));
+        let entries = self.batch_entries(&batch).await;
         let req = reapi::BatchUpdateBlobsRequest {
             instance_name: self.instance.clone(),
             requests: batch
                 .iter()
-                .map(|(d, data)| reapi::batch_update_blobs_request::Request {
+                .zip(entries)
+                .map(|((d, _), (data, compressor))| reapi::batch_update_blobs_request::Request {
                     digest: Some(d.to_proto()),
-                    data: data.clone(),
-                    compressor: 0,
+                    data,
+                    compressor,
                 })
                 .collect(),
             digest_function: f.proto_value(),
@@ -237,19 +241,24 @@ impl GrpcStore {
         Ok(batch.into_iter().map(|(d, _)| (d, failed.remove(&d).map_or(Ok(()), Err))).collect())
     }
 
-    /// One ByteStream Write of a blob (a `'static` future: it owns its client).
+    /// One ByteStream Write of a blob (a `'static` future: it owns its client), through
+    /// `compressed-blobs/zstd` when `zstd`.
     fn bytestream_write(
         &self,
         digest: Digest,
         data: ByteStream,
+        zstd: bool,
     ) -> BoxFuture<'static, std::result::Result<(), tonic::Status>> {
-        let resource = self.write_resource(&digest);
         let mut client = self.bytestream();
         let size = digest.size();
         // The request stream is fed from a task through a channel: a concrete stream type
         // keeps the client future provably Send (a boxed stream trips a rustc HRTB limit).
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-        let mut reqs = write_requests(resource, size, data);
+        let (mut reqs, sent) = if zstd {
+            compressed::compressed_requests(self.compressed_write_resource(&digest), data)
+        } else {
+            (write_requests(self.write_resource(&digest), size, data), Default::default())
+        };
         tokio::spawn(async move {
             while let Some(r) = reqs.next().await {
                 if tx.send(r).await.is_err() {
@@ -260,7 +269,10 @@ impl GrpcStore {
         let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
         Box::pin(async move {
             let resp = client.write(requests).await?.into_inner();
-            if resp.committed_size != size as i64 && resp.committed_size != -1 {
+            // A compressed upload commits the compressed bytes sent (or -1: already there).
+            let sent = sent.load(std::sync::atomic::Ordering::Relaxed) as i64;
+            if resp.committed_size != size as i64 && resp.committed_size != -1 && !(zstd && resp.committed_size == sent)
+            {
                 return Err(tonic::Status::data_loss(format!(
                     "server committed {} of {size} bytes of {digest}",
                     resp.committed_size
@@ -276,8 +288,10 @@ impl GrpcStore {
         offset: u64,
         limit: u64,
     ) -> std::result::Result<ByteStream, tonic::Status> {
+        // Compressed reads carry no limit; read_offset counts uncompressed bytes.
+        let zstd = limit == 0 && self.zstd_stream(digest).await;
         let req = ReadRequest {
-            resource_name: self.read_resource(digest),
+            resource_name: if zstd { self.compressed_read_resource(digest) } else { self.read_resource(digest) },
             read_offset: offset as i64,
             read_limit: limit as i64,
         };
@@ -292,6 +306,10 @@ impl GrpcStore {
                 Err(_) => Some((Err(Error::DeadlineExceeded(format!("reading {digest}: stalled"))), s)),
             }
         });
+        if zstd {
+            let what = format!("ByteStream.Read {digest}");
+            return Ok(crate::cas::compress::decompress_stream(s.boxed(), digest.size().saturating_sub(offset), what));
+        }
         Ok(s.boxed())
     }
 }
@@ -386,7 +404,10 @@ impl Cas for GrpcStore {
     async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
         // A consumed stream cannot be replayed, so this path is not retried; `write` and
         // `write_file` retry with a fresh source.
-        self.bytestream_write(*digest, data).await.map_err(|e| Error::remote(format!("ByteStream.Write {digest}"), e))
+        let zstd = self.zstd_stream(digest).await;
+        self.bytestream_write(*digest, data, zstd)
+            .await
+            .map_err(|e| Error::remote(format!("ByteStream.Write {digest}"), e))
     }
 
     async fn read(&self, digest: &Digest) -> Result<Bytes> {
@@ -414,10 +435,11 @@ impl Cas for GrpcStore {
             let mut out = self.batch_write(vec![(*digest, data)]).await?;
             return out.pop().map(|(_, r)| r).unwrap_or(Ok(()));
         }
+        let zstd = self.zstd_stream(digest).await;
         self.retry
             .run(&format!("ByteStream.Write {digest}"), || {
                 let d = data.clone();
-                self.bytestream_write(*digest, futures::stream::once(async move { Ok(d) }).boxed())
+                self.bytestream_write(*digest, futures::stream::once(async move { Ok(d) }).boxed(), zstd)
             })
             .await
     }
@@ -455,12 +477,13 @@ impl Cas for GrpcStore {
             return done;
         }
         let path = path.to_path_buf();
+        let zstd = self.zstd_stream(digest).await;
         self.retry
             .run(&format!("ByteStream.Write {digest} from {}", path.display()), || {
                 let path = path.clone();
                 async move {
                     let stream = super::file_stream(path).await.map_err(tonic::Status::from)?;
-                    self.bytestream_write(*digest, stream).await
+                    self.bytestream_write(*digest, stream, zstd).await
                 }
             })
             .await
