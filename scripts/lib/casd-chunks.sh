@@ -75,10 +75,11 @@ part_casd_chunks() {
     }
     check "buildbox-casd: one MiB changed and captured again: less than 10% of the file sent to casfs" recaptured
 
-    # The other way: a file stored in casfs (by casfs upload), fetched by casd by its chunks.
+    # The other way: a file stored in casfs (by casfs upload --chunking, so casfs holds its
+    # chunks), fetched by casd by its chunks.
     head -c "$size" /dev/urandom >"$w/up/big.bin"
     local d3="" d4=""
-    "$CASFS" upload --remote "$SERVE_URL" "$w/up" >/dev/null 2>&1 && d3="$("$CASFS" digest "$w/up/big.bin" | cut -d' ' -f1)"
+    "$CASFS" upload --chunking --remote "$SERVE_URL" "$w/up" >/dev/null 2>&1 && d3="$("$CASFS" digest "$w/up/big.bin" | cut -d' ' -f1)"
     : >"$w/access.log"
     fetched() {
         [ -n "$d3" ]
@@ -93,7 +94,7 @@ part_casd_chunks() {
     }
     check "buildbox-casd fetches a $mib MiB blob stored in casfs by its chunks (SplitBlob), equal" fetched
     change_mib "$w/up/big.bin" $((mib / 3))
-    "$CASFS" upload --remote "$SERVE_URL" "$w/up" >/dev/null 2>&1 && d4="$("$CASFS" digest "$w/up/big.bin" | cut -d' ' -f1)"
+    "$CASFS" upload --chunking --remote "$SERVE_URL" "$w/up" >/dev/null 2>&1 && d4="$("$CASFS" digest "$w/up/big.bin" | cut -d' ' -f1)"
     : >"$w/access.log"
     refetched() {
         [ -n "$d4" ] && [ "$d4" != "$d3" ]
