@@ -179,6 +179,27 @@ pub fn concat(cas: SharedCas, chunks: Vec<Digest>) -> ByteStream {
         .boxed()
 }
 
+/// Bytes of chunks read from a file or fetched in one go (a few batches).
+const CHUNK_GROUP_BYTES: u64 = 16 << 20;
+
+/// Splits `list` into runs of about 16 MiB (a chunk larger than that is a run of its own);
+/// no run is empty.
+pub fn groups(list: &[Digest]) -> Vec<Vec<Digest>> {
+    let mut out: Vec<Vec<Digest>> = Vec::new();
+    let mut bytes = 0;
+    for d in list {
+        match out.last_mut() {
+            Some(g) if bytes + d.size() <= CHUNK_GROUP_BYTES => g.push(*d),
+            _ => {
+                out.push(vec![*d]);
+                bytes = 0;
+            }
+        }
+        bytes += d.size();
+    }
+    out
+}
+
 /// Refuses a chunk list that cannot make `blob`, before anything is read: too many chunks,
 /// chunks of another digest function, or sizes that do not add up to the blob's.
 pub fn check_list(blob: &Digest, chunks: &[Digest]) -> Result<()> {
@@ -216,6 +237,16 @@ pub async fn splice_into(cas: &SharedCas, blob: &Digest, chunks: &[Digest]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_keep_order_stay_near_16_mib_and_are_never_empty() {
+        let d = |i: u8, mib: u64| Digest::new([i; 32], mib << 20);
+        assert!(groups(&[]).is_empty());
+        let list = [d(1, 6), d(2, 6), d(3, 6), d(4, 40), d(5, 1)];
+        let g = groups(&list);
+        assert_eq!(g.concat(), list.to_vec());
+        assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1, 1]);
+    }
 
     #[test]
     fn params_follow_the_spec() {

@@ -234,10 +234,16 @@ impl Fetcher {
         arrived
     }
 
-    async fn prefetch_batch(&self, first: Digest, wanted: &[Digest], remote: &SharedCas) -> usize {
+    /// Waits for room to hold a batch read of `wanted` in flight. A response is held twice
+    /// while its blobs are copied out, so both copies count.
+    async fn batch_turn(&self, wanted: &[Digest]) -> Result<tokio::sync::SemaphorePermit<'_>> {
         let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
         let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
-        let Ok(_turn) = self.in_flight.acquire_many(units).await else { return 0 };
+        self.in_flight.acquire_many(units).await.map_err(|_| Error::Internal("the fetcher was shut down".into()))
+    }
+
+    async fn prefetch_batch(&self, first: Digest, wanted: &[Digest], remote: &SharedCas) -> usize {
+        let Ok(_turn) = self.batch_turn(wanted).await else { return 0 };
         let results = match self.with_deadline(first, remote.read_many(wanted)).await {
             Ok(r) => r,
             Err(e) => {
@@ -425,14 +431,7 @@ impl Fetcher {
         if let Some(p) = parent.filter(|_| self.cfg.batch_siblings) {
             wanted.extend(self.siblings_to_batch(&p, &digest));
         }
-        // A response is held twice while its blobs are copied out: count both.
-        let bytes: u64 = wanted.iter().map(|d| 2 * d.size()).sum();
-        let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
-        let _turn = self
-            .in_flight
-            .acquire_many(units)
-            .await
-            .map_err(|_| Error::Internal("the fetcher was shut down".into()))?;
+        let _turn = self.batch_turn(&wanted).await?;
         let results = self.with_deadline(digest, remote.read_many(&wanted)).await?;
         let mut mine = Err(Error::MissingBlob(digest));
         for (d, r) in results {

@@ -14,14 +14,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::GrpcStore;
-use crate::cas::chunks::{chunk_reader, ChunkParams, MAX_SPLICE_CHUNKS};
+use crate::cas::chunks::{chunk_reader, groups, ChunkParams, MAX_SPLICE_CHUNKS};
 use crate::cas::{ByteStream, Cas};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::proto::reapi::{self, chunking_function};
-
-/// Bytes of chunks read from a file or fetched at once (a few batches).
-const CHUNK_GROUP_BYTES: u64 = 16 << 20;
 
 /// What the server offers for chunked blobs.
 #[derive(Clone, Copy, Debug, Default)]
@@ -32,38 +29,21 @@ pub(super) struct Chunking {
     params: Option<ChunkParams>,
 }
 
-/// Splits `list` into runs of about [`CHUNK_GROUP_BYTES`].
-fn groups(list: &[Digest]) -> Vec<Vec<Digest>> {
-    let mut out: Vec<Vec<Digest>> = vec![Vec::new()];
-    let mut bytes = 0;
-    for d in list {
-        if bytes + d.size() > CHUNK_GROUP_BYTES && !out.last().is_some_and(|g| g.is_empty()) {
-            out.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += d.size();
-        out.last_mut().expect("never empty").push(*d);
-    }
-    out
-}
-
 impl GrpcStore {
-    /// What the server offers (asked once; a server without Capabilities offers nothing).
+    /// What the server offers (nothing without `cfg.chunking`, or from a server without
+    /// Capabilities).
     async fn chunking(&self) -> Chunking {
-        *self
-            .chunking
-            .get_or_init(|| async {
-                let caps = match self.capabilities().await {
-                    Ok(c) => c.cache_capabilities.unwrap_or_default(),
-                    Err(_) => return Chunking::default(),
-                };
-                Chunking {
-                    split: caps.split_blob_support,
-                    splice: caps.splice_blob_support,
-                    params: caps.fast_cdc_2020_params.as_ref().and_then(ChunkParams::from_proto),
-                }
-            })
-            .await
+        if !self.chunking_on {
+            return Chunking::default();
+        }
+        match self.cache_caps().await {
+            Some(c) => Chunking {
+                split: c.split_blob_support,
+                splice: c.splice_blob_support,
+                params: c.fast_cdc_2020_params.as_ref().and_then(ChunkParams::from_proto),
+            },
+            _ => Chunking::default(),
+        }
     }
 
     /// The server's chunk list for a blob (SplitBlob), or `None` when it does not split.

@@ -4,19 +4,12 @@
 //! decompressed with a cap of the digest's size and then verified like any blob, so a server
 //! can no more slip a bomb than wrong bytes past the client.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use bytes::Bytes;
-use futures::stream::BoxStream;
-use futures::StreamExt;
 
 use super::{function_segment, GrpcStore};
-use crate::cas::compress::{compress_all, compress_stream, decompress_all, IDENTITY, ZSTD};
-use crate::cas::{ByteStream, CHUNK};
+use crate::cas::compress::{compress_all, decompress_all, IDENTITY, ZSTD};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::proto::bytestream::WriteRequest;
 
 /// Which zstd uses the server offers.
 #[derive(Clone, Copy, Debug, Default)]
@@ -28,30 +21,16 @@ pub(super) struct Offer {
 }
 
 impl GrpcStore {
-    /// What the server offers (asked once; nothing when compression is off or the server does
-    /// not answer GetCapabilities).
+    /// What the server offers (nothing when compression is off or the server does not
+    /// answer GetCapabilities).
     async fn offer(&self) -> Offer {
         if self.compress_threshold.is_none() {
             return Offer::default();
         }
-        *self
-            .zstd
-            .get_or_init(|| async {
-                match self.capabilities().await {
-                    Ok(c) => {
-                        let c = c.cache_capabilities.unwrap_or_default();
-                        Offer {
-                            streams: c.supported_compressors.contains(&ZSTD),
-                            batch_update: c.supported_batch_update_compressors.contains(&ZSTD),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "GetCapabilities failed; not compressing");
-                        Offer::default()
-                    }
-                }
-            })
-            .await
+        self.cache_caps().await.map_or_else(Offer::default, |c| Offer {
+            streams: c.supported_compressors.contains(&ZSTD),
+            batch_update: c.supported_batch_update_compressors.contains(&ZSTD),
+        })
     }
 
     fn worth(&self, size: u64) -> bool {
@@ -115,50 +94,4 @@ pub(super) fn batch_data(d: &Digest, compressor: i32, data: &Bytes) -> Result<By
         ZSTD => decompress_all(data, d.size(), &format!("BatchReadBlobs {d}")),
         c => Err(Error::InvalidArgument(format!("BatchReadBlobs {d}: the server used compressor {c}, not offered"))),
     }
-}
-
-/// The WriteRequests of a compressed upload of `data`, and the count of compressed bytes they
-/// carry (offsets count those, as the spec says). A failed source ends the requests without
-/// `finish_write`, so the server refuses the upload.
-pub(super) fn compressed_requests(
-    resource: String,
-    data: ByteStream,
-) -> (BoxStream<'static, WriteRequest>, Arc<AtomicU64>) {
-    let sent = Arc::new(AtomicU64::new(0));
-    let counted = sent.clone();
-    let mut z = compress_stream(data);
-    let reqs = async_stream::stream! {
-        let mut offset = 0u64;
-        let mut first = true;
-        let mut pending: Option<Bytes> = None;
-        loop {
-            let next = match z.next().await {
-                Some(Ok(b)) => Some(b),
-                Some(Err(_)) => return,
-                None => None,
-            };
-            let done = next.is_none();
-            if let Some(mut p) = pending.take() {
-                while !p.is_empty() {
-                    let piece = p.split_to(p.len().min(CHUNK));
-                    let len = piece.len() as u64;
-                    let finish = done && p.is_empty();
-                    yield WriteRequest {
-                        resource_name: if first { resource.clone() } else { String::new() },
-                        write_offset: offset as i64,
-                        finish_write: finish,
-                        data: piece,
-                    };
-                    first = false;
-                    offset += len;
-                    counted.store(offset, Ordering::Relaxed);
-                }
-            }
-            if done {
-                return;
-            }
-            pending = next;
-        }
-    };
-    (reqs.boxed(), sent)
 }

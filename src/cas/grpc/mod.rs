@@ -45,11 +45,11 @@ pub struct GrpcStore {
     conn: Conn,
     instance: String,
     retry: Retry,
-    max_batch: OnceCell<u64>,
-    /// What the server offers for chunked blobs; preset to nothing without `cfg.chunking`.
-    chunking: OnceCell<chunked::Chunking>,
+    /// The server's cache capabilities, asked once (`None`: it did not answer).
+    caps: OnceCell<Option<reapi::CacheCapabilities>>,
+    /// Whether large blobs may travel by their chunks (`cfg.chunking`).
+    chunking_on: bool,
     compress_threshold: Option<u64>,
-    zstd: OnceCell<compressed::Offer>,
 }
 
 impl GrpcStore {
@@ -59,10 +59,9 @@ impl GrpcStore {
             conn: connect(cfg)?,
             instance: cfg.instance_name.clone(),
             retry: Retry { retries: cfg.retries, timeout: cfg.rpc_timeout },
-            max_batch: OnceCell::new(),
-            chunking: if cfg.chunking { OnceCell::new() } else { OnceCell::new_with(Some(Default::default())) },
+            caps: OnceCell::new(),
+            chunking_on: cfg.chunking,
             compress_threshold: cfg.compress_threshold,
-            zstd: OnceCell::new(),
         })
     }
 
@@ -113,29 +112,31 @@ impl GrpcStore {
             .await
     }
 
-    /// The batch budget: the server's `max_batch_total_size_bytes`, capped below the 4 MiB
-    /// gRPC limit (asked once; servers without Capabilities get the cap).
-    pub async fn max_batch_bytes(&self) -> u64 {
-        *self
-            .max_batch
+    /// The server's cache capabilities, asked once for the batch size, compression and
+    /// chunking (`None` when it does not answer: then nothing is assumed offered).
+    async fn cache_caps(&self) -> Option<&reapi::CacheCapabilities> {
+        self.caps
             .get_or_init(|| async {
-                let cap = GRPC_MESSAGE_LIMIT - BATCH_MARGIN;
                 match self.capabilities().await {
-                    Ok(c) => {
-                        let server = c.cache_capabilities.map(|c| c.max_batch_total_size_bytes).unwrap_or(0);
-                        if server > 0 {
-                            (server as u64).saturating_sub(BATCH_MARGIN.min(server as u64 / 16)).min(cap)
-                        } else {
-                            cap
-                        }
-                    }
+                    Ok(c) => Some(c.cache_capabilities.unwrap_or_default()),
                     Err(e) => {
-                        tracing::warn!(error = %e, "GetCapabilities failed; using default batch size");
-                        cap
+                        tracing::warn!(error = %e, "GetCapabilities failed; default batch size, no compression or chunking");
+                        None
                     }
                 }
             })
             .await
+            .as_ref()
+    }
+
+    /// The batch budget: the server's `max_batch_total_size_bytes`, capped below the 4 MiB
+    /// gRPC limit (servers without Capabilities get the cap).
+    pub async fn max_batch_bytes(&self) -> u64 {
+        let cap = GRPC_MESSAGE_LIMIT - BATCH_MARGIN;
+        match self.cache_caps().await.map_or(0, |c| c.max_batch_total_size_bytes) {
+            server if server > 0 => (server as u64).saturating_sub(BATCH_MARGIN.min(server as u64 / 16)).min(cap),
+            _ => cap,
+        }
     }
 
     /// Splits digests into batches within the budget; blobs too big for any batch go apart.
@@ -256,9 +257,9 @@ impl GrpcStore {
         // keeps the client future provably Send (a boxed stream trips a rustc HRTB limit).
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
         let (mut reqs, sent) = if zstd {
-            compressed::compressed_requests(self.compressed_write_resource(&digest), data)
+            write_requests(self.compressed_write_resource(&digest), crate::cas::compress::compress_stream(data))
         } else {
-            (write_requests(self.write_resource(&digest), size, data), Default::default())
+            write_requests(self.write_resource(&digest), data)
         };
         tokio::spawn(async move {
             while let Some(r) = reqs.next().await {

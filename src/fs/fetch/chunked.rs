@@ -3,14 +3,11 @@
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
-use super::{in_flight_units, Fetcher};
-use crate::cas::chunks::{check_list, ChunkParams};
+use super::Fetcher;
+use crate::cas::chunks::{check_list, groups, ChunkParams};
 use crate::cas::{Cas, SharedCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-
-/// Bytes of chunks fetched in one go (a few batches).
-const CHUNK_GROUP_BYTES: u64 = 16 << 20;
 
 impl Fetcher {
     /// Fetches a large blob as the concatenation of the chunks the server splits it into:
@@ -76,17 +73,7 @@ impl Fetcher {
         if !check {
             self.metrics.add("casfs_chunks_reused_total", (seen.len() - missing.len()) as u64);
         }
-        let mut group = Vec::new();
-        let mut bytes = 0;
-        for c in missing {
-            if bytes + c.size() > CHUNK_GROUP_BYTES && !group.is_empty() {
-                self.fetch_chunks(digest, std::mem::take(&mut group), remote).await?;
-                bytes = 0;
-            }
-            bytes += c.size();
-            group.push(c);
-        }
-        if !group.is_empty() {
+        for group in groups(&missing) {
             self.fetch_chunks(digest, group, remote).await?;
         }
         let (cache, remote) = (self.cache.clone(), remote.clone());
@@ -121,13 +108,7 @@ impl Fetcher {
     /// Fetches chunks into the cache (each verified by `read_many`), within the in-flight
     /// bound and the deadline. Any failure fails the blob's fetch.
     async fn fetch_chunks(&self, blob: Digest, group: Vec<Digest>, remote: &SharedCas) -> Result<()> {
-        let bytes: u64 = group.iter().map(|d| 2 * d.size()).sum();
-        let units = in_flight_units(bytes).min(in_flight_units(self.cfg.in_flight_bytes));
-        let _turn = self
-            .in_flight
-            .acquire_many(units)
-            .await
-            .map_err(|_| Error::Internal("the fetcher was shut down".into()))?;
+        let _turn = self.batch_turn(&group).await?;
         let results = self.with_deadline(blob, remote.read_many(&group)).await?;
         let mut got = Vec::with_capacity(results.len());
         for (d, r) in results {
