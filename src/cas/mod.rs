@@ -36,6 +36,7 @@ pub(crate) mod pipe;
 mod quarantine;
 mod read_ahead;
 pub mod resume;
+mod trusted;
 
 pub use channel::{parse_header, Conn};
 pub use disk::DiskStore;

@@ -4,7 +4,8 @@
 //!
 //! Checks are cheap by construction: a whole-blob read hashes what it streams anyway, and
 //! a mismatch found at its end puts the file aside ([`verified_stream`]); small blobs are
-//! hashed whole on every read. The folder of bad files keeps only the newest few.
+//! hashed whole when read. A server's store hashes each file once in its life, unless the
+//! file changed since (see `cas::trusted`). The folder of bad files keeps only the newest few.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 
 use futures::StreamExt;
 
+use super::trusted::Trusted;
 use super::ByteStream;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
@@ -136,8 +138,15 @@ pub(crate) fn hash_file(path: &Path, digest: &Digest) -> Result<Option<(Digest, 
 }
 
 /// Reads and verifies a whole small blob (blocking), refreshing its mtime when older than
-/// `touch_after`. A file of the wrong length is a blob the store does not have.
-pub(crate) fn read_whole(path: &Path, digest: &Digest, touch_after: Duration) -> Result<Bytes> {
+/// `touch_after`. A file of the wrong length is a blob the store does not have. A file
+/// `trusted` knows unchanged since it was verified is not hashed again; one verified now is
+/// told to it.
+pub(crate) fn read_whole(
+    path: &Path,
+    digest: &Digest,
+    touch_after: Duration,
+    trusted: Option<&Trusted>,
+) -> Result<Bytes> {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::MissingBlob(*digest)),
@@ -147,12 +156,21 @@ pub(crate) fn read_whole(path: &Path, digest: &Digest, touch_after: Duration) ->
     if meta.len() != digest.size() {
         return Err(Error::MissingBlob(*digest));
     }
+    let mut meta = meta;
     if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > touch_after) {
         let _ = file.set_modified(SystemTime::now());
+        // (Touching moved the change time.)
+        meta = file.metadata().ctx(|| format!("reading blob {digest}"))?;
     }
     let mut buf = Vec::with_capacity(digest.size() as usize);
     file.read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
+    if trusted.is_some_and(|t| t.knows(digest, &meta)) {
+        return Ok(buf.into());
+    }
     super::verify(digest, &buf)?;
+    if let Some(t) = trusted {
+        t.learn(digest, &meta);
+    }
     Ok(buf.into())
 }
 
@@ -162,12 +180,18 @@ pub(crate) fn ino_of(file: &std::fs::File) -> Option<u64> {
 }
 
 /// `inner`, the whole of blob `digest`, hashed as it passes: when the bytes turn out wrong,
-/// the last chunk is replaced by a `DigestMismatch` error and `on_bad` runs (once).
-pub(crate) fn verified_stream(inner: ByteStream, digest: Digest, on_bad: impl FnOnce() + Send + 'static) -> ByteStream {
+/// the last chunk is replaced by a `DigestMismatch` error and `on_bad` runs (once); when
+/// they are right, `on_good` runs before the last chunk goes out.
+pub(crate) fn verified_stream(
+    inner: ByteStream,
+    digest: Digest,
+    on_bad: impl FnOnce() + Send + 'static,
+    on_good: impl FnOnce() + Send + 'static,
+) -> ByteStream {
     let out = async_stream::stream! {
         let mut inner = inner;
         let mut hasher = Hasher::new_with(digest.function());
-        let mut on_bad = Some(on_bad);
+        let (mut on_bad, mut on_good) = (Some(on_bad), Some(on_good));
         while let Some(chunk) = inner.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -185,6 +209,9 @@ pub(crate) fn verified_stream(inner: ByteStream, digest: Digest, on_bad: impl Fn
                     }
                     yield Err(Error::DigestMismatch { expected: Box::new(digest), actual: Box::new(actual) });
                     return;
+                }
+                if let Some(f) = on_good.take() {
+                    f();
                 }
             }
             yield Ok(chunk);

@@ -38,7 +38,8 @@ fn open_disk(args: &ServeArgs, dir: &Path, metrics: &Metrics) -> CmdResult<Arc<D
         DiskStore::open(dir, args.storage_size)?
             .with_min_lifetime(args.min_blob_lifetime)
             .with_metrics(metrics)
-            .count_quarantined_in(quarantined),
+            .count_quarantined_in(quarantined)
+            .trust_what_it_verified(metrics.counter("casfs_storage_trusted_reads_total")),
     );
     tracing::info!(storage = %dir.display(), blobs = store.blob_count(), bytes = store.total_bytes(), "storage opened");
     Ok(store)

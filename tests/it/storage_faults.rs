@@ -74,6 +74,64 @@ fn a_corrupt_blob_in_server_storage_is_quarantined_and_healed_by_a_reupload() ->
     Ok(())
 }
 
+/// The server's count of reads that skipped hashing a file it had verified.
+fn trusted_reads(metrics_addr: &str) -> TestResult<u64> {
+    let page = http_get(metrics_addr, "/metrics")?;
+    let line = page.lines().find(|l| l.starts_with("casfs_storage_trusted_reads_total ")).ok_or("no counter")?;
+    Ok(line.split_whitespace().nth(1).ok_or("no value")?.parse::<f64>()? as u64)
+}
+
+#[test]
+fn a_server_hashes_a_blob_file_once_a_life_unless_it_changes() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    let small = pseudo_random(23, 40 << 10);
+    let large = pseudo_random(24, 9 << 20);
+    std::fs::write(src.join("small.bin"), &small)?;
+    std::fs::write(src.join("large.bin"), &large)?;
+    let storage = tmp.path().join("storage");
+    let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+    let args = ["--metrics-listen", metrics_addr.as_str()];
+    let mut server = ServeProcess::start_with(&storage, "127.0.0.1:0", &args)?;
+    upload(&src, &server.url)?;
+    // Hashed on the way in: every read of them is trusted.
+    for data in [&small, &large, &small, &large] {
+        let (code, out) = cat(&Digest::of_bytes(data), &server.url)?;
+        assert!(code == 0 && out == *data);
+    }
+    assert_eq!(trusted_reads(&metrics_addr)?, 4);
+    server.kill();
+
+    // A new life hashes each file once more.
+    let server = ServeProcess::start_with(&storage, "127.0.0.1:0", &args)?;
+    for (round, trusted) in [(1, 0), (2, 2)] {
+        for data in [&small, &large] {
+            let (code, out) = cat(&Digest::of_bytes(data), &server.url)?;
+            assert!(code == 0 && out == *data, "round {round}");
+        }
+        assert_eq!(trusted_reads(&metrics_addr)?, trusted, "round {round}");
+    }
+    // A file changed through the file system is hashed again: right bytes pass (and are
+    // trusted again), a flipped byte is caught and the file set aside.
+    for (data, name) in [(&small, "small"), (&large, "large")] {
+        let d = Digest::of_bytes(data);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(blob_file(&storage, &d), data)?;
+        let before = trusted_reads(&metrics_addr)?;
+        assert!(cat(&d, &server.url)?.1 == *data);
+        assert_eq!(trusted_reads(&metrics_addr)?, before, "the rewritten {name} blob was not hashed");
+        assert!(cat(&d, &server.url)?.1 == *data);
+        assert_eq!(trusted_reads(&metrics_addr)?, before + 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        flip_byte(&blob_file(&storage, &d))?;
+        let (code, out) = cat(&d, &server.url)?;
+        assert!(code != 0 && out != *data, "the corrupt {name} blob was read");
+        assert!(storage.join("quarantine").join(d.to_path_form()).exists(), "the {name} blob is not set aside");
+    }
+    Ok(())
+}
+
 #[test]
 fn a_flipped_byte_in_a_cached_blob_file_is_never_served() -> TestResult {
     require_fuse!();

@@ -12,7 +12,7 @@
 //! evicted: an upload that would need it gone is refused with RESOURCE_EXHAUSTED instead.
 //! Vouch times live in memory; their recency reaches the files' mtimes in batches.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,13 +22,15 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::quarantine::{hash_file, ino_of, read_whole, verified_stream, FullLatch, Quarantine};
-use super::{ByteStream, Cas, CHUNK};
+use super::trusted::Trusted;
+use super::{ByteStream, Cas};
 use lru::{Lru, StoreMetrics};
 
 mod action_cache;
 mod lru;
 mod names;
 mod promises;
+mod writes;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use names::{digest_of_name, name_of};
@@ -59,6 +61,8 @@ pub struct DiskStore {
     full: FullLatch,
     /// Told of every blob evicted (its owner closes files it holds open).
     evicted: std::sync::OnceLock<EvictHook>,
+    /// Files verified in this process's life (a server's store), not hashed again.
+    trusted: Option<Arc<Trusted>>,
 }
 
 impl DiskStore {
@@ -106,6 +110,7 @@ impl DiskStore {
             evicted: Default::default(),
             min_lifetime: Duration::ZERO,
             metrics: None,
+            trusted: None,
         };
         store.evict(None);
         Ok(store)
@@ -119,6 +124,14 @@ impl DiskStore {
     /// Counts blobs quarantined from now on in `counter` (a metrics registry's).
     pub fn count_quarantined_in(mut self, counter: Arc<AtomicU64>) -> Self {
         self.quarantine.set_counter(counter);
+        self
+    }
+
+    /// Hashes a blob file on its first read in this process's life only (and never one it
+    /// wrote), until the file changes; counts the reads that skipped hashing in `counter`
+    /// (for a server: its clients verify what they read; see `cas::trusted`).
+    pub fn trust_what_it_verified(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.trusted = Some(Arc::new(Trusted::new(counter)));
         self
     }
 
@@ -239,6 +252,10 @@ impl DiskStore {
             std::fs::create_dir_all(shard).ctx(|| format!("creating {}", shard.display()))?;
             tmp.persist(&dest).map_err(|e| Error::io(format!("storing {digest}"), e.error))?;
         }
+        // Hashed on its way in; the rename moved its change time, so ask the file now.
+        if let (Some(t), Ok(m)) = (&self.trusted, std::fs::metadata(&dest)) {
+            t.learn(digest, &m);
+        }
         let victims = {
             let mut lru = self.lru.lock().unwrap();
             if self.max_bytes > 0
@@ -268,91 +285,6 @@ impl DiskStore {
         self.remove_files(victims);
         self.evict(Some(digest));
         Ok(())
-    }
-
-    /// Stores a blob by copying a local file, hashing as it copies (blocking).
-    pub fn insert_file(&self, digest: &Digest, src: &Path) -> Result<()> {
-        let res = self.insert_file_unnoted(digest, src);
-        self.note_write(&res);
-        res
-    }
-
-    fn insert_file_unnoted(&self, digest: &Digest, src: &Path) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        let mut input = std::fs::File::open(src).ctx(|| format!("opening {}", src.display()))?;
-        let (mut out, tmp) = self.temp()?;
-        let mut hasher = Hasher::new_with(digest.function());
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = input.read(&mut buf).ctx(|| format!("reading {}", src.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).ctx(|| format!("writing blob {digest}"))?;
-        }
-        check(digest, hasher)?;
-        self.commit(digest, tmp)
-    }
-
-    /// Stores bytes the caller has already checked against `digest` (blocking; no second
-    /// hashing). Only for bytes that were verified on their way in.
-    pub fn insert_verified(&self, digest: &Digest, data: &[u8]) -> Result<()> {
-        let res = self.insert_verified_unnoted(digest, data);
-        self.note_write(&res);
-        res
-    }
-
-    fn insert_verified_unnoted(&self, digest: &Digest, data: &[u8]) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        if data.len() as u64 != digest.size() {
-            return Err(Error::Internal(format!("{} bytes offered as {digest}", data.len())));
-        }
-        let (mut file, tmp) = self.temp()?;
-        file.write_all(data).ctx(|| format!("writing blob {digest}"))?;
-        drop(file);
-        self.commit(digest, tmp)
-    }
-
-    /// Stores the content of an open file whose bytes the caller has already checked against
-    /// `digest` (blocking; copied in the kernel where it can, no second hashing).
-    pub fn insert_verified_file(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
-        let res = self.insert_verified_file_unnoted(digest, src);
-        self.note_write(&res);
-        res
-    }
-
-    fn insert_verified_file_unnoted(&self, digest: &Digest, src: &std::fs::File) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        use std::os::fd::AsRawFd;
-        let (out, tmp) = self.temp()?;
-        // sendfile with an explicit offset: a kernel copy that leaves `src`'s position alone
-        // (others read it at the same time).
-        let mut offset: libc::off_t = 0;
-        while (offset as u64) < digest.size() {
-            let left = (digest.size() - offset as u64).min(1 << 30) as usize;
-            // SAFETY: both descriptors are owned by live `File`s and `offset` is a local the
-            // call updates in place.
-            let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut offset, left) };
-            match n {
-                0 => return Err(Error::Internal(format!("{offset} bytes offered as {digest}"))),
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(Error::io(format!("copying blob {digest} to the disk"), e));
-                    }
-                }
-                _ => {}
-            }
-        }
-        drop(out);
-        self.commit(digest, tmp)
     }
 
     fn temp(&self) -> Result<(std::fs::File, tempfile::TempPath)> {
@@ -466,18 +398,20 @@ impl Cas for DiskStore {
         let (small, large): (Vec<Digest>, Vec<Digest>) =
             digests.iter().partition(|d| d.size() <= WHOLE_READ_MAX || d.is_empty_blob());
         let jobs: Vec<(Digest, PathBuf)> = small.iter().map(|d| (*d, self.blob_path(d))).collect();
+        let trusted = self.trusted.clone();
         // Several blocking tasks at once keep the disk busy when the blobs are not in the
         // page cache (one small random read after another is slow on most disks).
         let per_task = jobs.len().div_ceil(READ_TASKS).max(1);
         let tasks: Vec<_> = jobs
             .chunks(per_task)
             .map(|chunk| {
-                let chunk = chunk.to_vec();
+                let (chunk, trusted) = (chunk.to_vec(), trusted.clone());
                 tokio::task::spawn_blocking(move || {
                     chunk
                         .into_iter()
                         .map(|(d, p)| {
-                            (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d, TOUCH_AFTER) })
+                            let t = trusted.as_deref();
+                            (d, if d.is_empty_blob() { Ok(Bytes::new()) } else { read_whole(&p, &d, TOUCH_AFTER, t) })
                         })
                         .collect::<Vec<_>>()
                 })
@@ -520,15 +454,24 @@ impl Cas for DiskStore {
         let file = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
         let ino = ino_of(&file);
+        let meta = file.metadata().ok();
+        let known = |t: &Trusted| meta.as_ref().is_some_and(|m| t.knows(digest, m));
         // A few chunks read ahead; a reader that stops reading holds no thread.
         let stream = super::read_ahead::stream(file, *digest, offset, end);
-        if offset != 0 || end != digest.size() {
-            // A part cannot be checked; whoever reads the whole checks it.
+        if offset != 0 || end != digest.size() || self.trusted.as_deref().is_some_and(known) {
+            // A part cannot be checked (whoever reads the whole checks it); a known file
+            // need not be.
             return Ok(stream);
         }
         let (lru, q, path, d) = (self.lru.clone(), self.quarantine.clone(), self.blob_path(digest), *digest);
         let on_bad = move || set_aside(&lru, &q, &path, &d, ino, "bytes do not match the digest");
-        Ok(verified_stream(stream, *digest, on_bad))
+        let trusted = self.trusted.clone();
+        let on_good = move || {
+            if let (Some(t), Some(m)) = (trusted, meta) {
+                t.learn(&d, &m);
+            }
+        };
+        Ok(verified_stream(stream, *digest, on_bad, on_good))
     }
 
     async fn write_stream(&self, digest: &Digest, data: ByteStream) -> Result<()> {
@@ -551,35 +494,5 @@ impl Cas for DiskStore {
         })();
         self.note_write(&res);
         res
-    }
-}
-
-impl DiskStore {
-    async fn write_stream_unnoted(&self, digest: &Digest, mut data: ByteStream) -> Result<()> {
-        if self.contains(digest) {
-            return Ok(());
-        }
-        self.check_room(digest)?;
-        if digest.size() >= PIPELINE_MIN {
-            // Receiving, hashing and writing overlap; visible only once the whole hash matched.
-            let (file, tmp) = self.temp()?;
-            drop(super::pipe::write_verified(digest, data, file).await?);
-            return self.commit(digest, tmp);
-        }
-        let (file, tmp) = self.temp()?;
-        let mut file = tokio::fs::File::from_std(file);
-        let mut hasher = Hasher::new_with(digest.function());
-        while let Some(chunk) = data.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk);
-            if hasher.len() > digest.size() {
-                return Err(Error::InvalidArgument(format!("more than {} bytes sent for {digest}", digest.size())));
-            }
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.ctx(|| format!("writing blob {digest}"))?;
-        }
-        tokio::io::AsyncWriteExt::flush(&mut file).await.ctx(|| format!("writing blob {digest}"))?;
-        drop(file);
-        check(digest, hasher)?;
-        self.commit(digest, tmp)
     }
 }
