@@ -17,16 +17,7 @@ type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
 /// `n` pseudo-random bytes, different for every `i`.
 fn bytes_for(i: u64, n: usize) -> Bytes {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let v: Vec<u8> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    v.into()
+    crate::cas::pseudo_random(i, n).into()
 }
 
 fn blob(i: u64, n: usize) -> (Digest, Bytes) {

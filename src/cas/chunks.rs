@@ -259,15 +259,7 @@ mod tests {
 
     #[test]
     fn chunks_concatenate_to_the_blob_and_a_local_change_keeps_most_chunks() -> Result<()> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut data: Vec<u8> = (0..(8u64 << 20))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut data = crate::cas::pseudo_random(1, 8 << 20);
         let list = |data: &[u8]| -> Result<Vec<Digest>> {
             let mut out = Vec::new();
             let mut joined = Vec::new();

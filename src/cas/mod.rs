@@ -346,3 +346,18 @@ pub async fn stream_to_file(digest: &Digest, mut stream: BoxStream<'_, Result<By
     tmp_path.persist(path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e.error))?;
     Ok(())
 }
+
+/// `n` pseudo-random bytes (xorshift), different for every `seed`: incompressible test data
+/// that needs no random-number crate.
+#[cfg(test)]
+pub(crate) fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

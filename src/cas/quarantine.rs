@@ -156,12 +156,7 @@ pub(crate) fn read_whole(
     if meta.len() != digest.size() {
         return Err(Error::MissingBlob(*digest));
     }
-    let mut meta = meta;
-    if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > touch_after) {
-        let _ = file.set_modified(SystemTime::now());
-        // (Touching moved the change time.)
-        meta = file.metadata().ctx(|| format!("reading blob {digest}"))?;
-    }
+    let meta = touch_if_older(&file, meta, touch_after, digest)?;
     let mut buf = Vec::with_capacity(digest.size() as usize);
     file.read_to_end(&mut buf).ctx(|| format!("reading blob {digest}"))?;
     if trusted.is_some_and(|t| t.knows(digest, &meta)) {
@@ -172,6 +167,21 @@ pub(crate) fn read_whole(
         t.learn(digest, &meta);
     }
     Ok(buf.into())
+}
+
+/// Refreshes an open blob file's mtime (its recency) when older than `touch_after`; returns
+/// its metadata as it is now (a touch moves the change time, which [`Trusted`] goes by).
+pub(crate) fn touch_if_older(
+    file: &std::fs::File,
+    meta: std::fs::Metadata,
+    touch_after: Duration,
+    digest: &Digest,
+) -> Result<std::fs::Metadata> {
+    let stale = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > touch_after);
+    if stale && file.set_modified(SystemTime::now()).is_ok() {
+        return file.metadata().ctx(|| format!("reading blob {digest}"));
+    }
+    Ok(meta)
 }
 
 /// The inode number of an open file (to tell later whether a path still names it).

@@ -36,16 +36,21 @@ fn cat(d: &Digest, url: &str) -> TestResult<(i32, Vec<u8>)> {
     Ok((out.status.code().unwrap_or(-1), out.stdout))
 }
 
+/// A folder `src` under `dir` with two blobs: one a server reads in batches (40 KiB), one it
+/// streams (9 MiB), made from seeds `seed` and `seed + 1`.
+fn small_and_large(dir: &Path, seed: u64) -> TestResult<(PathBuf, Vec<u8>, Vec<u8>)> {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src)?;
+    let (small, large) = (pseudo_random(seed, 40 << 10), pseudo_random(seed + 1, 9 << 20));
+    std::fs::write(src.join("small.bin"), &small)?;
+    std::fs::write(src.join("large.bin"), &large)?;
+    Ok((src, small, large))
+}
+
 #[test]
 fn a_corrupt_blob_in_server_storage_is_quarantined_and_healed_by_a_reupload() -> TestResult {
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src)?;
-    // One blob read in batches, one streamed.
-    let small = pseudo_random(21, 40 << 10);
-    let large = pseudo_random(22, 9 << 20);
-    std::fs::write(src.join("small.bin"), &small)?;
-    std::fs::write(src.join("large.bin"), &large)?;
+    let (src, small, large) = small_and_large(tmp.path(), 21)?;
     let storage = tmp.path().join("storage");
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let server = ServeProcess::start_with(&storage, "127.0.0.1:0", &["--metrics-listen", &metrics_addr])?;
@@ -76,20 +81,13 @@ fn a_corrupt_blob_in_server_storage_is_quarantined_and_healed_by_a_reupload() ->
 
 /// The server's count of reads that skipped hashing a file it had verified.
 fn trusted_reads(metrics_addr: &str) -> TestResult<u64> {
-    let page = http_get(metrics_addr, "/metrics")?;
-    let line = page.lines().find(|l| l.starts_with("casfs_storage_trusted_reads_total ")).ok_or("no counter")?;
-    Ok(line.split_whitespace().nth(1).ok_or("no value")?.parse::<f64>()? as u64)
+    metric(&http_get(metrics_addr, "/metrics")?, "casfs_storage_trusted_reads_total")
 }
 
 #[test]
 fn a_server_hashes_a_blob_file_once_a_life_unless_it_changes() -> TestResult {
     let tmp = tempfile::tempdir()?;
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src)?;
-    let small = pseudo_random(23, 40 << 10);
-    let large = pseudo_random(24, 9 << 20);
-    std::fs::write(src.join("small.bin"), &small)?;
-    std::fs::write(src.join("large.bin"), &large)?;
+    let (src, small, large) = small_and_large(tmp.path(), 23)?;
     let storage = tmp.path().join("storage");
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
     let args = ["--metrics-listen", metrics_addr.as_str()];

@@ -13,6 +13,7 @@
 //! Vouch times live in memory; their recency reaches the files' mtimes in batches.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::quarantine::{hash_file, ino_of, read_whole, verified_stream, FullLatch, Quarantine};
+use super::quarantine::{hash_file, read_whole, touch_if_older, verified_stream, FullLatch, Quarantine};
 use super::trusted::Trusted;
 use super::{ByteStream, Cas};
 use lru::{Lru, StoreMetrics};
@@ -294,27 +295,24 @@ impl DiskStore {
         Ok(tmp.into_parts())
     }
 
-    fn open_blob(&self, digest: &Digest) -> Result<std::fs::File> {
+    /// The open blob file and its metadata (as it is after its mtime was refreshed).
+    fn open_blob(&self, digest: &Digest) -> Result<(std::fs::File, std::fs::Metadata)> {
         let path = self.blob_path(digest);
-        match std::fs::File::open(&path) {
+        let opened = std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m)));
+        match opened {
             // The file is named by hash only: a digest with the right hash but another size
             // names a blob this store does not have.
-            Ok(f) if f.metadata().map(|m| m.len()).ok() != Some(digest.size()) => {
+            Ok((_, meta)) if meta.len() != digest.size() => {
                 if self.contains(digest) {
                     // Held under this very digest, but cut short or grown: corrupt.
-                    set_aside(&self.lru, &self.quarantine, &path, digest, ino_of(&f), "wrong length");
+                    set_aside(&self.lru, &self.quarantine, &path, digest, Some(meta.ino()), "wrong length");
                 }
                 Err(Error::MissingBlob(*digest))
             }
-            Ok(f) => {
+            Ok((f, meta)) => {
                 self.lru.lock().unwrap().touch(digest);
-                if let Ok(meta) = f.metadata() {
-                    let stale = meta.modified().ok().and_then(|m| m.elapsed().ok());
-                    if stale.is_some_and(|age| age > TOUCH_AFTER) {
-                        let _ = f.set_modified(SystemTime::now());
-                    }
-                }
-                Ok(f)
+                let meta = touch_if_older(&f, meta, TOUCH_AFTER, digest)?;
+                Ok((f, meta))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.lru.lock().unwrap().remove(digest);
@@ -451,14 +449,12 @@ impl Cas for DiskStore {
         if digest.is_empty_blob() {
             return Ok(futures::stream::empty().boxed());
         }
-        let file = self.open_blob(digest)?;
+        let (file, meta) = self.open_blob(digest)?;
         let end = if limit == 0 { digest.size() } else { digest.size().min(offset.saturating_add(limit)) };
-        let ino = ino_of(&file);
-        let meta = file.metadata().ok();
-        let known = |t: &Trusted| meta.as_ref().is_some_and(|m| t.knows(digest, m));
+        let ino = Some(meta.ino());
         // A few chunks read ahead; a reader that stops reading holds no thread.
         let stream = super::read_ahead::stream(file, *digest, offset, end);
-        if offset != 0 || end != digest.size() || self.trusted.as_deref().is_some_and(known) {
+        if offset != 0 || end != digest.size() || self.trusted.as_deref().is_some_and(|t| t.knows(digest, &meta)) {
             // A part cannot be checked (whoever reads the whole checks it); a known file
             // need not be.
             return Ok(stream);
@@ -467,8 +463,8 @@ impl Cas for DiskStore {
         let on_bad = move || set_aside(&lru, &q, &path, &d, ino, "bytes do not match the digest");
         let trusted = self.trusted.clone();
         let on_good = move || {
-            if let (Some(t), Some(m)) = (trusted, meta) {
-                t.learn(&d, &m);
+            if let Some(t) = trusted {
+                t.learn(&d, &meta);
             }
         };
         Ok(verified_stream(stream, *digest, on_bad, on_good))
